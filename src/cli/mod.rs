@@ -1,0 +1,66 @@
+//! Command-line interface: argument definitions and dispatch to one module per subcommand.
+
+pub mod export;
+pub mod generate;
+pub mod score;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::device::{parse_dtype, DeviceSpec};
+use crate::loader::{load_model, LoadedModel};
+
+/// Sequential knowledge editing of Llama-family LLMs with orthogonal subspace updates (O-Edit).
+#[derive(Debug, Parser)]
+#[command(name = "oedit", version, about, long_about = None)]
+pub struct Cli {
+    /// Worker threads for the numeric kernels (default: RAYON_NUM_THREADS or the number of cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a greedy continuation of a prompt.
+    Generate(generate::GenerateArgs),
+    /// Print the token count, mean NLL and perplexity of a text (teacher-forced).
+    Score(score::ScoreArgs),
+    /// Write a model (a GGUF file, a folder, a hub model) as a Hugging Face folder.
+    Export(export::ExportArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a short name from configs/ (smollm2-135m, llama-2-7b, llama-3-8b, mistral-7b),
+    /// a Hugging Face model folder, a .gguf file, or a hub repo id (owner/name[@revision]).
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight dtype: f32, bf16 or f16 (default: f32 on CPU for models under 3B parameters, else bf16).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    /// Validates the flags and loads the model.
+    pub fn load(&self) -> Result<LoadedModel> {
+        let device: DeviceSpec = self.device.parse()?;
+        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        load_model(&self.model, &device, dtype)
+    }
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Export(a) => export::run(a),
+    }
+}

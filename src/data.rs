@@ -1,0 +1,1065 @@
+//! Edit records: parsing and streaming of knowledge-edit requests from JSONL.
+//!
+//! Every non-blank input line is one JSON object in one of four formats, detected per line
+//! from the keys present:
+//!
+//! | format | distinguishing key | example source |
+//! |---|---|---|
+//! | [`RecordFormat::CounterfactRome`] | `requested_rewrite` | original CounterFact (ROME) |
+//! | [`RecordFormat::Zsre`] | `src` or `alt` | zsRE as released with MEND |
+//! | [`RecordFormat::CounterfactFlat`] | `target_new` | CounterFact flattened by EasyEdit |
+//! | [`RecordFormat::Minimal`] | `target` | hand-written `{"prompt", "subject", "target"}` |
+//!
+//! All formats are normalised into one [`EditRecord`]. Problems are reported per line with the
+//! offending field named, so a caller can decide whether to skip a bad record or stop.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::iter::FusedIterator;
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde_json::{Map, Value};
+
+/// One fact edit, normalised from any supported input format.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EditRecord {
+    /// Case id from the input, when it has one.
+    pub case_id: Option<u64>,
+    /// The edit prompt with the subject filled in, e.g. "The mother tongue of Danielle Darrieux is".
+    pub prompt: String,
+    /// The edited subject; always occurs (exactly) in `prompt`.
+    pub subject: String,
+    /// The new answer, trimmed of surrounding whitespace; never empty.
+    pub target_new: String,
+    /// The old (true) answer when the input gives one.
+    pub ground_truth: Option<String>,
+    /// Paraphrases of the edit prompt (generalisation).
+    pub rephrase_prompts: Vec<String>,
+    /// Neighbourhood / locality prompts with their expected (true) answers.
+    pub locality: Vec<LocalityPrompt>,
+    /// Free-generation prompts (ROME form only; may be empty).
+    pub generation_prompts: Vec<String>,
+    /// The input format the record was read from.
+    pub format: RecordFormat,
+}
+
+impl EditRecord {
+    /// Byte range of the first occurrence of `subject` in `prompt`.
+    ///
+    /// Records produced by [`parse_record`] always have one.
+    pub fn subject_span(&self) -> Option<Range<usize>> {
+        self.prompt.find(&self.subject).map(|start| start..start + self.subject.len())
+    }
+}
+
+/// A prompt whose answer must not change after an edit, with that expected answer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LocalityPrompt {
+    /// The prompt, as given in the input.
+    pub prompt: String,
+    /// The expected (true) answer, trimmed.
+    pub answer: String,
+}
+
+/// The input format an [`EditRecord`] was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordFormat {
+    /// CounterFact flattened as released by EasyEdit (`prompt`, `subject`, `target_new`, ...).
+    CounterfactFlat,
+    /// Original CounterFact schema from ROME (`requested_rewrite`, `paraphrase_prompts`, ...).
+    CounterfactRome,
+    /// zsRE in the MEND schema (`src`, `subject`, `alt`, `answers`, `rephrase`, `loc`, `loc_ans`).
+    Zsre,
+    /// Minimal hand-written form (`prompt`, `subject`, `target`).
+    Minimal,
+}
+
+impl RecordFormat {
+    /// The snake_case name used in serialised output (e.g. `counterfact_flat`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CounterfactFlat => "counterfact_flat",
+            Self::CounterfactRome => "counterfact_rome",
+            Self::Zsre => "zsre",
+            Self::Minimal => "minimal",
+        }
+    }
+}
+
+impl fmt::Display for RecordFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Typed error for one bad input line; callers branch on it (skip vs stop).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordError {
+    /// File name, or `<stdin>`.
+    pub source: String,
+    /// 1-based line number.
+    pub line: usize,
+    /// The offending field (dotted path for nested fields), when one applies.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.source, self.line)?;
+        if let Some(field) = &self.field {
+            write!(f, "field `{field}`: ")?;
+        }
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for RecordError {}
+
+/// A parse failure inside one record: (field, reason).
+type FieldError = (Option<String>, String);
+
+fn field_err(field: &str, reason: impl Into<String>) -> FieldError {
+    (Some(field.to_owned()), reason.into())
+}
+
+/// Description of the recognised formats, used in the "unknown format" message.
+const KNOWN_FORMATS: &str = "counterfact_flat {prompt, subject, target_new, [case_id, ground_truth, \
+     rephrase_prompt, locality_prompt, locality_ground_truth]}; \
+     counterfact_rome {requested_rewrite {prompt with \"{}\", subject, target_new {str}, \
+     [target_true {str}]}, [case_id, paraphrase_prompts, neighborhood_prompts, generation_prompts]}; \
+     zsre {src, subject, alt, [case_id, answers, rephrase, loc, loc_ans]}; \
+     minimal {prompt, subject, target, [case_id, ground_truth]}";
+
+/// Parses one JSON line into an [`EditRecord`], detecting its format from the keys present.
+///
+/// On failure returns `(field, reason)`; `field` is `None` when the problem is not tied to
+/// one field (invalid JSON, not an object, unknown format).
+pub fn parse_record(json_line: &str) -> Result<EditRecord, (Option<String>, String)> {
+    let value: Value = serde_json::from_str(json_line).map_err(|e| (None, format!("invalid JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err((None, format!("expected a JSON object, found {}", kind(&value))));
+    };
+    match detect_format(&obj) {
+        Some(RecordFormat::CounterfactRome) => parse_rome(&obj),
+        Some(RecordFormat::Zsre) => parse_zsre(&obj),
+        Some(RecordFormat::CounterfactFlat) => parse_flat(&obj),
+        Some(RecordFormat::Minimal) => parse_minimal(&obj),
+        None => {
+            let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            Err((
+                None,
+                format!(
+                    "unknown record format (keys: {}); recognised formats: {KNOWN_FORMATS}",
+                    if keys.is_empty() { "none".to_owned() } else { keys.join(", ") }
+                ),
+            ))
+        }
+    }
+}
+
+fn detect_format(obj: &Map<String, Value>) -> Option<RecordFormat> {
+    if obj.contains_key("requested_rewrite") {
+        Some(RecordFormat::CounterfactRome)
+    } else if obj.contains_key("src") || obj.contains_key("alt") {
+        Some(RecordFormat::Zsre)
+    } else if obj.contains_key("target_new") {
+        Some(RecordFormat::CounterfactFlat)
+    } else if obj.contains_key("target") {
+        Some(RecordFormat::Minimal)
+    } else {
+        None
+    }
+}
+
+fn parse_flat(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
+    let case_id = opt_case_id(obj)?;
+    let prompt = req_str(obj, "prompt", "prompt")?;
+    let subject = req_str(obj, "subject", "subject")?;
+    check_prompt_subject(prompt, "prompt", subject, "subject")?;
+    let target_new = target(req_str(obj, "target_new", "target_new")?, "target_new")?;
+    let ground_truth = opt_answer(obj, "ground_truth", "ground_truth")?;
+    let rephrase_prompts = str_or_list(obj, "rephrase_prompt", "rephrase_prompt")?;
+    let locality = match (
+        opt_str(obj, "locality_prompt", "locality_prompt")?,
+        opt_str(obj, "locality_ground_truth", "locality_ground_truth")?,
+    ) {
+        (None, None) => Vec::new(),
+        (Some(p), Some(a)) => vec![locality_prompt(p, "locality_prompt", a, "locality_ground_truth")?],
+        (Some(_), None) => return Err(field_err("locality_ground_truth", "missing")),
+        (None, Some(_)) => return Err(field_err("locality_prompt", "missing")),
+    };
+    Ok(EditRecord {
+        case_id,
+        prompt: prompt.to_owned(),
+        subject: subject.to_owned(),
+        target_new,
+        ground_truth,
+        rephrase_prompts,
+        locality,
+        generation_prompts: Vec::new(),
+        format: RecordFormat::CounterfactFlat,
+    })
+}
+
+fn parse_rome(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
+    let case_id = opt_case_id(obj)?;
+    let rw = req_obj(obj, "requested_rewrite", "requested_rewrite")?;
+    let template = req_str(rw, "prompt", "requested_rewrite.prompt")?;
+    let subject = req_str(rw, "subject", "requested_rewrite.subject")?;
+    let prompt = match template.matches("{}").count() {
+        1 => template.replacen("{}", subject, 1),
+        0 => {
+            return Err(field_err(
+                "requested_rewrite.prompt",
+                format!("template has no `{{}}` placeholder for the subject: {template:?}"),
+            ))
+        }
+        n => {
+            return Err(field_err(
+                "requested_rewrite.prompt",
+                format!("template has {n} `{{}}` placeholders, expected exactly one: {template:?}"),
+            ))
+        }
+    };
+    check_prompt_subject(&prompt, "requested_rewrite.prompt", subject, "requested_rewrite.subject")?;
+    let new = req_obj(rw, "target_new", "requested_rewrite.target_new")?;
+    let target_new =
+        target(req_str(new, "str", "requested_rewrite.target_new.str")?, "requested_rewrite.target_new.str")?;
+    let ground_truth = match opt_obj(rw, "target_true", "requested_rewrite.target_true")? {
+        Some(t) => opt_answer(t, "str", "requested_rewrite.target_true.str")?,
+        None => None,
+    };
+    let rephrase_prompts = str_list(obj, "paraphrase_prompts", "paraphrase_prompts")?;
+    let neighbourhood = str_list(obj, "neighborhood_prompts", "neighborhood_prompts")?;
+    let locality = if neighbourhood.is_empty() {
+        Vec::new()
+    } else {
+        // Neighbourhood prompts share the edited fact's relation and true object.
+        let answer = ground_truth.clone().ok_or_else(|| {
+            field_err(
+                "requested_rewrite.target_true.str",
+                "missing (needed as the answer of the neighborhood prompts)",
+            )
+        })?;
+        neighbourhood.into_iter().map(|prompt| LocalityPrompt { prompt, answer: answer.clone() }).collect()
+    };
+    let generation_prompts = str_list(obj, "generation_prompts", "generation_prompts")?;
+    Ok(EditRecord {
+        case_id,
+        prompt,
+        subject: subject.to_owned(),
+        target_new,
+        ground_truth,
+        rephrase_prompts,
+        locality,
+        generation_prompts,
+        format: RecordFormat::CounterfactRome,
+    })
+}
+
+fn parse_zsre(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
+    let case_id = opt_case_id(obj)?;
+    let prompt = req_str(obj, "src", "src")?;
+    let subject = req_str(obj, "subject", "subject")?;
+    check_prompt_subject(prompt, "src", subject, "subject")?;
+    let target_new = target(req_str(obj, "alt", "alt")?, "alt")?;
+    let ground_truth =
+        str_or_list(obj, "answers", "answers")?.first().and_then(|first| non_empty_answer(first));
+    let rephrase_prompts = str_or_list(obj, "rephrase", "rephrase")?;
+    let locality = match (opt_str(obj, "loc", "loc")?, opt_str(obj, "loc_ans", "loc_ans")?) {
+        (None, None) => Vec::new(),
+        (Some(p), Some(a)) => vec![locality_prompt(p, "loc", a, "loc_ans")?],
+        (Some(_), None) => return Err(field_err("loc_ans", "missing")),
+        (None, Some(_)) => return Err(field_err("loc", "missing")),
+    };
+    Ok(EditRecord {
+        case_id,
+        prompt: prompt.to_owned(),
+        subject: subject.to_owned(),
+        target_new,
+        ground_truth,
+        rephrase_prompts,
+        locality,
+        generation_prompts: Vec::new(),
+        format: RecordFormat::Zsre,
+    })
+}
+
+fn parse_minimal(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
+    let case_id = opt_case_id(obj)?;
+    let prompt = req_str(obj, "prompt", "prompt")?;
+    let subject = req_str(obj, "subject", "subject")?;
+    check_prompt_subject(prompt, "prompt", subject, "subject")?;
+    let target_new = target(req_str(obj, "target", "target")?, "target")?;
+    let ground_truth = opt_answer(obj, "ground_truth", "ground_truth")?;
+    Ok(EditRecord {
+        case_id,
+        prompt: prompt.to_owned(),
+        subject: subject.to_owned(),
+        target_new,
+        ground_truth,
+        rephrase_prompts: Vec::new(),
+        locality: Vec::new(),
+        generation_prompts: Vec::new(),
+        format: RecordFormat::Minimal,
+    })
+}
+
+/// Human-readable JSON type of a value, for "expected X, found Y" messages.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn req_str<'a>(obj: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a str, FieldError> {
+    opt_str(obj, key, path)?.ok_or_else(|| field_err(path, "missing"))
+}
+
+/// A string field that may be absent or null.
+fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str, path: &str) -> Result<Option<&'a str>, FieldError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(field_err(path, format!("expected a string, found {}", kind(other)))),
+    }
+}
+
+fn req_obj<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<&'a Map<String, Value>, FieldError> {
+    opt_obj(obj, key, path)?.ok_or_else(|| field_err(path, "missing"))
+}
+
+fn opt_obj<'a>(
+    obj: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<&'a Map<String, Value>>, FieldError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(other) => Err(field_err(path, format!("expected an object, found {}", kind(other)))),
+    }
+}
+
+fn opt_case_id(obj: &Map<String, Value>) -> Result<Option<u64>, FieldError> {
+    match obj.get("case_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| field_err("case_id", format!("expected a non-negative integer, found {v}"))),
+    }
+}
+
+/// An array of strings that may be absent or null (then empty). Every element must be a
+/// non-empty string.
+fn str_list(obj: &Map<String, Value>, key: &str, path: &str) -> Result<Vec<String>, FieldError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(s) => non_empty_prompt(s, &format!("{path}[{i}]")),
+                other => Err(field_err(
+                    &format!("{path}[{i}]"),
+                    format!("expected a string, found {}", kind(other)),
+                )),
+            })
+            .collect(),
+        Some(other) => Err(field_err(path, format!("expected an array of strings, found {}", kind(other)))),
+    }
+}
+
+/// Like [`str_list`], but a single string is accepted as a one-element list.
+fn str_or_list(obj: &Map<String, Value>, key: &str, path: &str) -> Result<Vec<String>, FieldError> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(vec![non_empty_prompt(s, path)?]),
+        Some(Value::Array(_)) | None | Some(Value::Null) => str_list(obj, key, path),
+        Some(other) => {
+            Err(field_err(path, format!("expected a string or an array of strings, found {}", kind(other))))
+        }
+    }
+}
+
+fn non_empty_prompt(s: &str, path: &str) -> Result<String, FieldError> {
+    if s.trim().is_empty() {
+        Err(field_err(path, "empty prompt"))
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+/// An optional answer string: trimmed; absent, null or blank gives `None`.
+fn opt_answer(obj: &Map<String, Value>, key: &str, path: &str) -> Result<Option<String>, FieldError> {
+    Ok(opt_str(obj, key, path)?.and_then(non_empty_answer))
+}
+
+/// A trimmed answer, or `None` when blank.
+fn non_empty_answer(s: &str) -> Option<String> {
+    let t = s.trim();
+    (!t.is_empty()).then(|| t.to_owned())
+}
+
+/// The new target: trimmed and non-empty.
+fn target(s: &str, path: &str) -> Result<String, FieldError> {
+    let t = s.trim();
+    if t.is_empty() {
+        Err(field_err(path, "empty target"))
+    } else {
+        Ok(t.to_owned())
+    }
+}
+
+fn locality_prompt(
+    prompt: &str,
+    prompt_path: &str,
+    answer: &str,
+    answer_path: &str,
+) -> Result<LocalityPrompt, FieldError> {
+    let prompt = non_empty_prompt(prompt, prompt_path)?;
+    let answer = answer.trim();
+    if answer.is_empty() {
+        return Err(field_err(answer_path, "empty answer"));
+    }
+    Ok(LocalityPrompt { prompt, answer: answer.to_owned() })
+}
+
+fn check_prompt_subject(
+    prompt: &str,
+    prompt_path: &str,
+    subject: &str,
+    subject_path: &str,
+) -> Result<(), FieldError> {
+    if prompt.trim().is_empty() {
+        return Err(field_err(prompt_path, "empty prompt"));
+    }
+    if subject.trim().is_empty() {
+        return Err(field_err(subject_path, "empty subject"));
+    }
+    if !prompt.contains(subject) {
+        return Err(field_err(
+            subject_path,
+            format!("subject {subject:?} does not occur in the prompt {prompt:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Streaming reader: yields one item per non-blank line, never loads the whole file.
+///
+/// Items are `Ok((line_number, record))` or `Err(RecordError)` for a bad line; iteration
+/// continues after a bad line. An I/O error is reported once as a `RecordError` and ends the
+/// iteration. Blank and whitespace-only lines are skipped but still counted. A line that is
+/// not valid UTF-8 is reported as a bad line.
+pub struct EditReader {
+    source: String,
+    reader: Box<dyn BufRead + Send>,
+    line: usize,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl EditReader {
+    /// Opens a JSONL file; the path `-` means standard input (named `<stdin>` in errors).
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if path.as_os_str() == "-" {
+            return Ok(Self::from_reader("<stdin>", Box::new(BufReader::new(std::io::stdin()))));
+        }
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open edit file {}", path.display()))?;
+        Ok(Self::from_reader(&path.display().to_string(), Box::new(BufReader::new(file))))
+    }
+
+    /// Reads records from any buffered reader; `source_name` is used in error messages.
+    pub fn from_reader(source_name: &str, r: Box<dyn BufRead + Send>) -> Self {
+        Self { source: source_name.to_owned(), reader: r, line: 0, buf: Vec::new(), done: false }
+    }
+
+    /// The name used for this input in errors (file name or `<stdin>`).
+    pub fn source_name(&self) -> &str {
+        &self.source
+    }
+
+    fn error(&self, line: usize, field: Option<String>, reason: String) -> RecordError {
+        RecordError { source: self.source.clone(), line, field, reason }
+    }
+}
+
+impl fmt::Debug for EditReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EditReader")
+            .field("source", &self.source)
+            .field("line", &self.line)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Iterator for EditReader {
+    type Item = Result<(usize, EditRecord), RecordError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => self.done = true,
+                Ok(_) => {
+                    self.line += 1;
+                    let mut bytes = self.buf.as_slice();
+                    if self.line == 1 {
+                        bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+                    }
+                    let text = match std::str::from_utf8(bytes) {
+                        Ok(text) => text,
+                        Err(e) => {
+                            let reason = format!("line is not valid UTF-8: {e}");
+                            return Some(Err(self.error(self.line, None, reason)));
+                        }
+                    };
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    let item = match parse_record(text) {
+                        Ok(record) => Ok((self.line, record)),
+                        Err((field, reason)) => Err(self.error(self.line, field, reason)),
+                    };
+                    return Some(item);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.done = true;
+                    let reason = format!("I/O error while reading: {e}");
+                    return Some(Err(self.error(self.line + 1, None, reason)));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl FusedIterator for EditReader {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Read};
+
+    // Real records, copied verbatim from the benchmark files.
+    const FLAT_CASE_2: &str = r##"{"case_id": 2, "prompt": "Toko Yasuda, the", "target_new": "piano", "subject": "Toko Yasuda", "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is incredible at", "locality_prompt": "John Lennon performs on the", "locality_ground_truth": "guitar", "_source": "Jometeorie/KnowledgeSpread@51d7402617c2:data/counterfact/counterfact-train.json"}"##;
+    const ROME_CASE_0: &str = r##"{"case_id": 0, "pararel_idx": 2796, "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103", "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French", "id": "Q150"}, "subject": "Danielle Darrieux"}, "paraphrase_prompts": ["Shayna does this and Yossel goes still and dies. Danielle Darrieux, a native", "An album was recorded for Capitol Nashville but never released. Danielle Darrieux spoke the language"], "neighborhood_prompts": ["The mother tongue of Léon Blum is", "The native language of Montesquieu is", "François Bayrou, a native", "The native language of Raymond Barre is", "Michel Rocard is a native speaker of", "Jacques Chaban-Delmas is a native speaker of", "The native language of François Bayrou is", "Maurice Genevoix, speaker of", "The mother tongue of François Bayrou is", "Melchior de Vogüé, speaker of"], "attribute_prompts": ["J. R. R. Tolkien is a native speaker of", "The mother tongue of Douglas Adams is", "The mother tongue of Paul McCartney is", "Elvis Presley is a native speaker of", "Barack Obama, speaker of", "Douglas Adams, speaker of", "Meryl Streep, a native", "George Orwell spoke the language", "George Washington, a native", "Michael Jackson, a native"], "generation_prompts": ["Danielle Darrieux's mother tongue is", "Where Danielle Darrieux is from, people speak the language of", "Danielle Darrieux's mother tongue is", "Danielle Darrieux was born in", "Danielle Darrieux's mother tongue is", "Danielle Darrieux's mother tongue is", "Danielle Darrieux was born in", "Where Danielle Darrieux is from, people speak the language of", "Danielle Darrieux was born in", "Danielle Darrieux was born in"], "_source": "leo-liuzy/RLEdit@1822b1c79f90:data/dsets/counterfact/cf_preview.json"}"##;
+    const ZSRE_CASE_26: &str = r##"{"case_id": 26, "subject": "MAT-49", "src": "What was the year MAT-49 entered service?", "pred": "1991", "rephrase": "What year was MAT-49 introduced?", "alt": " MAT-49", "answers": ["1949"], "loc": "nq question: who plays zoey in i love you man", "loc_ans": "Rashida Jones", "cond": "1991 >>  MAT-49 || What was the year MAT-49 entered service?", "portability": {"Recalled Relation": "(MAT-49, manufactured by, Manufacture Nationale d'Armes de Tulle)", "New Question": "Which company manufactured the MAT-49 when it entered service?", "New Answer": "Manufacture Nationale d'Armes de Tulle"}, "_source": "JasonForJoy/Model-Editing-Hurt@82614b0414cf:edited-data/zsre_mend_eval_portability_gpt4.json", "_split": "zsre_mend_eval (subset, with EasyEdit portability annotations)"}"##;
+    const ZSRE_CASE_1571: &str = r##"{"case_id": 1571, "subject": "Michaela Staniford", "src": "What gender is Michaela Staniford?", "pred": "female", "rephrase": "Which sex is Michaela Staniford?", "alt": "", "answers": ["female"], "loc": "nq question: who plays the cat in the hat movie", "loc_ans": "Mike Myers", "cond": "female >>  || What gender is Michaela Staniford?", "_source": "Jometeorie/KnowledgeSpread@51d7402617c2:data/zsre/zsre_mend_train-1k.json", "_split": "zsre_mend_train (1k subset)"}"##;
+
+    /// Parses a JSON value built in a test.
+    fn parse(v: Value) -> Result<EditRecord, FieldError> {
+        parse_record(&v.to_string())
+    }
+
+    /// Asserts that parsing fails on `field` with a reason containing `needle`.
+    fn assert_field_err(v: Value, field: &str, needle: &str) {
+        let text = v.to_string();
+        match parse_record(&text) {
+            Ok(r) => panic!("expected an error on `{field}` for {text}, got {r:?}"),
+            Err((f, reason)) => {
+                assert_eq!(f.as_deref(), Some(field), "wrong field for {text}: {reason}");
+                assert!(reason.contains(needle), "reason {reason:?} lacks {needle:?} for {text}");
+            }
+        }
+    }
+
+    fn flat() -> Value {
+        serde_json::from_str(FLAT_CASE_2).expect("test literal")
+    }
+    fn rome() -> Value {
+        serde_json::from_str(ROME_CASE_0).expect("test literal")
+    }
+    fn zsre() -> Value {
+        serde_json::from_str(ZSRE_CASE_26).expect("test literal")
+    }
+    fn minimal() -> Value {
+        serde_json::json!({"prompt": "The capital of France is", "subject": "France", "target": "Lyon"})
+    }
+
+    fn reader(text: &str) -> EditReader {
+        EditReader::from_reader("mem.jsonl", Box::new(Cursor::new(text.as_bytes().to_vec())))
+    }
+
+    #[test]
+    fn parses_counterfact_flat() {
+        let r = parse_record(FLAT_CASE_2).expect("valid record");
+        assert_eq!(
+            r,
+            EditRecord {
+                case_id: Some(2),
+                prompt: "Toko Yasuda, the".into(),
+                subject: "Toko Yasuda".into(),
+                target_new: "piano".into(),
+                ground_truth: Some("guitar".into()),
+                rephrase_prompts: vec!["Toko Yasuda is incredible at".into()],
+                locality: vec![LocalityPrompt {
+                    prompt: "John Lennon performs on the".into(),
+                    answer: "guitar".into()
+                }],
+                generation_prompts: vec![],
+                format: RecordFormat::CounterfactFlat,
+            }
+        );
+        assert_eq!(r.subject_span(), Some(0..11));
+    }
+
+    #[test]
+    fn parses_counterfact_rome() {
+        let r = parse_record(ROME_CASE_0).expect("valid record");
+        assert_eq!(r.format, RecordFormat::CounterfactRome);
+        assert_eq!(r.case_id, Some(0));
+        assert_eq!(r.prompt, "The mother tongue of Danielle Darrieux is");
+        assert_eq!(r.subject, "Danielle Darrieux");
+        assert_eq!(r.target_new, "English");
+        assert_eq!(r.ground_truth.as_deref(), Some("French"));
+        assert_eq!(r.rephrase_prompts.len(), 2);
+        assert!(r.rephrase_prompts[1].ends_with("Danielle Darrieux spoke the language"));
+        assert_eq!(r.locality.len(), 10);
+        assert_eq!(r.locality[0].prompt, "The mother tongue of Léon Blum is");
+        assert!(r.locality.iter().all(|l| l.answer == "French"));
+        assert_eq!(r.generation_prompts.len(), 10);
+        assert_eq!(r.generation_prompts[0], "Danielle Darrieux's mother tongue is");
+        assert_eq!(r.subject_span(), Some(21..38));
+    }
+
+    #[test]
+    fn parses_zsre_and_trims_target() {
+        let r = parse_record(ZSRE_CASE_26).expect("valid record");
+        assert_eq!(
+            r,
+            EditRecord {
+                case_id: Some(26),
+                prompt: "What was the year MAT-49 entered service?".into(),
+                subject: "MAT-49".into(),
+                target_new: "MAT-49".into(), // " MAT-49" in the input
+                ground_truth: Some("1949".into()),
+                rephrase_prompts: vec!["What year was MAT-49 introduced?".into()],
+                locality: vec![LocalityPrompt {
+                    prompt: "nq question: who plays zoey in i love you man".into(),
+                    answer: "Rashida Jones".into()
+                }],
+                generation_prompts: vec![],
+                format: RecordFormat::Zsre,
+            }
+        );
+    }
+
+    #[test]
+    fn parses_zsre_without_optional_fields() {
+        let mut v = zsre();
+        let o = v.as_object_mut().expect("object");
+        for k in ["case_id", "answers", "rephrase", "loc", "loc_ans"] {
+            o.remove(k);
+        }
+        let r = parse(v).expect("valid record");
+        assert_eq!(r.case_id, None);
+        assert_eq!(r.ground_truth, None);
+        assert!(r.rephrase_prompts.is_empty() && r.locality.is_empty());
+    }
+
+    #[test]
+    fn parses_minimal() {
+        let r = parse(minimal()).expect("valid record");
+        assert_eq!(
+            r,
+            EditRecord {
+                case_id: None,
+                prompt: "The capital of France is".into(),
+                subject: "France".into(),
+                target_new: "Lyon".into(),
+                ground_truth: None,
+                rephrase_prompts: vec![],
+                locality: vec![],
+                generation_prompts: vec![],
+                format: RecordFormat::Minimal,
+            }
+        );
+        let mut v = minimal();
+        v["case_id"] = 7.into();
+        v["ground_truth"] = " Paris ".into();
+        v["target"] = "  Lyon\n".into();
+        let r = parse(v).expect("valid record");
+        assert_eq!(r.case_id, Some(7));
+        assert_eq!(r.ground_truth.as_deref(), Some("Paris"));
+        assert_eq!(r.target_new, "Lyon");
+    }
+
+    #[test]
+    fn serialises_format_snake_case() {
+        let r = parse_record(FLAT_CASE_2).expect("valid record");
+        let json = serde_json::to_value(&r).expect("serialisable");
+        assert_eq!(json["format"], "counterfact_flat");
+        assert_eq!(json["locality"][0]["answer"], "guitar");
+        assert_eq!(RecordFormat::CounterfactRome.to_string(), "counterfact_rome");
+    }
+
+    #[test]
+    fn invalid_json_is_reported_without_field() {
+        let (field, reason) = parse_record(&FLAT_CASE_2[..40]).expect_err("truncated");
+        assert_eq!(field, None);
+        assert!(reason.starts_with("invalid JSON: "), "{reason}");
+        assert!(reason.contains("EOF while parsing"), "{reason}");
+    }
+
+    #[test]
+    fn non_object_is_rejected() {
+        for (line, found) in
+            [("[1, 2]", "an array"), ("\"prompt\"", "a string"), ("3", "a number"), ("null", "null")]
+        {
+            let (field, reason) = parse_record(line).expect_err("not an object");
+            assert_eq!(field, None);
+            assert_eq!(reason, format!("expected a JSON object, found {found}"));
+        }
+    }
+
+    #[test]
+    fn unknown_format_lists_the_key_sets() {
+        let (field, reason) =
+            parse(serde_json::json!({"prompt": "a b", "subject": "a", "answer": "c"})).expect_err("unknown");
+        assert_eq!(field, None);
+        assert!(reason.contains("keys: answer, prompt, subject"), "{reason}");
+        for needle in [
+            "target_new",
+            "requested_rewrite",
+            "alt",
+            "minimal {prompt, subject, target,",
+            "counterfact_flat",
+            "zsre",
+            "minimal",
+        ] {
+            assert!(reason.contains(needle), "{reason} lacks {needle}");
+        }
+        let (_, reason) = parse_record("{}").expect_err("unknown");
+        assert!(reason.contains("keys: none"), "{reason}");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        for (mut v, key, field) in [
+            (flat(), "prompt", "prompt"),
+            (flat(), "subject", "subject"),
+            (zsre(), "src", "src"),
+            (zsre(), "subject", "subject"),
+            (minimal(), "subject", "subject"),
+            (minimal(), "prompt", "prompt"),
+        ] {
+            v.as_object_mut().expect("object").remove(key);
+            assert_field_err(v, field, "missing");
+        }
+        // zsRE is recognised by `src`, so a missing `alt` is a field error, not an unknown format.
+        let mut v = zsre();
+        v.as_object_mut().expect("object").remove("alt");
+        assert_field_err(v, "alt", "missing");
+
+        let mut v = rome();
+        v["requested_rewrite"].as_object_mut().expect("object").remove("subject");
+        assert_field_err(v, "requested_rewrite.subject", "missing");
+        let mut v = rome();
+        v["requested_rewrite"]["target_new"] = serde_json::json!({"id": "Q1860"});
+        assert_field_err(v, "requested_rewrite.target_new.str", "missing");
+        let mut v = rome();
+        v["requested_rewrite"].as_object_mut().expect("object").remove("target_true");
+        assert_field_err(v, "requested_rewrite.target_true.str", "missing");
+
+        let mut v = flat();
+        v.as_object_mut().expect("object").remove("locality_ground_truth");
+        assert_field_err(v, "locality_ground_truth", "missing");
+        let mut v = zsre();
+        v.as_object_mut().expect("object").remove("loc");
+        assert_field_err(v, "loc", "missing");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let mut v = flat();
+        v["subject"] = 5.into();
+        assert_field_err(v, "subject", "expected a string, found a number");
+        let mut v = flat();
+        v["case_id"] = (-1).into();
+        assert_field_err(v, "case_id", "expected a non-negative integer");
+        let mut v = flat();
+        v["case_id"] = "2".into();
+        assert_field_err(v, "case_id", "expected a non-negative integer");
+        let mut v = zsre();
+        v["answers"] = serde_json::json!({"a": 1});
+        assert_field_err(v, "answers", "expected a string or an array of strings");
+        let mut v = rome();
+        v["requested_rewrite"]["target_new"] = "English".into();
+        assert_field_err(v, "requested_rewrite.target_new", "expected an object, found a string");
+        let mut v = rome();
+        v["paraphrase_prompts"][1] = serde_json::json!(["nested"]);
+        assert_field_err(v, "paraphrase_prompts[1]", "expected a string, found an array");
+        let mut v = rome();
+        v["generation_prompts"] = "one".into();
+        assert_field_err(v, "generation_prompts", "expected an array of strings");
+        let mut v = minimal();
+        v["target"] = true.into();
+        assert_field_err(v, "target", "expected a string, found a boolean");
+    }
+
+    #[test]
+    fn subject_must_occur_exactly_in_prompt() {
+        let mut v = flat();
+        v["subject"] = "toko yasuda".into(); // case differs: rejected
+        let (field, reason) = parse(v).expect_err("subject not in prompt");
+        assert_eq!(field.as_deref(), Some("subject"));
+        assert!(reason.contains("\"toko yasuda\"") && reason.contains("\"Toko Yasuda, the\""), "{reason}");
+        let mut v = zsre();
+        v["subject"] = "MAT-50".into();
+        assert_field_err(v, "subject", "does not occur in the prompt");
+        let mut v = minimal();
+        v["subject"] = "  ".into();
+        assert_field_err(v, "subject", "empty subject");
+    }
+
+    #[test]
+    fn empty_targets_name_the_input_field() {
+        for blank in ["", "  \t"] {
+            let mut v = flat();
+            v["target_new"] = blank.into();
+            assert_field_err(v, "target_new", "empty target");
+            let mut v = rome();
+            v["requested_rewrite"]["target_new"]["str"] = blank.into();
+            assert_field_err(v, "requested_rewrite.target_new.str", "empty target");
+            let mut v = zsre();
+            v["alt"] = blank.into();
+            assert_field_err(v, "alt", "empty target");
+            let mut v = minimal();
+            v["target"] = blank.into();
+            assert_field_err(v, "target", "empty target");
+        }
+        assert_eq!(parse_record(ZSRE_CASE_1571), Err((Some("alt".to_owned()), "empty target".to_owned())));
+    }
+
+    #[test]
+    fn empty_prompts_are_rejected() {
+        let mut v = flat();
+        v["prompt"] = " ".into();
+        assert_field_err(v, "prompt", "empty prompt");
+        let mut v = zsre();
+        v["src"] = "".into();
+        assert_field_err(v, "src", "empty prompt");
+        let mut v = minimal();
+        v["prompt"] = "".into();
+        assert_field_err(v, "prompt", "empty prompt");
+        let mut v = flat();
+        v["locality_prompt"] = "".into();
+        assert_field_err(v, "locality_prompt", "empty prompt");
+        let mut v = rome();
+        v["neighborhood_prompts"][3] = "".into();
+        assert_field_err(v, "neighborhood_prompts[3]", "empty prompt");
+    }
+
+    #[test]
+    fn rome_template_needs_one_placeholder() {
+        let mut v = rome();
+        v["requested_rewrite"]["prompt"] = "The mother tongue of Danielle Darrieux is".into();
+        assert_field_err(v, "requested_rewrite.prompt", "no `{}` placeholder");
+        let mut v = rome();
+        v["requested_rewrite"]["prompt"] = "{} and {} speak".into();
+        assert_field_err(v, "requested_rewrite.prompt", "2 `{}` placeholders");
+    }
+
+    #[test]
+    fn record_error_display() {
+        let mut e = RecordError {
+            source: "edits.jsonl".into(),
+            line: 12,
+            field: Some("alt".into()),
+            reason: "empty target".into(),
+        };
+        assert_eq!(e.to_string(), "edits.jsonl:12: field `alt`: empty target");
+        e.field = None;
+        assert_eq!(e.to_string(), "edits.jsonl:12: empty target");
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(e);
+        assert!(boxed.to_string().starts_with("edits.jsonl:12"));
+    }
+
+    #[test]
+    fn reader_counts_blank_lines_and_continues_after_errors() {
+        let text = format!(
+            "\n{FLAT_CASE_2}\r\n   \n\t\n{ZSRE_CASE_1571}\nnot json\n{ROME_CASE_0}\n\n{ZSRE_CASE_26}"
+        );
+        let items: Vec<_> = reader(&text).collect();
+        assert_eq!(items.len(), 5);
+        let (line, r) = items[0].as_ref().expect("flat record");
+        assert_eq!((*line, r.case_id, r.prompt.as_str()), (2, Some(2), "Toko Yasuda, the"));
+        assert_eq!(
+            items[1],
+            Err(RecordError {
+                source: "mem.jsonl".into(),
+                line: 5,
+                field: Some("alt".into()),
+                reason: "empty target".into()
+            })
+        );
+        let e = items[2].as_ref().expect_err("bad JSON");
+        assert_eq!((e.line, e.field.as_deref()), (6, None));
+        assert!(e.to_string().starts_with("mem.jsonl:6: invalid JSON"), "{e}");
+        let lines: Vec<usize> = items[3..].iter().map(|i| i.as_ref().expect("valid").0).collect();
+        assert_eq!(lines, [7, 9]);
+    }
+
+    #[test]
+    fn reader_handles_bom_invalid_utf8_and_empty_input() {
+        assert_eq!(reader("").count(), 0);
+        assert_eq!(reader("\n \n").count(), 0);
+        let mut bytes = b"\xEF\xBB\xBF".to_vec();
+        bytes.extend_from_slice(FLAT_CASE_2.as_bytes());
+        bytes.extend_from_slice(b"\n\xFF\xFE\n");
+        bytes.extend_from_slice(FLAT_CASE_2.as_bytes());
+        let items: Vec<_> = EditReader::from_reader("b", Box::new(Cursor::new(bytes))).collect();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_ref().map(|(l, _)| *l), Ok(1));
+        let e = items[1].as_ref().expect_err("invalid UTF-8");
+        assert_eq!((e.line, e.field.is_none()), (2, true));
+        assert!(e.reason.contains("not valid UTF-8"), "{e}");
+        assert_eq!(items[2].as_ref().map(|(l, _)| *l), Ok(3));
+    }
+
+    /// Yields `good` and then fails.
+    struct FailingReader {
+        good: Cursor<Vec<u8>>,
+    }
+    impl Read for FailingReader {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.good.read(buf)? {
+                0 => Err(std::io::Error::other("disk on fire")),
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn io_error_becomes_record_error_and_ends_iteration() {
+        let good = format!("{FLAT_CASE_2}\n\n").into_bytes();
+        let r = BufReader::new(FailingReader { good: Cursor::new(good) });
+        let mut it = EditReader::from_reader("<stdin>", Box::new(r));
+        assert_eq!(it.next().and_then(|i| i.ok()).map(|(l, _)| l), Some(1));
+        let e = it.next().expect("an item").expect_err("I/O error");
+        assert_eq!((e.source.as_str(), e.line, e.field.as_deref()), ("<stdin>", 3, None));
+        assert!(e.reason.contains("I/O error") && e.reason.contains("disk on fire"), "{e}");
+        assert!(e.to_string().starts_with("<stdin>:3: "), "{e}");
+        assert!(it.next().is_none());
+        assert!(it.next().is_none());
+    }
+
+    #[test]
+    fn open_dash_is_stdin_and_missing_files_are_named() {
+        let r = EditReader::open(Path::new("-")).expect("stdin");
+        assert_eq!(r.source_name(), "<stdin>");
+        let missing = Path::new("/nonexistent/oedit-no-such-file.jsonl");
+        let e = EditReader::open(missing).expect_err("missing file");
+        assert!(format!("{e:#}").contains("/nonexistent/oedit-no-such-file.jsonl"), "{e:#}");
+    }
+
+    #[test]
+    fn open_reads_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("edits.jsonl");
+        std::fs::write(&path, format!("{ROME_CASE_0}\n\n{ZSRE_CASE_1571}\n")).expect("write");
+        let items: Vec<_> = EditReader::open(&path).expect("open").collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        let e = items[1].as_ref().expect_err("empty alt");
+        assert_eq!(e.source, path.display().to_string());
+        assert_eq!(e.line, 3);
+    }
+
+    /// Reads a whole JSONL file; returns (records, errors).
+    fn read_all(path: &Path) -> (Vec<EditRecord>, Vec<RecordError>) {
+        let mut records = Vec::new();
+        let mut errors = Vec::new();
+        for item in EditReader::open(path).expect("open") {
+            match item {
+                Ok((_, r)) => records.push(r),
+                Err(e) => errors.push(e),
+            }
+        }
+        (records, errors)
+    }
+
+    /// Asserts that the only errors are empty `alt`s on the lines holding case_id 1571 and 1760.
+    fn assert_zsre_errors(path: &Path, errors: &[RecordError]) {
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        let text = std::fs::read_to_string(path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        for (e, id) in errors.iter().zip([1571, 1760]) {
+            assert_eq!((e.field.as_deref(), e.reason.as_str()), (Some("alt"), "empty target"));
+            let line = lines[e.line - 1];
+            assert!(line.starts_with(&format!("{{\"case_id\": {id},")), "{e}: {line}");
+        }
+    }
+
+    #[test]
+    fn committed_samples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+        let (cf, errors) = read_all(&dir.join("counterfact-sample.jsonl"));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(cf.len(), 300);
+        assert!(cf.iter().enumerate().all(|(i, r)| r.case_id == Some(i as u64)));
+        assert!(cf.iter().all(|r| r.format == RecordFormat::CounterfactFlat));
+
+        let (rome, errors) = read_all(&dir.join("counterfact-rome-sample.jsonl"));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(rome.len(), 27);
+        assert!(rome.iter().all(|r| r.locality.len() == 10 && r.rephrase_prompts.len() == 2));
+
+        let (zs, errors) = read_all(&dir.join("zsre-sample.jsonl"));
+        assert_eq!(zs.len(), 200);
+        assert!(zs.iter().all(|r| r.format == RecordFormat::Zsre));
+        assert_zsre_errors(&dir.join("zsre-sample.jsonl"), &errors);
+    }
+
+    /// Parses every record of the full benchmark files when they are available.
+    #[test]
+    fn all_shared_data_parses() {
+        let dir = std::env::var_os("OEDIT_SHARED_DATA")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/work/shared/data".into());
+        if !dir.is_dir() {
+            println!("skipping: {} not found (set OEDIT_SHARED_DATA)", dir.display());
+            return;
+        }
+        let (cf, errors) = read_all(&dir.join("counterfact.jsonl"));
+        assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
+        assert_eq!(cf.len(), 21_919);
+
+        let (rome, errors) = read_all(&dir.join("counterfact_rome_format.jsonl"));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(rome.len(), 27);
+        // The ROME-form records agree with the flattened records of the same case_id.
+        for r in &rome {
+            let id = r.case_id.expect("case_id");
+            let f = &cf[usize::try_from(id).expect("small id")];
+            assert_eq!(f.case_id, Some(id));
+            assert_eq!((&f.prompt, &f.subject, &f.target_new), (&r.prompt, &r.subject, &r.target_new));
+            assert_eq!(f.ground_truth, r.ground_truth);
+        }
+
+        let (zs, errors) = read_all(&dir.join("zsre.jsonl"));
+        assert_eq!(zs.len(), 2_035);
+        assert_zsre_errors(&dir.join("zsre.jsonl"), &errors);
+        assert_eq!((errors[0].line, errors[1].line), (1572, 1761));
+    }
+}

@@ -1,0 +1,116 @@
+//! Editing hyper-parameters: one struct shared by all methods, read from a model preset in
+//! `configs/` or from `--hparams FILE`, validated against the model before any work starts.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// How the stored subspace of earlier edits grows and what happens when it fills up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubspacePolicy {
+    /// Keep an edit's core directions up to this fraction of their energy.
+    pub energy: f64,
+    /// At most this many new directions per edit.
+    pub max_directions_per_edit: usize,
+    /// Cap of the basis size as a fraction of the layer's key width; at the cap the basis is
+    /// compressed to half the cap by keeping its highest-energy directions.
+    pub max_fraction: f64,
+    /// A direction is appended only if its norm after orthogonalisation is above this fraction.
+    pub tolerance: f64,
+}
+
+impl Default for SubspacePolicy {
+    fn default() -> Self {
+        Self { energy: 0.9, max_directions_per_edit: 1, max_fraction: 0.9, tolerance: 0.01 }
+    }
+}
+
+/// Hyper-parameters of one editing run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hparams {
+    /// Edited layer (its MLP down-projection).
+    pub layer: usize,
+    /// Number of context templates, including the bare prompt.
+    pub context_templates: usize,
+    /// Tokens generated per context template.
+    pub template_length: usize,
+    /// Maximum optimisation steps for v*.
+    pub v_steps: usize,
+    /// Adam learning rate for v*.
+    pub v_lr: f64,
+    /// Weight of the KL term on the "{subject} is a" prompt.
+    pub kl_weight: f64,
+    /// Weight decay on ‖δ‖² / ‖v‖².
+    pub weight_decay: f64,
+    /// ‖δ‖ is clamped to this factor times ‖v‖.
+    pub clamp_norm_factor: f64,
+    /// Stop the v* optimisation once the target NLL is below this.
+    pub stop_loss: f64,
+    /// Corpus tokens used for the key statistics C.
+    pub cov_tokens: usize,
+    /// Ridge added to C, relative to its mean diagonal.
+    pub cov_regularization: f64,
+    /// Subspace growth and saturation policy (O-Edit).
+    #[serde(default)]
+    pub subspace: SubspacePolicy,
+}
+
+impl Hparams {
+    /// Reads a JSON file holding either the hyper-parameters or a model preset with an `hparams` key.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let inner = v.get("hparams").cloned().unwrap_or(v);
+        serde_json::from_value(inner).with_context(|| format!("{}: invalid hyper-parameters", path.display()))
+    }
+
+    /// Checks the values against a model with `num_layers` layers.
+    pub fn validate(&self, num_layers: usize) -> Result<()> {
+        if self.layer >= num_layers {
+            bail!(
+                "layer {} out of range: the model has {num_layers} layers (0..{})",
+                self.layer,
+                num_layers - 1
+            );
+        }
+        if self.context_templates == 0 {
+            bail!("context_templates must be at least 1");
+        }
+        if self.v_steps == 0 {
+            bail!("v_steps must be at least 1");
+        }
+        let positive = [("v_lr", self.v_lr), ("clamp_norm_factor", self.clamp_norm_factor)];
+        for (name, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{name} must be a positive number, got {v}");
+            }
+        }
+        let non_negative = [
+            ("kl_weight", self.kl_weight),
+            ("weight_decay", self.weight_decay),
+            ("stop_loss", self.stop_loss),
+            ("cov_regularization", self.cov_regularization),
+        ];
+        for (name, v) in non_negative {
+            if !(v.is_finite() && v >= 0.0) {
+                bail!("{name} must be a non-negative number, got {v}");
+            }
+        }
+        if self.cov_tokens == 0 {
+            bail!("cov_tokens must be at least 1");
+        }
+        let s = &self.subspace;
+        if !(s.energy > 0.0 && s.energy <= 1.0) || !(s.max_fraction > 0.0 && s.max_fraction <= 1.0) {
+            bail!("subspace.energy and subspace.max_fraction must be in (0, 1]");
+        }
+        if s.max_directions_per_edit == 0 {
+            bail!("subspace.max_directions_per_edit must be at least 1");
+        }
+        Ok(())
+    }
+}

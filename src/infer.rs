@@ -1,0 +1,86 @@
+//! Inference helpers: teacher-forced scoring and greedy generation.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+
+use crate::model::{Batch, Llama, Padding, Taps};
+use crate::tokenizer::Tok;
+
+/// The result of scoring a text.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TextScore {
+    /// Number of predicted (scored) tokens.
+    pub tokens: usize,
+    /// Mean negative log-likelihood per scored token (nats).
+    pub mean_nll: f64,
+    /// exp(mean_nll).
+    pub perplexity: f64,
+}
+
+/// Log-softmax over the last dimension, in f32.
+pub fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let l = logits.to_dtype(DType::F32)?;
+    l.broadcast_sub(&l.log_sum_exp(D::Minus1)?.unsqueeze(D::Minus1)?)
+}
+
+/// Teacher-forced NLL of `text` (every token after the first is predicted from its prefix;
+/// with a BOS token the first text token is scored too).
+pub fn score_text(model: &Llama, tok: &Tok, text: &str) -> Result<TextScore> {
+    let ids = tok.encode_prompt(text)?;
+    if ids.len() < 2 {
+        bail!("text has {} token(s); at least 2 are needed to score it", ids.len());
+    }
+    let batch = Batch::new(vec![ids.clone()], Padding::Right, tok.pad_id)?;
+    let (logits, _) = model.forward(&batch, &Taps::default())?;
+    let lp = log_softmax(&logits.squeeze(0)?)?;
+    let n = ids.len() - 1;
+    let targets = Tensor::new(&ids[1..], model.device())?.unsqueeze(1)?;
+    let picked = lp.narrow(0, 0, n)?.gather(&targets, 1)?.squeeze(1)?;
+    let sum: f32 = picked.sum_all()?.to_scalar()?;
+    let mean_nll = -(sum as f64) / n as f64;
+    Ok(TextScore { tokens: n, mean_nll, perplexity: mean_nll.exp() })
+}
+
+/// Greedy continuation of each prompt, up to `max_tokens` new tokens (stops at EOS).
+/// Returns the generated token ids per prompt.
+pub fn greedy_ids(
+    model: &Llama,
+    tok: &Tok,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out = vec![Vec::new(); prompts.len()];
+    let mut done = vec![false; prompts.len()];
+    for _ in 0..max_tokens {
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        let batch = Batch::new(seqs.clone(), Padding::Left, tok.pad_id)?;
+        let (logits, _) = model.forward(&batch, &Taps::default())?;
+        let last = logits.narrow(1, batch.seq_len() - 1, 1)?.squeeze(1)?;
+        let next: Vec<u32> = last.argmax(D::Minus1)?.to_vec1()?;
+        for (i, &t) in next.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            if Some(t) == tok.eos_id {
+                done[i] = true;
+                continue;
+            }
+            out[i].push(t);
+            seqs[i].push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// Greedy continuation of one text prompt, decoded.
+pub fn generate(model: &Llama, tok: &Tok, prompt: &str, max_tokens: usize) -> Result<String> {
+    let ids = tok.encode_prompt(prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let gen = greedy_ids(model, tok, &[ids], max_tokens)?;
+    tok.decode(&gen[0])
+}

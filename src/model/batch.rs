@@ -1,0 +1,130 @@
+//! Padded batches of token sequences, with position ids and the attention bias.
+
+use candle_core::{Device, Result, Tensor};
+
+/// Which side receives the padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Tokens start at index 0; padding follows.
+    Right,
+    /// Padding first; tokens end at the last index (for generation).
+    Left,
+}
+
+/// Bias value for masked attention entries (finite, so fully masked rows stay NaN-free).
+const MASKED: f32 = -1e9;
+
+/// A batch of token sequences padded to a common length.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    seqs: Vec<Vec<u32>>,
+    seq_len: usize,
+    padding: Padding,
+    pad_id: u32,
+}
+
+impl Batch {
+    /// Pads `seqs` to the longest one. Empty sequences are an error.
+    pub fn new(seqs: Vec<Vec<u32>>, padding: Padding, pad_id: u32) -> Result<Self> {
+        if seqs.is_empty() {
+            candle_core::bail!("empty batch");
+        }
+        if seqs.iter().any(|s| s.is_empty()) {
+            candle_core::bail!("a sequence in the batch has no tokens");
+        }
+        let seq_len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        Ok(Self { seqs, seq_len, padding, pad_id })
+    }
+
+    /// Number of sequences.
+    pub fn batch_size(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Padded length.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// The unpadded sequences.
+    pub fn seqs(&self) -> &[Vec<u32>] {
+        &self.seqs
+    }
+
+    /// Length of row `r` without padding.
+    pub fn len_of(&self, r: usize) -> usize {
+        self.seqs[r].len()
+    }
+
+    /// Index in the padded row `r` of its `i`-th real token.
+    pub fn index_of(&self, r: usize, i: usize) -> usize {
+        match self.padding {
+            Padding::Right => i,
+            Padding::Left => self.seq_len - self.seqs[r].len() + i,
+        }
+    }
+
+    /// Flat index (into `batch * seq`) of the `i`-th real token of row `r`.
+    pub fn flat_index(&self, r: usize, i: usize) -> usize {
+        r * self.seq_len + self.index_of(r, i)
+    }
+
+    /// Whether padded index `j` of row `r` holds a real token.
+    pub fn is_real(&self, r: usize, j: usize) -> bool {
+        let len = self.seqs[r].len();
+        match self.padding {
+            Padding::Right => j < len,
+            Padding::Left => j >= self.seq_len - len,
+        }
+    }
+
+    /// Rotary position of padded index `j` of row `r` (0 for padding).
+    pub fn position(&self, r: usize, j: usize) -> usize {
+        match self.padding {
+            Padding::Right => j,
+            Padding::Left => j.saturating_sub(self.seq_len - self.seqs[r].len()),
+        }
+    }
+
+    /// Token ids `[batch, seq]` (u32).
+    pub fn ids(&self, device: &Device) -> Result<Tensor> {
+        let mut flat = Vec::with_capacity(self.seqs.len() * self.seq_len);
+        for (r, s) in self.seqs.iter().enumerate() {
+            for j in 0..self.seq_len {
+                flat.push(if self.is_real(r, j) { s[j - self.index_of(r, 0)] } else { self.pad_id });
+            }
+        }
+        Tensor::from_vec(flat, (self.seqs.len(), self.seq_len), device)
+    }
+
+    /// Additive attention bias `[batch, 1, seq, seq]` (f32): causal, padding and optional sliding window.
+    pub fn attention_bias(&self, sliding_window: Option<usize>, device: &Device) -> Result<Tensor> {
+        let (b, t) = (self.seqs.len(), self.seq_len);
+        let mut bias = vec![MASKED; b * t * t];
+        for r in 0..b {
+            for i in 0..t {
+                for j in 0..=i {
+                    let in_window = sliding_window.is_none_or(|w| i - j < w);
+                    if self.is_real(r, j) && in_window {
+                        bias[(r * t + i) * t + j] = 0.0;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(bias, (b, 1, t, t), device)
+    }
+
+    /// `[batch, seq, 1]` mask with 1.0 at the given (row, real-token index) pairs.
+    pub fn position_mask(
+        &self,
+        at: &[(usize, usize)],
+        dtype: candle_core::DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut m = vec![0f32; self.seqs.len() * self.seq_len];
+        for &(r, i) in at {
+            m[self.flat_index(r, i)] = 1.0;
+        }
+        Tensor::from_vec(m, (self.seqs.len(), self.seq_len, 1), device)?.to_dtype(dtype)
+    }
+}

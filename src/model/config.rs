@@ -1,0 +1,214 @@
+//! Model configuration: the serde mirror of Hugging Face `config.json` and the runtime `Config`.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Architectures whose weights and forward pass match our Llama implementation.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM"];
+
+/// A token id or a list of them (Llama-3 lists several EOS ids).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The first id.
+    pub fn first(&self) -> Option<u32> {
+        match self {
+            TokenIds::One(id) => Some(*id),
+            TokenIds::Many(ids) => ids.first().copied(),
+        }
+    }
+}
+
+/// Rope scaling as written in `config.json` (`rope_scaling`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_act() -> String {
+    "silu".to_string()
+}
+
+/// The fields of a Hugging Face Llama/Mistral `config.json` that oedit reads (and writes on export).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+}
+
+impl HfConfig {
+    /// Parses `config.json` text; `origin` names the file in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let cfg: HfConfig =
+            serde_json::from_str(text).with_context(|| format!("{origin}: not a valid model config"))?;
+        cfg.validate().with_context(|| format!("{origin}: unsupported model config"))?;
+        Ok(cfg)
+    }
+
+    /// Checks the architecture and the shape fields.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(arch) = self.architectures.first() {
+            if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+                bail!(
+                    "architecture `{arch}` is not supported (supported: {})",
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                );
+            }
+        } else if let Some(mt) = &self.model_type {
+            if mt != "llama" && mt != "mistral" {
+                bail!("model_type `{mt}` is not supported (supported: llama, mistral)");
+            }
+        }
+        if self.hidden_act != "silu" {
+            bail!("hidden_act `{}` is not supported (only silu)", self.hidden_act);
+        }
+        if self.num_attention_heads == 0
+            || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()
+        {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
+                self.num_attention_heads
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
+        }
+        if let Some(rs) = &self.rope_scaling {
+            match rs.rope_type.as_str() {
+                "default" => {}
+                "linear" => {
+                    rs.factor.context("rope_scaling.factor is missing")?;
+                }
+                "llama3" => {
+                    rs.factor.context("rope_scaling.factor is missing")?;
+                    rs.low_freq_factor.context("rope_scaling.low_freq_factor is missing")?;
+                    rs.high_freq_factor.context("rope_scaling.high_freq_factor is missing")?;
+                    rs.original_max_position_embeddings
+                        .context("rope_scaling.original_max_position_embeddings is missing")?;
+                }
+                other => bail!("rope_scaling type `{other}` is not supported (default, linear, llama3)"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Number of key/value heads (grouped-query attention).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Number of parameters (embeddings counted once when tied).
+    pub fn parameter_count(&self) -> u64 {
+        let d = self.hidden_size as u64;
+        let f = self.intermediate_size as u64;
+        let hd = self.head_dim() as u64;
+        let q = self.num_attention_heads as u64 * hd;
+        let kv = self.kv_heads() as u64 * hd;
+        let per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d;
+        let emb = self.vocab_size as u64 * d;
+        let head = if self.tie_word_embeddings { 0 } else { emb };
+        per_layer * self.num_hidden_layers as u64 + emb + head + d
+    }
+
+    /// Inverse rotary frequencies (length head_dim/2), with rope scaling applied.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim();
+        let base: Vec<f64> =
+            (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let Some(rs) = &self.rope_scaling else {
+            return base;
+        };
+        match rs.rope_type.as_str() {
+            "linear" => {
+                let factor = rs.factor.unwrap_or(1.0);
+                base.into_iter().map(|f| f / factor).collect()
+            }
+            "llama3" => {
+                let factor = rs.factor.unwrap_or(1.0);
+                let low = rs.low_freq_factor.unwrap_or(1.0);
+                let high = rs.high_freq_factor.unwrap_or(4.0);
+                let orig = rs.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let low_wavelen = orig / low;
+                let high_wavelen = orig / high;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (orig / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+            _ => base,
+        }
+    }
+}

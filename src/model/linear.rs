@@ -1,0 +1,85 @@
+//! Linear layers whose weights are constants under autograd.
+//!
+//! candle's matmul backward always builds the weight gradient, even for constant weights, which
+//! doubles the cost of the v* optimisation. [`linear_const_grad`] computes `x Wᵀ` on a detached
+//! input and re-attaches the input gradient (`grad · W`) through a custom op, so the backward
+//! only pays for what the editor needs.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// `x · wᵀ` for `x: [.., in]`, `w: [out, in]`, with ordinary autograd.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (rows, inner) = flat_rows(&dims);
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    reshape_out(y, &dims, w.dim(0)?)
+}
+
+/// `x · wᵀ` whose backward yields the gradient of `x` only (`w` is treated as a constant).
+pub fn linear_const_grad(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return linear(x, w);
+    }
+    let y = linear(&x.detach(), w)?.contiguous()?;
+    x.apply_op2(&y, InputGradOnly { w: w.clone() })
+}
+
+fn flat_rows(dims: &[usize]) -> (usize, usize) {
+    let inner = *dims.last().unwrap_or(&1);
+    let rows = dims[..dims.len().saturating_sub(1)].iter().product();
+    (rows, inner)
+}
+
+fn reshape_out(y: Tensor, dims: &[usize], out: usize) -> Result<Tensor> {
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out;
+    }
+    y.reshape(shape)
+}
+
+/// Passes the precomputed product through and routes `grad · W` back to the input.
+struct InputGradOnly {
+    w: Tensor,
+}
+
+impl CustomOp2 for InputGradOnly {
+    fn name(&self) -> &'static str {
+        "linear-input-grad-only"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dims = grad.dims().to_vec();
+        let (rows, out) = flat_rows(&dims);
+        let gx = grad.contiguous()?.reshape((rows, out))?.matmul(&self.w)?;
+        Ok((Some(reshape_out(gx, &dims, self.w.dim(1)?)?), None))
+    }
+}

@@ -1,0 +1,371 @@
+//! Our Llama-family causal LM (Llama-2, Llama-3, Mistral, SmolLM2), shaped like a
+//! candle-transformers model file, with the taps the editor needs:
+//! reading the MLP down-projection input ("keys"), adding a trainable vector to an MLP output,
+//! running a range of layers, and replacing a down-projection matrix in place.
+//!
+//! Weights use the Hugging Face layout (half-split rotary embeddings). Every op on the
+//! differentiable path has a backward in candle.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::batch::Batch;
+use super::config::HfConfig;
+use super::linear::{linear, linear_const_grad};
+
+/// How the forward pass is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fused, no-backward ops: fastest, for inference.
+    Inference,
+    /// Ops with a backward only, weights treated as constants: for optimising an added vector.
+    Differentiable,
+}
+
+/// A trainable vector added to the MLP output of one layer at selected positions.
+pub struct DeltaHook<'a> {
+    /// Layer whose MLP output receives the vector.
+    pub layer: usize,
+    /// `[batch, seq, 1]`, 1.0 where the vector is added, 0.0 elsewhere (model dtype).
+    pub mask: &'a Tensor,
+    /// `[hidden]`, the vector.
+    pub delta: &'a Tensor,
+}
+
+/// What to tap during a forward pass.
+#[derive(Default)]
+pub struct Taps<'a> {
+    /// Capture the down-projection input (the key) of this layer, `[batch, seq, intermediate]`.
+    pub capture_keys: Option<usize>,
+    /// Add a vector to the MLP output of one layer.
+    pub add_delta: Option<DeltaHook<'a>>,
+}
+
+/// What a forward pass captured.
+#[derive(Default, Debug)]
+pub struct Captured {
+    /// Keys at the layer named in [`Taps::capture_keys`].
+    pub keys: Option<Tensor>,
+    /// MLP output at that same layer, `[batch, seq, hidden]`.
+    pub mlp_out: Option<Tensor>,
+}
+
+/// Per-batch tensors shared by all layers: rotary tables and the attention bias.
+pub struct LayerCtx {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+    mode: Mode,
+}
+
+impl LayerCtx {
+    /// Builds the rotary tables and the causal/padding bias for `batch`.
+    pub fn new(model: &Llama, batch: &Batch, mode: Mode) -> Result<Self> {
+        let (cos, sin) = model.rotary(batch)?;
+        let bias = batch.attention_bias(model.cfg.sliding_window, model.device())?;
+        Ok(Self { cos, sin, bias, mode })
+    }
+
+    /// The same tables for another mode.
+    pub fn with_mode(&self, mode: Mode) -> Self {
+        Self { cos: self.cos.clone(), sin: self.sin.clone(), bias: self.bias.clone(), mode }
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32),
+        Mode::Differentiable => candle_nn::ops::rms_norm_slow(x, w, eps as f32),
+    }
+}
+
+fn lin(x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Inference => linear(x, w),
+        Mode::Differentiable => linear_const_grad(x, w),
+    }
+}
+
+/// Half-split rotary embedding: `x·cos + rotate_half(x)·sin`, with `cos/sin: [b, 1, t, hd]`.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Self-attention with grouped-query heads.
+pub struct Attention {
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
+    n_head: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &HfConfig) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        Ok(Self {
+            q_proj: vb.get((nh * hd, d), "q_proj.weight")?,
+            k_proj: vb.get((nkv * hd, d), "k_proj.weight")?,
+            v_proj: vb.get((nkv * hd, d), "v_proj.weight")?,
+            o_proj: vb.get((d, nh * hd), "o_proj.weight")?,
+            n_head: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &LayerCtx) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let mode = ctx.mode;
+        let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
+            lin(x, w, mode)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = apply_rotary(&heads(&self.q_proj, self.n_head)?, &ctx.cos, &ctx.sin)?;
+        let k = apply_rotary(&heads(&self.k_proj, self.n_kv)?, &ctx.cos, &ctx.sin)?;
+        let v = heads(&self.v_proj, self.n_kv)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let dtype = q.dtype();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(&ctx.bias)?;
+        let probs = match mode {
+            Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        }
+        .to_dtype(dtype)?;
+        let out =
+            probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, self.n_head * self.head_dim))?;
+        lin(&out, &self.o_proj, mode)
+    }
+
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let rep = self.n_head / self.n_kv;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (b, n, t, hd) = x.dims4()?;
+        x.unsqueeze(2)?.expand((b, n, rep, t, hd))?.reshape((b, n * rep, t, hd))
+    }
+}
+
+/// The gated MLP: `down(silu(gate(x)) * up(x))`.
+pub struct Mlp {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &HfConfig) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: vb.get((f, d), "gate_proj.weight")?,
+            up_proj: vb.get((f, d), "up_proj.weight")?,
+            down_proj: vb.get((d, f), "down_proj.weight")?,
+        })
+    }
+
+    /// Returns (key = down-projection input, output).
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let key = (lin(x, &self.gate_proj, mode)?.silu()? * lin(x, &self.up_proj, mode)?)?;
+        let out = lin(&key, &self.down_proj, mode)?;
+        Ok((key, out))
+    }
+}
+
+/// One decoder layer.
+pub struct Block {
+    input_layernorm: Tensor,
+    attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &HfConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            input_layernorm: vb.get(d, "input_layernorm.weight")?,
+            attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: vb.get(d, "post_attention_layernorm.weight")?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+}
+
+/// A Llama-family causal LM.
+pub struct Llama {
+    cfg: HfConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    inv_freq: Vec<f64>,
+}
+
+impl Llama {
+    /// Loads the weights (Hugging Face names) from `vb`.
+    pub fn load(vb: VarBuilder, cfg: &HfConfig) -> Result<Self> {
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let m = vb.pp("model");
+        let embed_tokens = m.get((v, d), "embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = m.get(d, "norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            None
+        } else {
+            Some(vb.get((v, d), "lm_head.weight")?)
+        };
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, inv_freq: cfg.inv_freq() })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &HfConfig {
+        &self.cfg
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Device holding the weights.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// The down-projection weight `[hidden, intermediate]` of `layer`.
+    pub fn down_proj(&self, layer: usize) -> &Tensor {
+        &self.layers[layer].mlp.down_proj
+    }
+
+    /// Replaces the down-projection weight of `layer` (same shape, dtype and device).
+    pub fn set_down_proj(&mut self, layer: usize, w: Tensor) -> Result<()> {
+        let old = &self.layers[layer].mlp.down_proj;
+        if old.dims() != w.dims() {
+            candle_core::bail!("down_proj shape {:?} does not match {:?}", w.dims(), old.dims());
+        }
+        self.layers[layer].mlp.down_proj = w.to_dtype(old.dtype())?.to_device(old.device())?;
+        Ok(())
+    }
+
+    /// All weights under their Hugging Face names (for export).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let items = [
+                ("input_layernorm.weight", &b.input_layernorm),
+                ("self_attn.q_proj.weight", &b.attn.q_proj),
+                ("self_attn.k_proj.weight", &b.attn.k_proj),
+                ("self_attn.v_proj.weight", &b.attn.v_proj),
+                ("self_attn.o_proj.weight", &b.attn.o_proj),
+                ("post_attention_layernorm.weight", &b.post_attention_layernorm),
+                ("mlp.gate_proj.weight", &b.mlp.gate_proj),
+                ("mlp.up_proj.weight", &b.mlp.up_proj),
+                ("mlp.down_proj.weight", &b.mlp.down_proj),
+            ];
+            out.extend(items.into_iter().map(|(n, t)| (format!("{p}.{n}"), t.clone())));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
+    }
+
+    fn rotary(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let (b, t) = (batch.batch_size(), batch.seq_len());
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * half * 2);
+        let mut sin = Vec::with_capacity(b * t * half * 2);
+        for r in 0..b {
+            for i in 0..t {
+                let pos = batch.position(r, i) as f64;
+                for _ in 0..2 {
+                    for f in &self.inv_freq {
+                        let a = pos * f;
+                        cos.push(a.cos() as f32);
+                        sin.push(a.sin() as f32);
+                    }
+                }
+            }
+        }
+        let shape = (b, 1, t, half * 2);
+        let dev = self.device();
+        let cos = Tensor::from_vec(cos, shape, dev)?.to_dtype(self.dtype())?;
+        let sin = Tensor::from_vec(sin, shape, dev)?.to_dtype(self.dtype())?;
+        Ok((cos, sin))
+    }
+
+    /// Token embeddings `[batch, seq, hidden]`.
+    pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        let ids = batch.ids(self.device())?;
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Runs the layers in `layers` on the residual stream `h`.
+    pub fn run_layers(
+        &self,
+        mut h: Tensor,
+        layers: Range<usize>,
+        ctx: &LayerCtx,
+        taps: &Taps,
+        captured: &mut Captured,
+    ) -> Result<Tensor> {
+        for l in layers {
+            let block = &self.layers[l];
+            let x = rms_norm(&h, &block.input_layernorm, self.cfg.rms_norm_eps, ctx.mode)?;
+            h = (h + block.attn.forward(&x, ctx)?)?;
+            let x = rms_norm(&h, &block.post_attention_layernorm, self.cfg.rms_norm_eps, ctx.mode)?;
+            let (key, mut out) = block.mlp.forward(&x, ctx.mode)?;
+            if let Some(hook) = taps.add_delta.as_ref().filter(|hk| hk.layer == l) {
+                out = out.broadcast_add(&hook.mask.broadcast_mul(&hook.delta.reshape((1, 1, ()))?)?)?;
+            }
+            if taps.capture_keys == Some(l) {
+                captured.keys = Some(key);
+                captured.mlp_out = Some(out.clone());
+            }
+            h = (h + out)?;
+        }
+        Ok(h)
+    }
+
+    /// Final norm and LM head on `h: [.., hidden]`, giving logits `[.., vocab]` in f32.
+    pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        let h = rms_norm(h, &self.norm, self.cfg.rms_norm_eps, mode)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        lin(&h, head, mode)?.to_dtype(DType::F32)
+    }
+
+    /// Logits `[n, vocab]` at the flat positions `rows` (indices into `batch * seq`) of `h`.
+    pub fn logits_at(&self, h: &Tensor, rows: &Tensor, mode: Mode) -> Result<Tensor> {
+        let d = self.cfg.hidden_size;
+        let flat = h.reshape(((), d))?;
+        self.logits(&flat.index_select(rows, 0)?, mode)
+    }
+
+    /// Full forward pass: logits at every position `[batch, seq, vocab]`.
+    pub fn forward(&self, batch: &Batch, taps: &Taps) -> Result<(Tensor, Captured)> {
+        let ctx = LayerCtx::new(self, batch, Mode::Inference)?;
+        let mut captured = Captured::default();
+        let h = self.run_layers(self.embed(batch)?, 0..self.layers.len(), &ctx, taps, &mut captured)?;
+        Ok((self.logits(&h, Mode::Inference)?, captured))
+    }
+}
