@@ -1,17 +1,24 @@
 //! oedit: sequential knowledge editing of Llama-family language models with orthogonal
 //! subspace updates (O-Edit), in Rust on candle.
 
+pub mod cli;
 pub mod data;
 pub mod device;
-pub mod hparams;
-
-pub mod cli;
+pub mod edit;
 pub mod export;
+pub mod fingerprint;
 pub mod fsutil;
+pub mod hparams;
 pub mod infer;
+pub mod linalg;
 pub mod loader;
 pub mod model;
 pub mod presets;
+pub mod progress;
+pub mod run;
+pub mod scoring;
+pub mod session;
+pub mod stats;
 pub mod threads;
 pub mod tokenizer;
 

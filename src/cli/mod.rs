@@ -1,5 +1,6 @@
 //! Command-line interface: argument definitions and dispatch to one module per subcommand.
 
+pub mod edit;
 pub mod export;
 pub mod generate;
 pub mod score;
@@ -28,7 +29,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token count, mean NLL and perplexity of a text (teacher-forced).
     Score(score::ScoreArgs),
-    /// Write a model (a GGUF file, a folder, a hub model) as a Hugging Face folder.
+    /// Apply edits sequentially (O-Edit or ROME), checkpointing after every edit; resumable.
+    Edit(edit::EditArgs),
+    /// Write a model, or the edited model of a run, as a Hugging Face folder.
     Export(export::ExportArgs),
 }
 
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
+        Command::Edit(a) => edit::run_cmd(a),
         Command::Export(a) => export::run(a),
     }
 }

@@ -1,0 +1,157 @@
+//! The key k* and the target value v* of one edit at one layer (ROME's compute_u / compute_v
+//! inputs): one prefix pass gives the keys and the layer's output; v* is then optimised by Adam
+//! on a vector added to the MLP output, re-running only the layers after the edit layer.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+use super::prompts::EditPrompts;
+use crate::hparams::Hparams;
+use crate::infer::log_softmax;
+use crate::model::{Captured, LayerCtx, Llama, Mode, Taps};
+
+/// Result of the key/value computation of one edit.
+#[derive(Debug, Clone)]
+pub struct KeyValue {
+    /// Template-averaged key at the subject's last token.
+    pub k_star: Vec<f64>,
+    /// The key under each template.
+    pub template_keys: Vec<Vec<f64>>,
+    /// Template-averaged MLP output at the subject's last token, before the edit.
+    pub v_orig: Vec<f64>,
+    /// The optimised target value v_orig + δ.
+    pub v_star: Vec<f64>,
+    /// Optimisation steps taken.
+    pub steps: usize,
+    /// Loss at the first and the last step.
+    pub loss_first: f64,
+    pub loss_last: f64,
+    /// Target NLL at the last step.
+    pub nll_last: f64,
+    /// Seconds spent on the keys (prefix pass) and on the v* optimisation.
+    pub key_seconds: f64,
+    pub value_seconds: f64,
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+}
+
+/// Computes k* and v* for the edit described by `p` at `hp.layer`.
+pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result<KeyValue> {
+    let t0 = Instant::now();
+    let layer = hp.layer;
+    let dev = model.device();
+    let batch = &p.batch;
+    let rows = batch.batch_size();
+    let ctx = LayerCtx::new(model, batch, Mode::Inference)?;
+    let mut cap = Captured::default();
+    let taps = Taps { capture_keys: Some(layer), add_delta: None };
+    let h_layer = model.run_layers(model.embed(batch)?, 0..layer + 1, &ctx, &taps, &mut cap)?;
+    let keys = cap.keys.context("key capture failed")?;
+    let outs = cap.mlp_out.context("output capture failed")?;
+    let (f, d) = (keys.dim(D::Minus1)?, outs.dim(D::Minus1)?);
+    let subject_rows: Vec<u32> =
+        (0..p.rewrite_rows).map(|r| batch.flat_index(r, p.subject_last[r]) as u32).collect();
+    let idx = Tensor::new(subject_rows.as_slice(), dev)?;
+    let k_rows = keys.reshape(((), f))?.index_select(&idx, 0)?;
+    let v_rows = outs.reshape(((), d))?.index_select(&idx, 0)?;
+    let template_keys: Vec<Vec<f64>> =
+        (0..p.rewrite_rows).map(|i| to_f64(&k_rows.get(i)?)).collect::<Result<_>>()?;
+    let k_star = to_f64(&k_rows.mean(0)?)?;
+    let v_orig = to_f64(&v_rows.mean(0)?)?;
+    let key_seconds = t0.elapsed().as_secs_f64();
+
+    // v* optimisation.
+    let t1 = Instant::now();
+    let delta_at: Vec<(usize, usize)> = (0..rows).map(|r| (r, p.subject_last[r])).collect();
+    let mask = batch.position_mask(&delta_at, model.dtype(), dev)?;
+    let n_t = p.target_ids.len();
+    let mut target_rows = Vec::new();
+    let mut target_ids = Vec::new();
+    for r in 0..p.rewrite_rows {
+        for (j, &t) in p.target_ids.iter().enumerate() {
+            target_rows.push(batch.flat_index(r, p.prompt_last[r] + j) as u32);
+            target_ids.push(t);
+        }
+    }
+    let kl_row = rows - 1;
+    target_rows.push(batch.flat_index(kl_row, batch.len_of(kl_row) - 1) as u32);
+    let n_target_rows = target_ids.len();
+    let rows_t = Tensor::new(target_rows.as_slice(), dev)?;
+    let ids_t = Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?;
+    let diff_ctx = ctx.with_mode(Mode::Differentiable);
+    let n_layers = model.num_layers();
+    let nll_weight = 1.0 / (n_t * p.rewrite_rows) as f64;
+
+    // Initial essence distribution (δ = 0).
+    let h_init = model.run_layers(
+        h_layer.clone(),
+        layer + 1..n_layers,
+        &ctx,
+        &Taps::default(),
+        &mut Captured::default(),
+    )?;
+    let lp_init =
+        log_softmax(&model.logits_at(&h_init, &rows_t.narrow(0, n_target_rows, 1)?, Mode::Inference)?)?;
+    let p_init = lp_init.exp()?;
+
+    let v_norm = v_orig.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+    let max_norm = hp.clamp_norm_factor * v_norm;
+    let delta = Var::zeros(d, DType::F32, dev)?;
+    let mut opt = AdamW::new(
+        vec![delta.clone()],
+        ParamsAdamW { lr: hp.v_lr, weight_decay: 0.0, ..Default::default() },
+    )?;
+    let (mut loss_first, mut loss_last, mut nll_last) = (f64::NAN, f64::NAN, f64::NAN);
+    let mut steps = 0;
+    for step in 0..hp.v_steps {
+        let dm = delta.as_tensor().to_dtype(model.dtype())?;
+        let h = h_layer.broadcast_add(&mask.broadcast_mul(&dm.reshape((1, 1, d))?)?)?;
+        let hook_free = Taps::default();
+        let h = model.run_layers(h, layer + 1..n_layers, &diff_ctx, &hook_free, &mut Captured::default())?;
+        let lp = log_softmax(&model.logits_at(&h, &rows_t, Mode::Differentiable)?)?;
+        let picked = lp.narrow(0, 0, n_target_rows)?.gather(&ids_t, 1)?;
+        let nll = (picked.sum_all()? * (-nll_weight))?;
+        let lp_kl = lp.narrow(0, n_target_rows, 1)?;
+        let kl = (&p_init * (&lp_init - &lp_kl)?)?.sum_all()?;
+        let wd = (delta.as_tensor().sqr()?.sum_all()? * (hp.weight_decay / (v_norm * v_norm)))?;
+        let loss = ((&nll + (kl * hp.kl_weight)?)? + wd)?;
+        let loss_v: f32 = loss.to_scalar()?;
+        let nll_v: f32 = nll.to_scalar()?;
+        if step == 0 {
+            loss_first = loss_v as f64;
+        }
+        loss_last = loss_v as f64;
+        nll_last = nll_v as f64;
+        if (nll_v as f64) < hp.stop_loss {
+            break;
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        steps = step + 1;
+        // Clamp ‖δ‖ ≤ clamp_norm_factor · ‖v‖.
+        let norm: f32 = delta.as_tensor().sqr()?.sum_all()?.sqrt()?.to_scalar()?;
+        if norm as f64 > max_norm {
+            let scaled = (delta.as_tensor() * (max_norm / norm as f64))?;
+            delta.set(&scaled)?;
+        }
+    }
+    let dv = to_f64(delta.as_tensor())?;
+    let v_star = v_orig.iter().zip(&dv).map(|(a, b)| a + b).collect();
+    Ok(KeyValue {
+        k_star,
+        template_keys,
+        v_orig,
+        v_star,
+        steps,
+        loss_first,
+        loss_last,
+        nll_last,
+        key_seconds,
+        value_seconds: t1.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,432 @@
+//! The run directory of `oedit edit`: the one place that holds a run's state.
+//!
+//! ```text
+//! DIR/manifest.json          model identity, method, hyper-parameters, templates, statistics inputs
+//! DIR/subspace.safetensors   the O-Edit basis per edited layer (f64) + metadata: n_edits, last_line,
+//!                            the log line of the last edit (the commit point of every edit)
+//! DIR/updates/chunk-NNNNN.safetensors   rank-one factors r [k, d], u [k, f] of up to 256 edits each
+//! DIR/log.jsonl              one JSON line per edit
+//! DIR/rejected.jsonl         rejected input lines (with --on-invalid skip)
+//! ```
+//! Every file is written atomically (temp file, fsync, rename). An edit is committed when
+//! `subspace.safetensors` records it; on resume, anything written after the last commit is
+//! dropped and the weights are rebuilt by replaying the stored factors on the base model.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::edit::{apply_rank_one, subspace::Subspace, AppliedUpdate, Method};
+use crate::fingerprint::Fnv;
+use crate::fsutil::{atomic_write, atomic_write_with};
+use crate::hparams::Hparams;
+use crate::linalg::OrthoBasis;
+use crate::loader::hf::check_safetensors;
+use crate::model::Llama;
+
+/// Version of the run-directory layout.
+pub const FORMAT_VERSION: u32 = 1;
+/// Edits per updates chunk file.
+pub const CHUNK: usize = 256;
+
+/// Identity of the model a run edits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelIdentity {
+    /// The `--model` argument.
+    pub arg: String,
+    /// Where the weights came from.
+    pub source: String,
+    /// Fingerprint of configuration and weights.
+    pub fingerprint: String,
+}
+
+/// Inputs of the key statistics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatsIdentity {
+    pub corpus: String,
+    pub corpus_hash: String,
+    pub tokens: usize,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub oedit_version: String,
+    pub model: ModelIdentity,
+    pub method: Method,
+    pub hparams: Hparams,
+    pub templates: Vec<String>,
+    pub stats: StatsIdentity,
+}
+
+impl Manifest {
+    /// Explains why `other` (the current invocation) cannot continue this run, if it cannot.
+    pub fn incompatibility(&self, other: &Manifest) -> Option<String> {
+        if self.model.fingerprint != other.model.fingerprint {
+            return Some(format!(
+                "it was created for model `{}` (fingerprint {}), not `{}` (fingerprint {})",
+                self.model.arg, self.model.fingerprint, other.model.arg, other.model.fingerprint
+            ));
+        }
+        if self.method != other.method {
+            return Some(format!("it uses method {}, not {}", self.method.name(), other.method.name()));
+        }
+        if self.hparams != other.hparams {
+            let a = serde_json::to_value(&self.hparams).ok()?;
+            let b = serde_json::to_value(&other.hparams).ok()?;
+            let diff: Vec<String> = a
+                .as_object()?
+                .iter()
+                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, v)| {
+                    format!("{k}: run has {v}, now {}", b.get(k.as_str()).cloned().unwrap_or_default())
+                })
+                .collect();
+            return Some(format!("its hyper-parameters differ ({})", diff.join("; ")));
+        }
+        if self.stats != other.stats {
+            return Some(format!(
+                "its key statistics came from corpus `{}` ({} tokens), not `{}` ({} tokens)",
+                self.stats.corpus, self.stats.tokens, other.stats.corpus, other.stats.tokens
+            ));
+        }
+        None
+    }
+}
+
+/// The committed progress of a run.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// Edits committed.
+    pub n_edits: usize,
+    /// Last input line consumed (edited or rejected).
+    pub last_line: usize,
+    /// Basis per edited layer.
+    pub subspaces: HashMap<usize, Subspace>,
+    /// Factors of every committed edit, in order.
+    pub updates: Vec<AppliedUpdate>,
+    /// The log line of the last committed edit.
+    pub last_log: Option<String>,
+}
+
+/// A run directory.
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+fn hash_f32(h: &mut Fnv, v: &[f32]) {
+    for x in v {
+        h.write(&x.to_le_bytes());
+    }
+}
+
+fn hash_f64(h: &mut Fnv, v: &[f64]) {
+    for x in v {
+        h.write(&x.to_le_bytes());
+    }
+}
+
+fn meta_usize(meta: &HashMap<String, String>, key: &str, file: &Path) -> Result<usize> {
+    meta.get(key)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{}: corrupt checkpoint (metadata `{key}` missing)", file.display()))
+}
+
+fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    check_safetensors(path).context("corrupt checkpoint")?;
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{}: corrupt checkpoint header", path.display()))?;
+    let m = meta.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("{}: corrupt checkpoint tensors", path.display()))?;
+    Ok((tensors, m))
+}
+
+fn write_safetensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    atomic_write_with(path, |p| {
+        safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), p)
+            .map_err(anyhow::Error::from)
+    })
+}
+
+impl RunDir {
+    /// Opens (creating if needed) the run directory.
+    pub fn create(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path.join("updates"))
+            .with_context(|| format!("{}: cannot create run directory", path.display()))?;
+        Ok(Self { path: path.to_path_buf() })
+    }
+
+    /// Opens an existing run directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.join("manifest.json").is_file() {
+            bail!("{}: not an oedit run directory (no manifest.json)", path.display());
+        }
+        Ok(Self { path: path.to_path_buf() })
+    }
+
+    fn manifest_path(&self) -> PathBuf {
+        self.path.join("manifest.json")
+    }
+    fn state_path(&self) -> PathBuf {
+        self.path.join("subspace.safetensors")
+    }
+    fn chunk_path(&self, chunk: usize) -> PathBuf {
+        self.path.join("updates").join(format!("chunk-{chunk:05}.safetensors"))
+    }
+    /// Path of log.jsonl.
+    pub fn log_path(&self) -> PathBuf {
+        self.path.join("log.jsonl")
+    }
+    /// Path of rejected.jsonl.
+    pub fn rejected_path(&self) -> PathBuf {
+        self.path.join("rejected.jsonl")
+    }
+
+    /// Reads manifest.json, if present.
+    pub fn read_manifest(&self) -> Result<Option<Manifest>> {
+        let p = self.manifest_path();
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let m =
+            serde_json::from_str(&text).with_context(|| format!("{}: corrupt run manifest", p.display()))?;
+        Ok(Some(m))
+    }
+
+    /// Writes manifest.json.
+    pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        atomic_write(&self.manifest_path(), serde_json::to_string_pretty(m)?.as_bytes())
+    }
+
+    /// Reads the committed state (an empty state when no edit was committed yet).
+    pub fn read_state(&self, key_dim: usize) -> Result<State> {
+        let path = self.state_path();
+        let mut state = State {
+            n_edits: 0,
+            last_line: 0,
+            subspaces: HashMap::new(),
+            updates: Vec::new(),
+            last_log: None,
+        };
+        if !path.exists() {
+            return Ok(state);
+        }
+        let (tensors, meta) = read_safetensors(&path)?;
+        state.n_edits = meta_usize(&meta, "n_edits", &path)?;
+        state.last_line = meta_usize(&meta, "last_line", &path)?;
+        state.last_log = meta.get("last_log").cloned();
+        let mut h = Fnv::new();
+        let mut layers: Vec<usize> = tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("layer")?.strip_suffix(".basis")?.parse().ok())
+            .collect();
+        layers.sort_unstable();
+        for l in layers {
+            let b = &tensors[&format!("layer{l}.basis")];
+            let e = tensors.get(&format!("layer{l}.energy")).with_context(|| {
+                format!("{}: corrupt checkpoint (no energy for layer {l})", path.display())
+            })?;
+            let (m, f) = b.dims2()?;
+            if f != key_dim {
+                bail!(
+                    "{}: basis of layer {l} has width {f}, the model's keys have {key_dim}",
+                    path.display()
+                );
+            }
+            let flat: Vec<f64> = b.flatten_all()?.to_vec1()?;
+            let energy: Vec<f64> = e.to_vec1()?;
+            hash_f64(&mut h, &flat);
+            hash_f64(&mut h, &energy);
+            let rows = flat.chunks(f).map(|c| c.to_vec()).collect::<Vec<_>>();
+            if rows.len() != m || energy.len() != m {
+                bail!("{}: corrupt checkpoint (layer {l} sizes disagree)", path.display());
+            }
+            state.subspaces.insert(l, Subspace { basis: OrthoBasis::from_rows(f, rows), energy });
+        }
+        let want =
+            meta.get("hash").with_context(|| format!("{}: corrupt checkpoint (no hash)", path.display()))?;
+        if *want != format!("{:016x}", h.finish()) {
+            bail!("{}: corrupt checkpoint (content hash mismatch)", path.display());
+        }
+        state.updates = self.read_updates(state.n_edits)?;
+        Ok(state)
+    }
+
+    fn read_updates(&self, n: usize) -> Result<Vec<AppliedUpdate>> {
+        let mut out = Vec::with_capacity(n);
+        let mut chunk = 0;
+        while out.len() < n {
+            let path = self.chunk_path(chunk);
+            if !path.is_file() {
+                bail!("{}: missing update file; the checkpoint records {n} edits", path.display());
+            }
+            let (t, meta) = read_safetensors(&path)?;
+            let get = |k: &str| {
+                t.get(k).with_context(|| format!("{}: corrupt checkpoint (no `{k}`)", path.display()))
+            };
+            let r: Vec<Vec<f32>> = get("r")?.to_vec2()?;
+            let u: Vec<Vec<f32>> = get("u")?.to_vec2()?;
+            let layers: Vec<u32> = get("layer")?.to_vec1()?;
+            let mut h = Fnv::new();
+            for (a, b) in r.iter().zip(&u) {
+                hash_f32(&mut h, a);
+                hash_f32(&mut h, b);
+            }
+            if meta.get("hash") != Some(&format!("{:016x}", h.finish())) {
+                bail!("{}: corrupt checkpoint (content hash mismatch)", path.display());
+            }
+            for ((r, u), l) in r.into_iter().zip(u).zip(layers) {
+                if out.len() == n {
+                    break;
+                }
+                out.push(AppliedUpdate { layer: l as usize, r, u });
+            }
+            chunk += 1;
+        }
+        Ok(out)
+    }
+
+    /// Commits edit number `state.n_edits` (already pushed to `state.updates`): writes its
+    /// update chunk, then the state file (the commit point).
+    pub fn commit(&self, state: &State) -> Result<()> {
+        let n = state.updates.len();
+        if n > 0 {
+            let chunk = (n - 1) / CHUNK;
+            let items = &state.updates[chunk * CHUNK..n];
+            let (d, f) = (items[0].r.len(), items[0].u.len());
+            let mut h = Fnv::new();
+            let mut r = Vec::with_capacity(items.len() * d);
+            let mut u = Vec::with_capacity(items.len() * f);
+            for it in items {
+                hash_f32(&mut h, &it.r);
+                hash_f32(&mut h, &it.u);
+                r.extend_from_slice(&it.r);
+                u.extend_from_slice(&it.u);
+            }
+            let layers: Vec<u32> = items.iter().map(|i| i.layer as u32).collect();
+            let tensors = HashMap::from([
+                ("r".to_string(), Tensor::from_vec(r, (items.len(), d), &Device::Cpu)?),
+                ("u".to_string(), Tensor::from_vec(u, (items.len(), f), &Device::Cpu)?),
+                ("layer".to_string(), Tensor::from_vec(layers, items.len(), &Device::Cpu)?),
+            ]);
+            let meta = HashMap::from([("hash".to_string(), format!("{:016x}", h.finish()))]);
+            write_safetensors(&self.chunk_path(chunk), &tensors, meta)?;
+        }
+        let mut tensors = HashMap::new();
+        let mut h = Fnv::new();
+        let mut layers: Vec<&usize> = state.subspaces.keys().collect();
+        layers.sort_unstable();
+        for l in layers {
+            let s = &state.subspaces[l];
+            if s.is_empty() {
+                continue;
+            }
+            let flat: Vec<f64> = s.basis.rows().iter().flatten().copied().collect();
+            hash_f64(&mut h, &flat);
+            hash_f64(&mut h, &s.energy);
+            tensors.insert(
+                format!("layer{l}.basis"),
+                Tensor::from_vec(flat, (s.len(), s.basis.dim()), &Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("layer{l}.energy"),
+                Tensor::from_vec(s.energy.clone(), s.len(), &Device::Cpu)?,
+            );
+        }
+        let mut meta = HashMap::from([
+            ("n_edits".to_string(), state.n_edits.to_string()),
+            ("last_line".to_string(), state.last_line.to_string()),
+            ("hash".to_string(), format!("{:016x}", h.finish())),
+        ]);
+        if let Some(l) = &state.last_log {
+            meta.insert("last_log".to_string(), l.clone());
+        }
+        if tensors.is_empty() {
+            // safetensors needs at least one tensor to carry metadata portably.
+            tensors.insert("empty".to_string(), Tensor::zeros(1, DType::F32, &Device::Cpu)?);
+        }
+        write_safetensors(&self.state_path(), &tensors, meta)
+    }
+
+    /// Appends one line to a JSONL file of the run (fsynced).
+    pub fn append_line(&self, path: &Path, line: &str) -> Result<()> {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("{}: cannot open for appending", path.display()))?;
+        writeln!(f, "{line}")?;
+        f.sync_data()?;
+        Ok(())
+    }
+
+    /// Makes log.jsonl and rejected.jsonl agree with the committed state: drops lines written
+    /// after the last commit and restores the last committed log line if it is missing.
+    pub fn reconcile(&self, state: &State) -> Result<()> {
+        let keep = |path: &Path, pred: &dyn Fn(&serde_json::Value) -> bool| -> Result<Vec<String>> {
+            if !path.is_file() {
+                return Ok(Vec::new());
+            }
+            let f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            let mut out = Vec::new();
+            for line in std::io::BufReader::new(f).lines() {
+                let line = line?;
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if pred(&v) {
+                        out.push(line);
+                    }
+                }
+            }
+            Ok(out)
+        };
+        let n = state.n_edits as u64;
+        let mut log =
+            keep(&self.log_path(), &|v| v.get("index").and_then(|i| i.as_u64()).is_some_and(|i| i < n))?;
+        if log.len() + 1 == state.n_edits {
+            if let Some(last) = &state.last_log {
+                log.push(last.clone());
+            }
+        }
+        let mut text = log.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        atomic_write(&self.log_path(), text.as_bytes())?;
+        let last_line = state.last_line as u64;
+        let rej = keep(&self.rejected_path(), &|v| {
+            v.get("line").and_then(|i| i.as_u64()).is_some_and(|i| i <= last_line)
+        })?;
+        if self.rejected_path().is_file() {
+            let mut text = rej.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            atomic_write(&self.rejected_path(), text.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// Replays the committed updates on the base model (same ops as the live run: identical bytes).
+pub fn replay(model: &mut Llama, updates: &[AppliedUpdate]) -> Result<()> {
+    for up in updates {
+        if up.layer >= model.num_layers() {
+            bail!("checkpoint edits layer {}, the model has {}", up.layer, model.num_layers());
+        }
+        apply_rank_one(model, up.layer, &up.r, &up.u)?;
+    }
+    Ok(())
+}

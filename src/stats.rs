@@ -1,0 +1,235 @@
+//! Second-moment statistics of MLP keys, C = E[k kᵀ], at one layer over a text corpus.
+//! Computed once and cached as safetensors, keyed by model fingerprint, layer, token count and
+//! corpus hash, so that every input that changes C changes the cache file name.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+
+use crate::fingerprint::Fnv;
+use crate::fsutil::atomic_write_with;
+use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
+use crate::progress::Progress;
+use crate::tokenizer::Tok;
+
+/// The public-domain corpus shipped with oedit (data/corpus), used when no corpus is given.
+const DEFAULT_CORPUS: &[(&str, &str)] = &[
+    ("pride-and-prejudice.txt", include_str!("../data/corpus/pride-and-prejudice.txt")),
+    ("frankenstein-part.txt", include_str!("../data/corpus/frankenstein-part.txt")),
+];
+
+/// Tokens per corpus window.
+const WINDOW: usize = 128;
+/// Windows per forward batch.
+const BATCH: usize = 8;
+
+/// A text corpus for the statistics.
+pub struct Corpus {
+    /// Name recorded in reports ("builtin" or the path).
+    pub name: String,
+    texts: Vec<String>,
+}
+
+impl Corpus {
+    /// The corpus shipped in the binary.
+    pub fn builtin() -> Self {
+        Self { name: "builtin".into(), texts: DEFAULT_CORPUS.iter().map(|(_, t)| t.to_string()).collect() }
+    }
+
+    /// A `.txt` file, or every `.txt` file of a folder (sorted by name).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let files = if path.is_dir() {
+            let mut f: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("{}: cannot list", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+                .collect();
+            f.sort();
+            f
+        } else {
+            vec![path.to_path_buf()]
+        };
+        if files.is_empty() {
+            bail!("{}: no .txt files in the corpus folder", path.display());
+        }
+        let texts = files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("{}: cannot read as UTF-8 text", f.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { name: path.display().to_string(), texts })
+    }
+
+    /// Hash of the corpus content.
+    pub fn hash(&self) -> u64 {
+        let mut h = Fnv::new();
+        for t in &self.texts {
+            h.write(t.as_bytes());
+            h.write(&[0]);
+        }
+        h.finish()
+    }
+
+    /// Fixed-length token windows (paragraphs joined), at most `max_tokens` tokens in all.
+    pub fn windows(&self, tok: &Tok, max_tokens: usize) -> Result<Vec<Vec<u32>>> {
+        let mut windows = Vec::new();
+        let mut total = 0;
+        let mut current: Vec<u32> = Vec::new();
+        let bos =
+            tok.bos_id.filter(|b| tok.encode_prompt("a").ok().and_then(|v| v.first().copied()) == Some(*b));
+        for text in &self.texts {
+            for para in text.split("\n\n").map(str::trim).filter(|p| p.len() > 40) {
+                let para = para.split_whitespace().collect::<Vec<_>>().join(" ");
+                current.extend(tok.encode_plain(&format!(" {para}"))?);
+                while current.len() >= WINDOW {
+                    let rest = current.split_off(WINDOW);
+                    let mut w = std::mem::replace(&mut current, rest);
+                    if let Some(b) = bos {
+                        w.insert(0, b);
+                        w.pop();
+                    }
+                    total += w.len();
+                    windows.push(w);
+                    if total >= max_tokens {
+                        return Ok(windows);
+                    }
+                }
+            }
+        }
+        if total < max_tokens / 2 {
+            bail!("corpus `{}` has only {total} tokens; {max_tokens} were requested (lower cov_tokens or give a larger --stats-corpus)", self.name);
+        }
+        Ok(windows)
+    }
+}
+
+/// C = E[k kᵀ] at one layer, row-major f64 `[f, f]`, with the number of tokens it averages.
+pub struct KeyStats {
+    pub layer: usize,
+    pub tokens: usize,
+    pub dim: usize,
+    pub second_moment: Vec<f64>,
+}
+
+/// Where the statistics cache lives: `$OEDIT_CACHE/stats`, else `~/.cache/oedit/stats`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("OEDIT_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("stats");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("oedit").join("stats")
+}
+
+/// Cache file name for the given inputs.
+pub fn cache_path(model_fp: &str, layer: usize, tokens: usize, corpus: &Corpus) -> PathBuf {
+    cache_dir().join(format!("{model_fp}-layer{layer}-{tokens}tok-corpus{:016x}.safetensors", corpus.hash()))
+}
+
+/// Computes C at `layer` from `corpus`.
+pub fn compute(
+    model: &Llama,
+    tok: &Tok,
+    layer: usize,
+    max_tokens: usize,
+    corpus: &Corpus,
+) -> Result<KeyStats> {
+    let windows = corpus.windows(tok, max_tokens)?;
+    let f = model.config().intermediate_size;
+    let dev = model.device();
+    let mut acc = Tensor::zeros((f, f), DType::F32, dev)?;
+    let mut sum = vec![0f64; f * f];
+    let mut tokens = 0usize;
+    let bar = Progress::new(windows.len() as u64, "key statistics", "windows");
+    for (i, chunk) in windows.chunks(BATCH).enumerate() {
+        let batch = Batch::new(chunk.to_vec(), Padding::Right, tok.pad_id)?;
+        let ctx = LayerCtx::new(model, &batch, Mode::Inference)?;
+        let mut cap = Captured::default();
+        let taps = Taps { capture_keys: Some(layer), add_delta: None };
+        model.run_layers(model.embed(&batch)?, 0..layer + 1, &ctx, &taps, &mut cap)?;
+        let keys = cap.keys.context("key capture failed")?.to_dtype(DType::F32)?;
+        let k = keys.reshape(((), f))?;
+        acc = (acc + k.t()?.matmul(&k)?)?;
+        tokens += k.dim(0)?;
+        // Flush the f32 accumulator into f64 every few batches to bound rounding error.
+        if i % 16 == 15 {
+            flush(&mut acc, &mut sum)?;
+        }
+        bar.inc(1);
+    }
+    flush(&mut acc, &mut sum)?;
+    bar.finish();
+    let n = tokens.max(1) as f64;
+    sum.iter_mut().for_each(|x| *x /= n);
+    Ok(KeyStats { layer, tokens, dim: f, second_moment: sum })
+}
+
+fn flush(acc: &mut Tensor, sum: &mut [f64]) -> Result<()> {
+    let v: Vec<f32> = acc.flatten_all()?.to_vec1()?;
+    for (s, x) in sum.iter_mut().zip(v) {
+        *s += x as f64;
+    }
+    *acc = acc.zeros_like()?;
+    Ok(())
+}
+
+/// Loads C from the cache, or computes and caches it.
+pub fn load_or_compute(
+    model: &Llama,
+    tok: &Tok,
+    model_fp: &str,
+    layer: usize,
+    max_tokens: usize,
+    corpus: &Corpus,
+) -> Result<KeyStats> {
+    let path = cache_path(model_fp, layer, max_tokens, corpus);
+    if path.is_file() {
+        match read(&path, layer) {
+            Ok(s) => return Ok(s),
+            Err(e) => eprintln!("warning: ignoring unreadable statistics cache: {e:#}"),
+        }
+    }
+    let stats = compute(model, tok, layer, max_tokens, corpus)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create cache folder", dir.display()))?;
+    }
+    write(&path, &stats)?;
+    Ok(stats)
+}
+
+fn write(path: &Path, s: &KeyStats) -> Result<()> {
+    let t = Tensor::from_slice(&s.second_moment, (s.dim, s.dim), &candle_core::Device::Cpu)?;
+    let tokens = Tensor::new(&[s.tokens as i64], &candle_core::Device::Cpu)?;
+    atomic_write_with(path, |p| {
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([
+                ("second_moment".to_string(), t),
+                ("tokens".to_string(), tokens),
+            ]),
+            p,
+        )
+        .map_err(anyhow::Error::from)
+    })
+}
+
+fn read(path: &Path, layer: usize) -> Result<KeyStats> {
+    crate::loader::hf::check_safetensors(path)?;
+    let m = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .with_context(|| format!("{}: cannot read statistics", path.display()))?;
+    let c = m.get("second_moment").with_context(|| format!("{}: no `second_moment`", path.display()))?;
+    let tokens: Vec<i64> =
+        m.get("tokens").with_context(|| format!("{}: no `tokens`", path.display()))?.to_vec1()?;
+    let (f, f2) = c.dims2()?;
+    if f != f2 {
+        bail!("{}: second moment is not square", path.display());
+    }
+    Ok(KeyStats {
+        layer,
+        tokens: tokens.first().copied().unwrap_or(0).max(0) as usize,
+        dim: f,
+        second_moment: c.flatten_all()?.to_vec1()?,
+    })
+}
