@@ -11,3 +11,15 @@ impl std::fmt::Display for InputError {
 }
 
 impl std::error::Error for InputError {}
+
+/// A metric fell below its `--fail-under` threshold: exit code 3.
+#[derive(Debug)]
+pub struct ThresholdError(pub String);
+
+impl std::fmt::Display for ThresholdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "below threshold: {}", self.0)
+    }
+}
+
+impl std::error::Error for ThresholdError {}

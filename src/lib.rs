@@ -5,6 +5,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod edit;
+pub mod eval;
 pub mod export;
 pub mod fingerprint;
 pub mod fsutil;
@@ -22,9 +23,12 @@ pub mod stats;
 pub mod threads;
 pub mod tokenizer;
 
-/// Process exit code for an error: 2 for bad input or usage, 1 for anything else.
+/// Process exit code for an error: 3 for a metric below its threshold, 2 for bad input or
+/// usage, 1 for anything else.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|e| e.is::<errors::InputError>()) {
+    if err.chain().any(|e| e.is::<errors::ThresholdError>()) {
+        3
+    } else if err.chain().any(|e| e.is::<errors::InputError>()) {
         2
     } else {
         1

@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and dispatch to one module per subcommand.
 
 pub mod edit;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod score;
@@ -31,6 +32,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Apply edits sequentially (O-Edit or ROME), checkpointing after every edit; resumable.
     Edit(edit::EditArgs),
+    /// Measure efficacy, generalization, locality and fluency of edits (edited vs unedited).
+    Eval(eval::EvalArgs),
     /// Write a model, or the edited model of a run, as a Hugging Face folder.
     Export(export::ExportArgs),
 }
@@ -65,6 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Edit(a) => edit::run_cmd(a),
+        Command::Eval(a) => eval::run(a),
         Command::Export(a) => export::run(a),
     }
 }

@@ -1,0 +1,216 @@
+//! Per-record scores of the editing metrics, computed from teacher-forced answer scores.
+//!
+//! Definitions (ROME / MEMIT / EasyEdit), with NLL the length-normalised negative log-likelihood
+//! of an answer after a prompt:
+//! - efficacy: 1[NLL(target_new | edit prompt) < NLL(ground_truth | edit prompt)];
+//!   efficacy_token_acc: fraction of target_new tokens that are the argmax (teacher forcing);
+//! - generalization / generalization_token_acc: the same on the paraphrase prompts (averaged);
+//! - locality: neighbourhood score 1[NLL(true | p) < NLL(target_new | p)] on neighbourhood prompts;
+//!   locality_agreement: fraction of the locality answer's tokens whose argmax is unchanged
+//!   from the unedited model.
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::data::EditRecord;
+use crate::model::Llama;
+use crate::scoring::{score_answers, AnswerScore};
+use crate::tokenizer::Tok;
+
+/// Metric names `--metrics` accepts.
+pub const METRICS: &[&str] = &["efficacy", "generalization", "locality", "fluency"];
+
+/// The scores of one record (None where the record lacks the prompts a metric needs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RecordScores {
+    pub efficacy: Option<f64>,
+    pub efficacy_token_acc: Option<f64>,
+    pub generalization: Option<f64>,
+    pub generalization_token_acc: Option<f64>,
+    pub locality: Option<f64>,
+    /// Argmax tokens of each locality answer (compared across models for locality_agreement).
+    #[serde(skip_serializing, default)]
+    pub locality_argmax: Vec<Vec<u32>>,
+    pub locality_agreement: Option<f64>,
+    pub fluency: Option<f64>,
+}
+
+/// Which metric families to compute.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MetricSet {
+    pub efficacy: bool,
+    pub generalization: bool,
+    pub locality: bool,
+    pub fluency: bool,
+}
+
+impl MetricSet {
+    /// Parses `efficacy,generalization,...`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut m = MetricSet::default();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "efficacy" => m.efficacy = true,
+                "generalization" | "generalisation" => m.generalization = true,
+                "locality" => m.locality = true,
+                "fluency" => m.fluency = true,
+                other => return Err(format!("unknown metric `{other}` (known: {})", METRICS.join(", "))),
+            }
+        }
+        if !(m.efficacy || m.generalization || m.locality || m.fluency) {
+            return Err("no metric given".into());
+        }
+        Ok(m)
+    }
+}
+
+/// One scoring job: a (prompt, answer) pair and where its score goes.
+enum Slot {
+    EditNew,
+    EditTrue,
+    ParaNew(usize),
+    ParaTrue(usize),
+    LocTrue(usize),
+    LocNew(usize),
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// Scores `records` (batched over records) on `model`.
+pub fn score_records(
+    model: &Llama,
+    tok: &Tok,
+    records: &[EditRecord],
+    which: MetricSet,
+) -> Result<Vec<RecordScores>> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    let mut slots: Vec<(usize, Slot)> = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        let new = r.target_new.as_str();
+        let truth = r.ground_truth.as_deref();
+        if which.efficacy {
+            pairs.push((&r.prompt, new));
+            slots.push((i, Slot::EditNew));
+            if let Some(t) = truth {
+                pairs.push((&r.prompt, t));
+                slots.push((i, Slot::EditTrue));
+            }
+        }
+        if which.generalization {
+            for (j, p) in r.rephrase_prompts.iter().enumerate() {
+                pairs.push((p, new));
+                slots.push((i, Slot::ParaNew(j)));
+                if let Some(t) = truth {
+                    pairs.push((p, t));
+                    slots.push((i, Slot::ParaTrue(j)));
+                }
+            }
+        }
+        if which.locality {
+            for (j, l) in r.locality.iter().enumerate() {
+                pairs.push((&l.prompt, &l.answer));
+                slots.push((i, Slot::LocTrue(j)));
+                pairs.push((&l.prompt, new));
+                slots.push((i, Slot::LocNew(j)));
+            }
+        }
+    }
+    let mut scores: Vec<AnswerScore> = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(48) {
+        scores.extend(score_answers(model, tok, chunk)?);
+    }
+    let mut out = vec![RecordScores::default(); records.len()];
+    // Gather per record.
+    #[derive(Default, Clone)]
+    struct Acc {
+        edit_new: Option<AnswerScore>,
+        edit_true: Option<AnswerScore>,
+        para_new: Vec<(usize, AnswerScore)>,
+        para_true: Vec<(usize, AnswerScore)>,
+        loc_true: Vec<(usize, AnswerScore)>,
+        loc_new: Vec<(usize, AnswerScore)>,
+    }
+    let mut acc = vec![Acc::default(); records.len()];
+    for ((i, slot), s) in slots.into_iter().zip(scores) {
+        let a = &mut acc[i];
+        match slot {
+            Slot::EditNew => a.edit_new = Some(s),
+            Slot::EditTrue => a.edit_true = Some(s),
+            Slot::ParaNew(j) => a.para_new.push((j, s)),
+            Slot::ParaTrue(j) => a.para_true.push((j, s)),
+            Slot::LocTrue(j) => a.loc_true.push((j, s)),
+            Slot::LocNew(j) => a.loc_new.push((j, s)),
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        if let Some(n) = &a.edit_new {
+            o.efficacy_token_acc = Some(n.token_accuracy);
+            o.efficacy = a.edit_true.as_ref().map(|t| (n.mean_nll < t.mean_nll) as u8 as f64);
+        }
+        if !a.para_new.is_empty() {
+            o.generalization_token_acc =
+                mean(&a.para_new.iter().map(|(_, s)| s.token_accuracy).collect::<Vec<_>>());
+            let prefs: Vec<f64> = a
+                .para_new
+                .iter()
+                .filter_map(|(j, n)| {
+                    let t = a.para_true.iter().find(|(k, _)| k == j)?;
+                    Some((n.mean_nll < t.1.mean_nll) as u8 as f64)
+                })
+                .collect();
+            o.generalization = mean(&prefs);
+        }
+        if !a.loc_true.is_empty() {
+            let prefs: Vec<f64> = a
+                .loc_true
+                .iter()
+                .filter_map(|(j, t)| {
+                    let n = a.loc_new.iter().find(|(k, _)| k == j)?;
+                    Some((t.mean_nll < n.1.mean_nll) as u8 as f64)
+                })
+                .collect();
+            o.locality = mean(&prefs);
+            o.locality_argmax = a.loc_true.iter().map(|(_, s)| s.argmax.clone()).collect();
+        }
+    }
+    Ok(out)
+}
+
+/// Fills `locality_agreement` of `edited` by comparing its locality argmax tokens with `base`'s.
+pub fn locality_agreement(edited: &mut [RecordScores], base: &[RecordScores]) {
+    for (e, b) in edited.iter_mut().zip(base) {
+        let mut same = 0usize;
+        let mut total = 0usize;
+        for (x, y) in e.locality_argmax.iter().zip(&b.locality_argmax) {
+            total += x.len();
+            same += x.iter().zip(y).filter(|(p, q)| p == q).count();
+        }
+        e.locality_agreement = (total > 0).then(|| same as f64 / total as f64);
+    }
+}
+
+/// ROME's generation entropy of one text: the mean of (2/3)·H₂ and (4/3)·H₃, the entropies (bits)
+/// of its word bigram and trigram distributions.
+pub fn ngram_entropy(text: &str) -> f64 {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let ent = |n: usize| -> f64 {
+        if words.len() < n {
+            return 0.0;
+        }
+        let mut counts: std::collections::HashMap<&[&str], usize> = std::collections::HashMap::new();
+        for w in words.windows(n) {
+            *counts.entry(w).or_default() += 1;
+        }
+        let total: usize = counts.values().sum();
+        counts
+            .values()
+            .map(|&c| {
+                let p = c as f64 / total as f64;
+                -p * p.log2()
+            })
+            .sum()
+    };
+    ((2.0 / 3.0) * ent(2) + (4.0 / 3.0) * ent(3)) / 2.0
+}

@@ -1,0 +1,85 @@
+//! `oedit eval`: efficacy, generalization, locality and fluency of an edited model against the
+//! unedited one, on the same records, with the protocol written into every report.
+
+pub mod metrics;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::data::EditRecord;
+use crate::infer::greedy_ids;
+use crate::model::Llama;
+use crate::progress::Progress;
+use crate::tokenizer::Tok;
+pub use metrics::{locality_agreement, ngram_entropy, score_records, MetricSet, RecordScores};
+
+/// Records per scoring batch.
+const RECORDS_PER_BATCH: usize = 16;
+
+/// Mean and count of one metric on one model.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Summary {
+    pub mean: f64,
+    pub count: usize,
+}
+
+/// Summarises one metric over records.
+pub fn summarize(values: impl Iterator<Item = Option<f64>>) -> Option<Summary> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| Summary { mean: v.iter().sum::<f64>() / v.len() as f64, count: v.len() })
+}
+
+/// The names of the reported metrics, in report order, with an accessor.
+pub fn metric_columns() -> Vec<(&'static str, fn(&RecordScores) -> Option<f64>)> {
+    vec![
+        ("efficacy", |r| r.efficacy),
+        ("efficacy_token_acc", |r| r.efficacy_token_acc),
+        ("generalization", |r| r.generalization),
+        ("generalization_token_acc", |r| r.generalization_token_acc),
+        ("locality", |r| r.locality),
+        ("locality_agreement", |r| r.locality_agreement),
+        ("fluency", |r| r.fluency),
+    ]
+}
+
+/// Scores all `records` on `model` in batches, with a progress bar; fluency from greedy
+/// generations of `gen_tokens` tokens on the generation prompts (else the edit prompt).
+pub fn score_all(
+    model: &Llama,
+    tok: &Tok,
+    records: &[EditRecord],
+    which: MetricSet,
+    gen_tokens: usize,
+    label: &str,
+) -> Result<Vec<RecordScores>> {
+    let bar = Progress::new(records.len() as u64, label, "records");
+    let mut out = Vec::with_capacity(records.len());
+    for chunk in records.chunks(RECORDS_PER_BATCH) {
+        let mut s = score_records(model, tok, chunk, which)?;
+        if which.fluency {
+            for (rec, sc) in chunk.iter().zip(s.iter_mut()) {
+                sc.fluency = Some(fluency(model, tok, rec, gen_tokens)?);
+            }
+        }
+        out.extend(s);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    Ok(out)
+}
+
+/// Generation entropy of the greedy continuations of a record's generation prompts.
+pub fn fluency(model: &Llama, tok: &Tok, rec: &EditRecord, gen_tokens: usize) -> Result<f64> {
+    let prompts: Vec<&str> = if rec.generation_prompts.is_empty() {
+        vec![rec.prompt.as_str()]
+    } else {
+        rec.generation_prompts.iter().map(String::as_str).collect()
+    };
+    let ids = prompts.iter().map(|p| tok.encode_prompt(p)).collect::<Result<Vec<_>>>()?;
+    let gens = greedy_ids(model, tok, &ids, gen_tokens)?;
+    let mut total = 0.0;
+    for (p, g) in prompts.iter().zip(&gens) {
+        total += ngram_entropy(&format!("{p}{}", tok.decode(g)?));
+    }
+    Ok(total / prompts.len() as f64)
+}
