@@ -147,7 +147,7 @@ pub fn compute(
         let batch = Batch::new(chunk.to_vec(), Padding::Right, tok.pad_id)?;
         let ctx = LayerCtx::new(model, &batch, Mode::Inference)?;
         let mut cap = Captured::default();
-        let taps = Taps { capture_keys: Some(layer), add_delta: None };
+        let taps = Taps { capture_keys: Some(layer), ..Default::default() };
         model.run_layers(model.embed(&batch)?, 0..layer + 1, &ctx, &taps, &mut cap)?;
         let keys = cap.keys.context("key capture failed")?.to_dtype(DType::F32)?;
         let k = keys.reshape(((), f))?;

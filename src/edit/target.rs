@@ -41,18 +41,24 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// Computes k* and v* for the edit described by `p` at `hp.layer`.
+///
+/// One full pass (all layers) gives the keys, the MLP outputs and every layer's attention
+/// keys/values. δ only affects positions from the subject's last token on, so each optimisation
+/// step re-runs the layers after the edit layer on that suffix alone, against the cached
+/// keys/values of the prefix (identical results, a fraction of the work).
 pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result<KeyValue> {
     let t0 = Instant::now();
     let layer = hp.layer;
     let dev = model.device();
     let batch = &p.batch;
     let rows = batch.batch_size();
+    let n_layers = model.num_layers();
     let ctx = LayerCtx::new(model, batch, Mode::Inference)?;
     let mut cap = Captured::default();
-    let taps = Taps { capture_keys: Some(layer), add_delta: None };
+    let taps = Taps { capture_keys: Some(layer), capture_kv: true, ..Default::default() };
     let h_layer = model.run_layers(model.embed(batch)?, 0..layer + 1, &ctx, &taps, &mut cap)?;
-    let keys = cap.keys.context("key capture failed")?;
-    let outs = cap.mlp_out.context("output capture failed")?;
+    let keys = cap.keys.take().context("key capture failed")?;
+    let outs = cap.mlp_out.take().context("output capture failed")?;
     let (f, d) = (keys.dim(D::Minus1)?, outs.dim(D::Minus1)?);
     let subject_rows: Vec<u32> =
         (0..p.rewrite_rows).map(|r| batch.flat_index(r, p.subject_last[r]) as u32).collect();
@@ -63,40 +69,35 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         (0..p.rewrite_rows).map(|i| to_f64(&k_rows.get(i)?)).collect::<Result<_>>()?;
     let k_star = to_f64(&k_rows.mean(0)?)?;
     let v_orig = to_f64(&v_rows.mean(0)?)?;
+    // The rest of the unedited pass: the cache of all layers and the initial essence distribution.
+    let h_final = model.run_layers(h_layer.clone(), layer + 1..n_layers, &ctx, &taps, &mut cap)?;
+    let kv_cache = std::mem::take(&mut cap.kv);
     let key_seconds = t0.elapsed().as_secs_f64();
 
-    // v* optimisation.
     let t1 = Instant::now();
-    let delta_at: Vec<(usize, usize)> = (0..rows).map(|r| (r, p.subject_last[r])).collect();
-    let mask = batch.position_mask(&delta_at, model.dtype(), dev)?;
+    let suffix = LayerCtx::suffix(model, batch, &p.subject_last, Mode::Differentiable)?;
+    let s_len = suffix.len;
+    let hs_layer = h_layer.reshape(((), d))?.index_select(&suffix.gather, 0)?.reshape((rows, s_len, d))?;
+    let at_start: Vec<f32> = (0..rows * s_len).map(|i| (i % s_len == 0) as u8 as f32).collect();
+    let mask = Tensor::from_vec(at_start, (rows, s_len, 1), dev)?.to_dtype(model.dtype())?;
     let n_t = p.target_ids.len();
     let mut target_rows = Vec::new();
     let mut target_ids = Vec::new();
     for r in 0..p.rewrite_rows {
         for (j, &t) in p.target_ids.iter().enumerate() {
-            target_rows.push(batch.flat_index(r, p.prompt_last[r] + j) as u32);
+            target_rows.push((r * s_len + p.prompt_last[r] + j - p.subject_last[r]) as u32);
             target_ids.push(t);
         }
     }
     let kl_row = rows - 1;
-    target_rows.push(batch.flat_index(kl_row, batch.len_of(kl_row) - 1) as u32);
+    let kl_last = batch.len_of(kl_row) - 1;
+    target_rows.push((kl_row * s_len + kl_last - p.subject_last[kl_row]) as u32);
     let n_target_rows = target_ids.len();
     let rows_t = Tensor::new(target_rows.as_slice(), dev)?;
     let ids_t = Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?;
-    let diff_ctx = ctx.with_mode(Mode::Differentiable);
-    let n_layers = model.num_layers();
     let nll_weight = 1.0 / (n_t * p.rewrite_rows) as f64;
-
-    // Initial essence distribution (δ = 0).
-    let h_init = model.run_layers(
-        h_layer.clone(),
-        layer + 1..n_layers,
-        &ctx,
-        &Taps::default(),
-        &mut Captured::default(),
-    )?;
-    let lp_init =
-        log_softmax(&model.logits_at(&h_init, &rows_t.narrow(0, n_target_rows, 1)?, Mode::Inference)?)?;
+    let kl_full_row = Tensor::new(&[batch.flat_index(kl_row, kl_last) as u32], dev)?;
+    let lp_init = log_softmax(&model.logits_at(&h_final, &kl_full_row, Mode::Inference)?)?;
     let p_init = lp_init.exp()?;
 
     let v_norm = v_orig.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
@@ -108,11 +109,12 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
     )?;
     let (mut loss_first, mut loss_last, mut nll_last) = (f64::NAN, f64::NAN, f64::NAN);
     let mut steps = 0;
+    let suffix_taps = Taps { kv_cache: Some(&kv_cache), ..Default::default() };
     for step in 0..hp.v_steps {
         let dm = delta.as_tensor().to_dtype(model.dtype())?;
-        let h = h_layer.broadcast_add(&mask.broadcast_mul(&dm.reshape((1, 1, d))?)?)?;
-        let hook_free = Taps::default();
-        let h = model.run_layers(h, layer + 1..n_layers, &diff_ctx, &hook_free, &mut Captured::default())?;
+        let h = hs_layer.broadcast_add(&mask.broadcast_mul(&dm.reshape((1, 1, d))?)?)?;
+        let h =
+            model.run_layers(h, layer + 1..n_layers, &suffix.ctx, &suffix_taps, &mut Captured::default())?;
         let lp = log_softmax(&model.logits_at(&h, &rows_t, Mode::Differentiable)?)?;
         let picked = lp.narrow(0, 0, n_target_rows)?.gather(&ids_t, 1)?;
         let nll = (picked.sum_all()? * (-nll_weight))?;

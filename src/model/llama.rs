@@ -41,6 +41,11 @@ pub struct Taps<'a> {
     pub capture_keys: Option<usize>,
     /// Add a vector to the MLP output of one layer.
     pub add_delta: Option<DeltaHook<'a>>,
+    /// Capture every run layer's attention keys/values (after rope, before head repetition).
+    pub capture_kv: bool,
+    /// Keys/values of the full sequences per layer (indexed by layer), for a suffix run
+    /// (a [`LayerCtx::suffix`] context): only the suffix positions are recomputed.
+    pub kv_cache: Option<&'a [(Tensor, Tensor)]>,
 }
 
 /// What a forward pass captured.
@@ -50,6 +55,17 @@ pub struct Captured {
     pub keys: Option<Tensor>,
     /// MLP output at that same layer, `[batch, seq, hidden]`.
     pub mlp_out: Option<Tensor>,
+    /// Attention keys/values `[batch, kv_heads, seq, head_dim]` of each run layer, in order.
+    pub kv: Vec<(Tensor, Tensor)>,
+}
+
+/// Where the recomputed suffix goes inside the cached full-length keys/values.
+#[derive(Clone)]
+struct Splice {
+    /// `[b, 1, T, S]`: 1 where suffix position i lands at full position t.
+    place: Tensor,
+    /// `[b, 1, T, 1]`: 0 at replaced positions, 1 elsewhere.
+    keep: Tensor,
 }
 
 /// Per-batch tensors shared by all layers: rotary tables and the attention bias.
@@ -58,6 +74,19 @@ pub struct LayerCtx {
     sin: Tensor,
     bias: Tensor,
     mode: Mode,
+    splice: Option<Splice>,
+}
+
+/// The suffix of each row from a start position, padded to a common length.
+pub struct Suffix {
+    /// Context for running layers on the suffix against cached keys/values.
+    pub ctx: LayerCtx,
+    /// Common (padded) suffix length.
+    pub len: usize,
+    /// Start of each row's suffix (real-token index).
+    pub starts: Vec<usize>,
+    /// Flat indices into `batch * seq` gathering the suffix positions (`[b * len]`).
+    pub gather: Tensor,
 }
 
 impl LayerCtx {
@@ -65,12 +94,72 @@ impl LayerCtx {
     pub fn new(model: &Llama, batch: &Batch, mode: Mode) -> Result<Self> {
         let (cos, sin) = model.rotary(batch)?;
         let bias = batch.attention_bias(model.cfg.sliding_window, model.device())?;
-        Ok(Self { cos, sin, bias, mode })
+        Ok(Self { cos, sin, bias, mode, splice: None })
     }
 
     /// The same tables for another mode.
     pub fn with_mode(&self, mode: Mode) -> Self {
-        Self { cos: self.cos.clone(), sin: self.sin.clone(), bias: self.bias.clone(), mode }
+        Self {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            bias: self.bias.clone(),
+            mode,
+            splice: self.splice.clone(),
+        }
+    }
+
+    /// A context for recomputing only positions `starts[r]..` of each row of a right-padded
+    /// `batch` against keys/values cached from a full pass (see [`Taps::kv_cache`]).
+    pub fn suffix(model: &Llama, batch: &Batch, starts: &[usize], mode: Mode) -> Result<Suffix> {
+        let (b, t) = (batch.batch_size(), batch.seq_len());
+        let s = (0..b).map(|r| batch.len_of(r) - starts[r].min(batch.len_of(r) - 1)).max().unwrap_or(1);
+        let half = model.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(b * s * half * 2), Vec::with_capacity(b * s * half * 2));
+        let mut bias = vec![-1e9f32; b * s * t];
+        let mut place = vec![0f32; b * t * s];
+        let mut keep = vec![1f32; b * t];
+        let mut gather = Vec::with_capacity(b * s);
+        for r in 0..b {
+            let len = batch.len_of(r);
+            for i in 0..s {
+                let j = starts[r] + i;
+                let valid = j < len;
+                let jj = if valid { j } else { len - 1 };
+                gather.push(batch.flat_index(r, jj) as u32);
+                let pos = batch.position(r, batch.index_of(r, jj)) as f64;
+                for _ in 0..2 {
+                    for f in &model.inv_freq {
+                        cos.push((pos * f).cos() as f32);
+                        sin.push((pos * f).sin() as f32);
+                    }
+                }
+                let q = batch.index_of(r, jj);
+                for k in 0..=q {
+                    let in_window = model.cfg.sliding_window.is_none_or(|w| q - k < w);
+                    if batch.is_real(r, k) && in_window {
+                        bias[(r * s + i) * t + k] = 0.0;
+                    }
+                }
+                if valid {
+                    let full = batch.index_of(r, j);
+                    place[(r * t + full) * s + i] = 1.0;
+                    keep[r * t + full] = 0.0;
+                }
+            }
+        }
+        let dev = model.device();
+        let dt = model.dtype();
+        let ctx = LayerCtx {
+            cos: Tensor::from_vec(cos, (b, 1, s, half * 2), dev)?.to_dtype(dt)?,
+            sin: Tensor::from_vec(sin, (b, 1, s, half * 2), dev)?.to_dtype(dt)?,
+            bias: Tensor::from_vec(bias, (b, 1, s, t), dev)?,
+            mode,
+            splice: Some(Splice {
+                place: Tensor::from_vec(place, (b, 1, t, s), dev)?.to_dtype(dt)?,
+                keep: Tensor::from_vec(keep, (b, 1, t, 1), dev)?.to_dtype(dt)?,
+            }),
+        };
+        Ok(Suffix { ctx, len: s, starts: starts.to_vec(), gather: Tensor::from_vec(gather, b * s, dev)? })
     }
 }
 
@@ -123,7 +212,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &LayerCtx) -> Result<Tensor> {
+    /// Returns the output and this call's keys/values (before head repetition).
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &LayerCtx,
+        cache: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
         let mode = ctx.mode;
         let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
@@ -132,6 +227,17 @@ impl Attention {
         let q = apply_rotary(&heads(&self.q_proj, self.n_head)?, &ctx.cos, &ctx.sin)?;
         let k = apply_rotary(&heads(&self.k_proj, self.n_kv)?, &ctx.cos, &ctx.sin)?;
         let v = heads(&self.v_proj, self.n_kv)?;
+        let own = (k.clone(), v.clone());
+        let (k, v) = match (&ctx.splice, cache) {
+            (Some(sp), Some((kc, vc))) => {
+                let splice = |c: &Tensor, new: &Tensor| -> Result<Tensor> {
+                    c.broadcast_mul(&sp.keep)?.broadcast_add(&sp.place.broadcast_matmul(new)?)
+                };
+                (splice(kc, &k)?, splice(vc, &v)?)
+            }
+            (Some(_), None) => candle_core::bail!("a suffix run needs the cached keys/values of every layer"),
+            _ => (k, v),
+        };
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let dtype = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -143,7 +249,7 @@ impl Attention {
         .to_dtype(dtype)?;
         let out =
             probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, self.n_head * self.head_dim))?;
-        lin(&out, &self.o_proj, mode)
+        Ok((lin(&out, &self.o_proj, mode)?, own))
     }
 
     fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
@@ -332,7 +438,17 @@ impl Llama {
         for l in layers {
             let block = &self.layers[l];
             let x = rms_norm(&h, &block.input_layernorm, self.cfg.rms_norm_eps, ctx.mode)?;
-            h = (h + block.attn.forward(&x, ctx)?)?;
+            let cache = match taps.kv_cache {
+                Some(c) => Some(c.get(l).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("no cached keys/values for layer {l}"))
+                })?),
+                None => None,
+            };
+            let (attn, kv) = block.attn.forward(&x, ctx, cache)?;
+            if taps.capture_kv {
+                captured.kv.push(kv);
+            }
+            h = (h + attn)?;
             let x = rms_norm(&h, &block.post_attention_layernorm, self.cfg.rms_norm_eps, ctx.mode)?;
             let (key, mut out) = block.mlp.forward(&x, ctx.mode)?;
             if let Some(hook) = taps.add_delta.as_ref().filter(|hk| hk.layer == l) {
