@@ -153,8 +153,11 @@ fn delta_hook_adds_the_vector_at_masked_positions_only() {
         (h, cap)
     };
     let plain_taps = Taps { capture_keys: Some(layer), ..Default::default() };
-    let hook_taps =
-        Taps { capture_keys: Some(layer), add_delta: Some(DeltaHook { layer, mask: &mask, delta: &delta }) };
+    let hook_taps = Taps {
+        capture_keys: Some(layer),
+        add_delta: Some(DeltaHook { layer, mask: &mask, delta: &delta }),
+        ..Default::default()
+    };
     let expected = mask.broadcast_mul(&delta.reshape((1, 1, HIDDEN)).unwrap()).unwrap();
 
     // Right after the layer, the residual stream differs by exactly mask·delta.
@@ -204,6 +207,7 @@ fn differentiable_mode_matches_inference() {
         let taps = Taps {
             capture_keys: Some(0),
             add_delta: Some(DeltaHook { layer: 0, mask: &mask, delta: &delta }),
+            ..Default::default()
         };
         let (a, ca) = forward_with(&lm.model, &batch, Mode::Inference, &taps);
         let (b, cb) = forward_with(&lm.model, &batch, Mode::Differentiable, &taps);
