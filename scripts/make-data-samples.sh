@@ -2,12 +2,13 @@
 # Regenerates the small committed samples under data/ from a full copy of the
 # benchmark data (see data/README.md for the sources).
 #
-# usage: scripts/make-data-samples.sh [SOURCE_DIR]   (default: /work/shared/data)
+# usage: scripts/make-data-samples.sh [SOURCE_DIR]   (default: ../shared/data beside the checkout)
 #
 # SOURCE_DIR must hold counterfact.jsonl, counterfact_rome_format.jsonl,
 # zsre.jsonl and corpus/pg1342-pride-and-prejudice.txt, corpus/pg84-frankenstein.txt.
 set -euo pipefail
-src="${1:-/work/shared/data}"
+root_guess="$(cd "$(dirname "$0")/.." && pwd)"
+src="${1:-$root_guess/../shared/data}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$root/data"
 mkdir -p "$out/corpus"

@@ -280,10 +280,14 @@ impl RunDir {
             let r: Vec<Vec<f32>> = get("r")?.to_vec2()?;
             let u: Vec<Vec<f32>> = get("u")?.to_vec2()?;
             let layers: Vec<u32> = get("layer")?.to_vec1()?;
+            if r.len() != u.len() || r.len() != layers.len() {
+                bail!("{}: corrupt checkpoint (tensor sizes disagree)", path.display());
+            }
             let mut h = Fnv::new();
-            for (a, b) in r.iter().zip(&u) {
+            for ((a, b), l) in r.iter().zip(&u).zip(&layers) {
                 hash_f32(&mut h, a);
                 hash_f32(&mut h, b);
+                h.write(&l.to_le_bytes());
             }
             if meta.get("hash") != Some(&format!("{:016x}", h.finish())) {
                 bail!("{}: corrupt checkpoint (content hash mismatch)", path.display());
@@ -313,6 +317,7 @@ impl RunDir {
             for it in items {
                 hash_f32(&mut h, &it.r);
                 hash_f32(&mut h, &it.u);
+                h.write(&(it.layer as u32).to_le_bytes());
                 r.extend_from_slice(&it.r);
                 u.extend_from_slice(&it.u);
             }

@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::data::{EditReader, RecordError};
 use crate::edit::{subspace::Subspace, templates::context_templates, update::Preconditioner, Editor, Method};
 use crate::errors::InputError;
+use crate::eval::{locality_agreement, score_records, MetricSet};
 use crate::fingerprint::model_fingerprint;
 use crate::hparams::Hparams;
 use crate::loader::LoadedModel;
@@ -40,6 +41,9 @@ pub struct SessionOptions {
     pub on_invalid: OnInvalid,
     /// Print one JSON line per edit on standard output.
     pub json_lines: bool,
+    /// Score each record right before and right after its own edit and record it in the log
+    /// (`eval`), for `oedit eval --timing after-each`.
+    pub eval_each: bool,
 }
 
 /// Summary of a session.
@@ -123,6 +127,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let mut wins = count_wins(&rd)?;
     let mut rejected = 0usize;
     let mut this_session = 0usize;
+    let mut eval_entry: Option<serde_json::Value> = None;
     for item in reader {
         if opts.limit.is_some_and(|l| state.n_edits >= l) {
             break;
@@ -149,6 +154,12 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             },
         };
         let t = Instant::now();
+        let all = MetricSet { efficacy: true, generalization: true, locality: true, fluency: false };
+        let before = if opts.eval_each {
+            Some(score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?)
+        } else {
+            None
+        };
         let (outcome, applied) = editor
             .edit(&mut lm.model, &lm.tok, &rec)
             .with_context(|| format!("{}:{line}: edit failed", opts.edits.display()))?;
@@ -157,6 +168,11 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         state.n_edits += 1;
         state.last_line = line;
         state.subspaces.insert(hp.layer, editor.subspace.clone());
+        if let Some(before) = &before {
+            let mut after = score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?;
+            locality_agreement(&mut after, before);
+            eval_entry = Some(serde_json::to_value(&after[0])?);
+        }
         let before_ckpt = t.elapsed().as_secs_f64();
         let mut entry = json!({
             "index": index,
@@ -179,6 +195,9 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             "subspace_compressed_away": outcome.subspace.compressed_away,
         });
         let phases = |ckpt: f64| json!({ "key": outcome.key_seconds, "value": outcome.value_seconds, "update": outcome.update_seconds, "checkpoint": ckpt });
+        if let Some(ev) = eval_entry.take() {
+            entry["eval"] = ev;
+        }
         entry["phases"] = phases(0.0);
         entry["seconds"] = json!(before_ckpt);
         state.last_log = Some(entry.to_string());

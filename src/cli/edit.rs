@@ -41,6 +41,10 @@ pub struct EditArgs {
     /// Corpus for the key statistics (a .txt file or a folder of them; default: the built-in corpus).
     #[arg(long)]
     pub stats_corpus: Option<PathBuf>,
+    /// Score each record right before and after its own edit (efficacy, generalization, locality)
+    /// and record it in log.jsonl, for `oedit eval --timing after-each`.
+    #[arg(long)]
+    pub eval_each: bool,
     /// Print one JSON line per edit on standard output (also the default when it is not a terminal),
     /// and a JSON summary at the end.
     #[arg(long)]
@@ -79,6 +83,7 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
             limit: args.limit,
             on_invalid: args.on_invalid,
             json_lines: args.json,
+            eval_each: args.eval_each,
         },
     )?;
     if args.json {

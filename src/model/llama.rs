@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 
 use super::batch::Batch;
 use super::config::HfConfig;
-use super::linear::{linear, linear_const_grad};
+use super::linear::{linear, linear_const_grad, Linear};
 
 /// How the forward pass is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +170,10 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
     }
 }
 
+fn proj(x: &Tensor, l: &Linear, mode: Mode) -> Result<Tensor> {
+    l.forward(x, mode == Mode::Differentiable)
+}
+
 fn lin(x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Inference => linear(x, w),
@@ -188,24 +192,24 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Self-attention with grouped-query heads.
 pub struct Attention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     n_head: usize,
     n_kv: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &HfConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &HfConfig, t: bool) -> Result<Self> {
         let (d, hd) = (cfg.hidden_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         Ok(Self {
-            q_proj: vb.get((nh * hd, d), "q_proj.weight")?,
-            k_proj: vb.get((nkv * hd, d), "k_proj.weight")?,
-            v_proj: vb.get((nkv * hd, d), "v_proj.weight")?,
-            o_proj: vb.get((d, nh * hd), "o_proj.weight")?,
+            q_proj: Linear::new(vb.get((nh * hd, d), "q_proj.weight")?, t)?,
+            k_proj: Linear::new(vb.get((nkv * hd, d), "k_proj.weight")?, t)?,
+            v_proj: Linear::new(vb.get((nkv * hd, d), "v_proj.weight")?, t)?,
+            o_proj: Linear::new(vb.get((d, nh * hd), "o_proj.weight")?, t)?,
             n_head: nh,
             n_kv: nkv,
             head_dim: hd,
@@ -221,8 +225,8 @@ impl Attention {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, _) = x.dims3()?;
         let mode = ctx.mode;
-        let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
-            lin(x, w, mode)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        let heads = |w: &Linear, n: usize| -> Result<Tensor> {
+            proj(x, w, mode)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
         let q = apply_rotary(&heads(&self.q_proj, self.n_head)?, &ctx.cos, &ctx.sin)?;
         let k = apply_rotary(&heads(&self.k_proj, self.n_kv)?, &ctx.cos, &ctx.sin)?;
@@ -249,7 +253,7 @@ impl Attention {
         .to_dtype(dtype)?;
         let out =
             probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, self.n_head * self.head_dim))?;
-        Ok((lin(&out, &self.o_proj, mode)?, own))
+        Ok((proj(&out, &self.o_proj, mode)?, own))
     }
 
     fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
@@ -264,25 +268,25 @@ impl Attention {
 
 /// The gated MLP: `down(silu(gate(x)) * up(x))`.
 pub struct Mlp {
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &HfConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &HfConfig, t: bool) -> Result<Self> {
         let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: vb.get((f, d), "gate_proj.weight")?,
-            up_proj: vb.get((f, d), "up_proj.weight")?,
-            down_proj: vb.get((d, f), "down_proj.weight")?,
+            gate_proj: Linear::new(vb.get((f, d), "gate_proj.weight")?, t)?,
+            up_proj: Linear::new(vb.get((f, d), "up_proj.weight")?, t)?,
+            down_proj: Linear::new(vb.get((d, f), "down_proj.weight")?, t)?,
         })
     }
 
     /// Returns (key = down-projection input, output).
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
-        let key = (lin(x, &self.gate_proj, mode)?.silu()? * lin(x, &self.up_proj, mode)?)?;
-        let out = lin(&key, &self.down_proj, mode)?;
+        let key = (proj(x, &self.gate_proj, mode)?.silu()? * proj(x, &self.up_proj, mode)?)?;
+        let out = proj(&key, &self.down_proj, mode)?;
         Ok((key, out))
     }
 }
@@ -296,13 +300,13 @@ pub struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &HfConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &HfConfig, t: bool) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
             input_layernorm: vb.get(d, "input_layernorm.weight")?,
-            attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            attn: Attention::load(vb.pp("self_attn"), cfg, t)?,
             post_attention_layernorm: vb.get(d, "post_attention_layernorm.weight")?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, t)?,
         })
     }
 }
@@ -323,8 +327,10 @@ impl Llama {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let m = vb.pp("model");
         let embed_tokens = m.get((v, d), "embed_tokens.weight")?;
+        // Transposed weight copies double the memory of the linear layers: only for small CPU models.
+        let t = embed_tokens.device().is_cpu() && cfg.parameter_count() < 2_000_000_000;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg))
+            .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, t))
             .collect::<Result<Vec<_>>>()?;
         let norm = m.get(d, "norm.weight")?;
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
@@ -357,16 +363,19 @@ impl Llama {
 
     /// The down-projection weight `[hidden, intermediate]` of `layer`.
     pub fn down_proj(&self, layer: usize) -> &Tensor {
-        &self.layers[layer].mlp.down_proj
+        self.layers[layer].mlp.down_proj.weight()
     }
 
     /// Replaces the down-projection weight of `layer` (same shape, dtype and device).
     pub fn set_down_proj(&mut self, layer: usize, w: Tensor) -> Result<()> {
         let old = &self.layers[layer].mlp.down_proj;
-        if old.dims() != w.dims() {
-            candle_core::bail!("down_proj shape {:?} does not match {:?}", w.dims(), old.dims());
+        let ow = old.weight();
+        if ow.dims() != w.dims() {
+            candle_core::bail!("down_proj shape {:?} does not match {:?}", w.dims(), ow.dims());
         }
-        self.layers[layer].mlp.down_proj = w.to_dtype(old.dtype())?.to_device(old.device())?;
+        let w = w.to_dtype(ow.dtype())?.to_device(ow.device())?;
+        let transposed = old.has_transposed_copy();
+        self.layers[layer].mlp.down_proj = Linear::new(w, transposed)?;
         Ok(())
     }
 
@@ -377,14 +386,14 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let items = [
                 ("input_layernorm.weight", &b.input_layernorm),
-                ("self_attn.q_proj.weight", &b.attn.q_proj),
-                ("self_attn.k_proj.weight", &b.attn.k_proj),
-                ("self_attn.v_proj.weight", &b.attn.v_proj),
-                ("self_attn.o_proj.weight", &b.attn.o_proj),
+                ("self_attn.q_proj.weight", b.attn.q_proj.weight()),
+                ("self_attn.k_proj.weight", b.attn.k_proj.weight()),
+                ("self_attn.v_proj.weight", b.attn.v_proj.weight()),
+                ("self_attn.o_proj.weight", b.attn.o_proj.weight()),
                 ("post_attention_layernorm.weight", &b.post_attention_layernorm),
-                ("mlp.gate_proj.weight", &b.mlp.gate_proj),
-                ("mlp.up_proj.weight", &b.mlp.up_proj),
-                ("mlp.down_proj.weight", &b.mlp.down_proj),
+                ("mlp.gate_proj.weight", b.mlp.gate_proj.weight()),
+                ("mlp.up_proj.weight", b.mlp.up_proj.weight()),
+                ("mlp.down_proj.weight", b.mlp.down_proj.weight()),
             ];
             out.extend(items.into_iter().map(|(n, t)| (format!("{p}.{n}"), t.clone())));
         }
