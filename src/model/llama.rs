@@ -55,7 +55,8 @@ pub struct Captured {
     pub keys: Option<Tensor>,
     /// MLP output at that same layer, `[batch, seq, hidden]`.
     pub mlp_out: Option<Tensor>,
-    /// Attention keys/values `[batch, kv_heads, seq, head_dim]` of each run layer, in order.
+    /// Attention keys/values `[batch, kv_heads, seq, head_dim]` of each run layer, in order
+    /// (full length: for a suffix run, the cache with the suffix spliced in).
     pub kv: Vec<(Tensor, Tensor)>,
 }
 
@@ -216,7 +217,8 @@ impl Attention {
         })
     }
 
-    /// Returns the output and this call's keys/values (before head repetition).
+    /// Returns the output and the keys/values attended to (full length, after splicing a
+    /// suffix into the cache; before head repetition).
     fn forward(
         &self,
         x: &Tensor,
@@ -231,7 +233,6 @@ impl Attention {
         let q = apply_rotary(&heads(&self.q_proj, self.n_head)?, &ctx.cos, &ctx.sin)?;
         let k = apply_rotary(&heads(&self.k_proj, self.n_kv)?, &ctx.cos, &ctx.sin)?;
         let v = heads(&self.v_proj, self.n_kv)?;
-        let own = (k.clone(), v.clone());
         let (k, v) = match (&ctx.splice, cache) {
             (Some(sp), Some((kc, vc))) => {
                 let splice = |c: &Tensor, new: &Tensor| -> Result<Tensor> {
@@ -242,6 +243,7 @@ impl Attention {
             (Some(_), None) => candle_core::bail!("a suffix run needs the cached keys/values of every layer"),
             _ => (k, v),
         };
+        let own = (k.clone(), v.clone());
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let dtype = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
