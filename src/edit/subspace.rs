@@ -92,3 +92,84 @@ impl Subspace {
         report
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_fraction: f64) -> SubspacePolicy {
+        SubspacePolicy { energy: 0.9, max_directions_per_edit: 1, max_fraction, tolerance: 0.01 }
+    }
+
+    fn vector(seed: u64, n: usize) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 2001) as f64 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn append_keeps_the_basis_orthonormal_and_stores_energy() {
+        let mut s = Subspace::new(32);
+        for i in 0..10 {
+            let k = vector(i + 1, 32);
+            let r = s.append(&k, &[k.clone()], &policy(1.0));
+            assert_eq!(r.added, 1);
+        }
+        assert_eq!(s.len(), 10);
+        assert_eq!(s.energy.len(), 10);
+        assert!(s.basis.orthonormality_error() < 1e-12);
+        // Energies are the squared norms of the parts orthogonal to earlier directions.
+        let first = vector(1, 32);
+        assert!((s.energy[0] - first.iter().map(|x| x * x).sum::<f64>()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn saturation_compresses_to_half_the_cap_keeping_high_energy_directions() {
+        let dim = 20;
+        let p = policy(0.5); // cap 10
+        let mut s = Subspace::new(dim);
+        let mut compressed = 0;
+        for i in 0..25 {
+            // Alternate large and small keys so that energies differ.
+            let scale = if i % 2 == 0 { 10.0 } else { 0.1 };
+            let k: Vec<f64> = vector(i + 7, dim).iter().map(|x| x * scale).collect();
+            let r = s.append(&k, &[], &p);
+            compressed += r.compressed_away;
+            assert!(s.len() <= 10, "basis exceeded its cap: {}", s.len());
+            assert!(s.basis.orthonormality_error() < 1e-10);
+        }
+        assert!(compressed > 0, "the cap was never reached");
+        // After a compression the kept directions are the highest-energy ones.
+        let mut s2 = Subspace::new(dim);
+        for i in 0..10 {
+            let scale = if i % 2 == 0 { 10.0 } else { 0.1 };
+            let k: Vec<f64> = vector(i + 100, dim).iter().map(|x| x * scale).collect();
+            s2.append(&k, &[], &policy(1.0));
+        }
+        let min_kept_before = {
+            let mut e = s2.energy.clone();
+            e.sort_by(|a, b| b.total_cmp(a));
+            e[4]
+        };
+        assert_eq!(s2.compress(5), 5);
+        assert_eq!(s2.len(), 5);
+        assert!(s2.energy.iter().all(|&e| e >= min_kept_before));
+        assert!(s2.basis.orthonormality_error() < 1e-12);
+    }
+
+    #[test]
+    fn a_key_inside_the_subspace_is_not_appended() {
+        let mut s = Subspace::new(8);
+        let a = vector(3, 8);
+        s.append(&a, &[], &policy(1.0));
+        let twice: Vec<f64> = a.iter().map(|x| 2.0 * x).collect();
+        assert_eq!(s.append(&twice, &[], &policy(1.0)).added, 0);
+        assert_eq!(s.len(), 1);
+    }
+}

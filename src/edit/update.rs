@@ -70,3 +70,53 @@ pub fn projected_rank_one(
     let u = pz.iter().map(|x| x / denom).collect();
     Ok(RankOne { r: r.to_vec(), u, retained })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hparams::SubspacePolicy;
+    use crate::linalg::dot;
+
+    fn spd_stats(f: usize) -> KeyStats {
+        // C = A Aᵀ / f + diag, deterministic.
+        let a: Vec<f64> = (0..f * f).map(|i| ((i * 7919 % 104729) as f64 / 104729.0) - 0.5).collect();
+        let mut c = vec![0.0; f * f];
+        for i in 0..f {
+            for j in 0..f {
+                c[i * f + j] = (0..f).map(|k| a[i * f + k] * a[j * f + k]).sum::<f64>() / f as f64;
+            }
+            c[i * f + i] += 0.1;
+        }
+        KeyStats { layer: 0, tokens: 1, dim: f, second_moment: c }
+    }
+
+    fn key(seed: usize, f: usize) -> Vec<f64> {
+        (0..f).map(|i| (((i + 1) * (seed + 3) * 2654435761usize) % 1000) as f64 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn projected_update_lands_the_edit_and_spares_stored_directions() {
+        let f = 24;
+        let pre = Preconditioner::new(&spd_stats(f), 0.01).unwrap();
+        let mut sub = Subspace::new(f);
+        let policy =
+            SubspacePolicy { energy: 0.9, max_directions_per_edit: 1, max_fraction: 1.0, tolerance: 0.01 };
+        for t in 0..8 {
+            let k = key(t, f);
+            let r = vec![1.0, -2.0, 0.5];
+            let upd = projected_rank_one(&pre, Some(&sub), &k, &r).unwrap();
+            // ΔW k = r (uᵀ k = 1).
+            assert!((dot(&upd.u, &k) - 1.0).abs() < 1e-9);
+            // ΔW b = 0 for every stored direction.
+            for b in sub.basis.rows() {
+                assert!(dot(&upd.u, b).abs() < 1e-9 * crate::linalg::norm(&upd.u));
+            }
+            sub.append(&k, &[], &policy);
+        }
+        // Plain ROME (no subspace) does not spare them.
+        let k = key(99, f);
+        let rome = projected_rank_one(&pre, None, &k, &[1.0]).unwrap();
+        let worst = sub.basis.rows().iter().map(|b| dot(&rome.u, b).abs()).fold(0.0, f64::max);
+        assert!(worst > 1e-3);
+    }
+}
