@@ -8,9 +8,7 @@ use std::time::Instant;
 
 use oedit::data::EditReader;
 use oedit::device::DeviceSpec;
-use oedit::edit::{
-    prompts, subspace::Subspace, templates::context_templates, update::Preconditioner, Editor, Method,
-};
+use oedit::edit::{prompts, templates::context_templates, Editor, Method};
 use oedit::eval::{score_all, MetricSet};
 use oedit::loader::load_model;
 use oedit::model::{Batch, LayerCtx, Mode, Padding, Taps};
@@ -62,14 +60,7 @@ fn main() -> anyhow::Result<()> {
 
         // Edits.
         let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
-        let pre = Preconditioner::new(&stats, hp.cov_regularization)?;
-        let mut editor = Editor {
-            method: Method::Oedit,
-            hparams: hp.clone(),
-            templates: templates.clone(),
-            pre,
-            subspace: Subspace::new(cfg.intermediate_size),
-        };
+        let mut editor = Editor::new(Method::Oedit, hp.clone(), templates.clone(), std::slice::from_ref(&stats))?;
         let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/counterfact-sample.jsonl");
         let records: Vec<_> = EditReader::open(&data)?.filter_map(Result::ok).map(|(_, r)| r).take(n_edits).collect();
         let (mut total, mut key, mut value, mut update, mut step, mut gflops, mut steps, mut ckpt) =
@@ -81,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             last_line: 0,
             subspaces: Default::default(),
             updates: Vec::new(),
+            persisted_updates: 0,
             last_log: None,
         };
         let per_layer = {
@@ -102,10 +94,10 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let (o, applied) = editor.edit(&mut lm.model, &lm.tok, rec)?;
             let tc = Instant::now();
-            state.updates.push(applied);
+            state.updates.extend(applied);
             state.n_edits += 1;
-            state.subspaces.insert(hp.layer, editor.subspace.clone());
-            rd.commit(&state)?;
+            state.subspaces.insert(hp.layer, editor.layers[&hp.layer].subspace.clone());
+            rd.commit(&mut state)?;
             ckpt.push(tc.elapsed().as_secs_f64());
             total.push(t.elapsed().as_secs_f64());
             key.push(o.key_seconds);

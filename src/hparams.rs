@@ -27,6 +27,58 @@ impl Default for SubspacePolicy {
     }
 }
 
+/// MEMIT: the update spread over several layers (batch of one, applied sequentially).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemitParams {
+    /// Edited layers, ascending; the target value is optimised at the last one. Empty: the
+    /// five layers `layer-4 ..= layer`.
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    /// λ in u = (λ·C + k kᵀ)⁻¹ k (MEMIT's mom2_update_weight).
+    pub mom2_weight: f64,
+}
+
+impl Default for MemitParams {
+    fn default() -> Self {
+        Self { layers: Vec::new(), mom2_weight: 15_000.0 }
+    }
+}
+
+/// AlphaEdit: the update confined to the null space of the preserved-knowledge key statistics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlphaEditParams {
+    /// Eigenvectors of C with eigenvalues below this span the null space (AlphaEdit: 1e-2).
+    pub nullspace_threshold: f64,
+    /// At least this many of the smallest eigenvectors are used.
+    pub min_nullspace_dim: usize,
+    /// Ridge α of the solve (AlphaEdit's L2).
+    pub l2: f64,
+}
+
+impl Default for AlphaEditParams {
+    fn default() -> Self {
+        Self { nullspace_threshold: 1e-2, min_nullspace_dim: 0, l2: 10.0 }
+    }
+}
+
+/// O-Edit+: the O-Edit basis seeded with the top-energy eigenvectors of C ("original knowledge").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OeditPlusParams {
+    /// Seed with the fewest top eigenvectors of C holding this fraction of its trace.
+    pub core_energy: f64,
+    /// At most this fraction of the key width is seeded.
+    pub max_core_fraction: f64,
+}
+
+impl Default for OeditPlusParams {
+    fn default() -> Self {
+        Self { core_energy: 0.5, max_core_fraction: 0.25 }
+    }
+}
+
 /// Hyper-parameters of one editing run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +108,15 @@ pub struct Hparams {
     /// Subspace growth and saturation policy (O-Edit).
     #[serde(default)]
     pub subspace: SubspacePolicy,
+    /// MEMIT settings.
+    #[serde(default)]
+    pub memit: MemitParams,
+    /// AlphaEdit settings.
+    #[serde(default)]
+    pub alphaedit: AlphaEditParams,
+    /// O-Edit+ settings.
+    #[serde(default)]
+    pub oedit_plus: OeditPlusParams,
 }
 
 impl Hparams {
@@ -111,6 +172,37 @@ impl Hparams {
         if s.max_directions_per_edit == 0 {
             bail!("subspace.max_directions_per_edit must be at least 1");
         }
+        for &l in &self.memit_layers() {
+            if l >= num_layers {
+                bail!("memit.layers: layer {l} out of range: the model has {num_layers} layers");
+            }
+        }
+        if !self.memit.layers.windows(2).all(|w| w[0] < w[1]) {
+            bail!("memit.layers must be strictly ascending");
+        }
+        if !(self.memit.mom2_weight.is_finite() && self.memit.mom2_weight >= 0.0) {
+            bail!("memit.mom2_weight must be a non-negative number");
+        }
+        if !(self.alphaedit.l2.is_finite() && self.alphaedit.l2 > 0.0) {
+            bail!("alphaedit.l2 must be a positive number");
+        }
+        let op = &self.oedit_plus;
+        if !(op.core_energy >= 0.0
+            && op.core_energy <= 1.0
+            && op.max_core_fraction >= 0.0
+            && op.max_core_fraction < 1.0)
+        {
+            bail!("oedit_plus.core_energy must be in [0, 1] and oedit_plus.max_core_fraction in [0, 1)");
+        }
         Ok(())
+    }
+
+    /// The layers MEMIT edits (ascending).
+    pub fn memit_layers(&self) -> Vec<usize> {
+        if self.memit.layers.is_empty() {
+            (self.layer.saturating_sub(4)..=self.layer).collect()
+        } else {
+            self.memit.layers.clone()
+        }
     }
 }

@@ -109,8 +109,10 @@ pub struct State {
     pub last_line: usize,
     /// Basis per edited layer.
     pub subspaces: HashMap<usize, Subspace>,
-    /// Factors of every committed edit, in order.
+    /// Factors of every edit (one or more per edit), in order.
     pub updates: Vec<AppliedUpdate>,
+    /// How many of `updates` are already on disk.
+    pub persisted_updates: usize,
     /// The log line of the last committed edit.
     pub last_log: Option<String>,
 }
@@ -130,6 +132,19 @@ fn hash_f64(h: &mut Fnv, v: &[f64]) {
     for x in v {
         h.write(&x.to_le_bytes());
     }
+}
+
+fn hash_counters(h: &mut Fnv, n_edits: usize, last_line: usize, n_updates: usize) {
+    for x in [n_edits, last_line, n_updates] {
+        h.write(&(x as u64).to_le_bytes());
+    }
+}
+
+fn hash_update(h: &mut Fnv, r: &[f32], u: &[f32], key: &[f32], layer: u32) {
+    hash_f32(h, r);
+    hash_f32(h, u);
+    hash_f32(h, key);
+    h.write(&layer.to_le_bytes());
 }
 
 fn meta_usize(meta: &HashMap<String, String>, key: &str, file: &Path) -> Result<usize> {
@@ -219,6 +234,7 @@ impl RunDir {
             last_line: 0,
             subspaces: HashMap::new(),
             updates: Vec::new(),
+            persisted_updates: 0,
             last_log: None,
         };
         if !path.exists() {
@@ -228,7 +244,9 @@ impl RunDir {
         state.n_edits = meta_usize(&meta, "n_edits", &path)?;
         state.last_line = meta_usize(&meta, "last_line", &path)?;
         state.last_log = meta.get("last_log").cloned();
+        let n_updates = meta_usize(&meta, "n_updates", &path)?;
         let mut h = Fnv::new();
+        hash_counters(&mut h, state.n_edits, state.last_line, n_updates);
         let mut layers: Vec<usize> = tensors
             .keys()
             .filter_map(|k| k.strip_prefix("layer")?.strip_suffix(".basis")?.parse().ok())
@@ -261,7 +279,8 @@ impl RunDir {
         if *want != format!("{:016x}", h.finish()) {
             bail!("{}: corrupt checkpoint (content hash mismatch)", path.display());
         }
-        state.updates = self.read_updates(state.n_edits)?;
+        state.updates = self.read_updates(n_updates)?;
+        state.persisted_updates = n_updates;
         Ok(state)
     }
 
@@ -271,7 +290,7 @@ impl RunDir {
         while out.len() < n {
             let path = self.chunk_path(chunk);
             if !path.is_file() {
-                bail!("{}: missing update file; the checkpoint records {n} edits", path.display());
+                bail!("{}: missing update file; the checkpoint records {n} updates", path.display());
             }
             let (t, meta) = read_safetensors(&path)?;
             let get = |k: &str| {
@@ -279,59 +298,72 @@ impl RunDir {
             };
             let r: Vec<Vec<f32>> = get("r")?.to_vec2()?;
             let u: Vec<Vec<f32>> = get("u")?.to_vec2()?;
+            let keys: Vec<Vec<f32>> = get("key")?.to_vec2()?;
             let layers: Vec<u32> = get("layer")?.to_vec1()?;
-            if r.len() != u.len() || r.len() != layers.len() {
+            if r.len() != u.len() || r.len() != layers.len() || r.len() != keys.len() {
                 bail!("{}: corrupt checkpoint (tensor sizes disagree)", path.display());
             }
             let mut h = Fnv::new();
-            for ((a, b), l) in r.iter().zip(&u).zip(&layers) {
-                hash_f32(&mut h, a);
-                hash_f32(&mut h, b);
-                h.write(&l.to_le_bytes());
+            for (((a, b), k), l) in r.iter().zip(&u).zip(&keys).zip(&layers) {
+                hash_update(&mut h, a, b, k, *l);
             }
             if meta.get("hash") != Some(&format!("{:016x}", h.finish())) {
                 bail!("{}: corrupt checkpoint (content hash mismatch)", path.display());
             }
-            for ((r, u), l) in r.into_iter().zip(u).zip(layers) {
+            for (((r, u), key), l) in r.into_iter().zip(u).zip(keys).zip(layers) {
                 if out.len() == n {
                     break;
                 }
-                out.push(AppliedUpdate { layer: l as usize, r, u });
+                out.push(AppliedUpdate { layer: l as usize, r, u, key });
             }
             chunk += 1;
         }
         Ok(out)
     }
 
-    /// Commits edit number `state.n_edits` (already pushed to `state.updates`): writes its
-    /// update chunk, then the state file (the commit point).
-    pub fn commit(&self, state: &State) -> Result<()> {
+    /// Commits the state: writes the update chunks holding updates not yet on disk, then the
+    /// state file (the commit point).
+    pub fn commit(&self, state: &mut State) -> Result<()> {
         let n = state.updates.len();
-        if n > 0 {
-            let chunk = (n - 1) / CHUNK;
-            let items = &state.updates[chunk * CHUNK..n];
-            let (d, f) = (items[0].r.len(), items[0].u.len());
-            let mut h = Fnv::new();
-            let mut r = Vec::with_capacity(items.len() * d);
-            let mut u = Vec::with_capacity(items.len() * f);
-            for it in items {
-                hash_f32(&mut h, &it.r);
-                hash_f32(&mut h, &it.u);
-                h.write(&(it.layer as u32).to_le_bytes());
-                r.extend_from_slice(&it.r);
-                u.extend_from_slice(&it.u);
+        if n > state.persisted_updates {
+            for chunk in state.persisted_updates / CHUNK..=(n - 1) / CHUNK {
+                self.write_chunk(chunk, &state.updates[chunk * CHUNK..n.min((chunk + 1) * CHUNK)])?;
             }
-            let layers: Vec<u32> = items.iter().map(|i| i.layer as u32).collect();
-            let tensors = HashMap::from([
-                ("r".to_string(), Tensor::from_vec(r, (items.len(), d), &Device::Cpu)?),
-                ("u".to_string(), Tensor::from_vec(u, (items.len(), f), &Device::Cpu)?),
-                ("layer".to_string(), Tensor::from_vec(layers, items.len(), &Device::Cpu)?),
-            ]);
-            let meta = HashMap::from([("hash".to_string(), format!("{:016x}", h.finish()))]);
-            write_safetensors(&self.chunk_path(chunk), &tensors, meta)?;
         }
+        self.write_state(state)?;
+        state.persisted_updates = n;
+        Ok(())
+    }
+
+    fn write_chunk(&self, chunk: usize, items: &[AppliedUpdate]) -> Result<()> {
+        let (d, f) = (items[0].r.len(), items[0].u.len());
+        let mut h = Fnv::new();
+        let (mut r, mut u, mut k) = (Vec::new(), Vec::new(), Vec::new());
+        for it in items {
+            if it.r.len() != d || it.u.len() != f || it.key.len() != f {
+                bail!("updates of different shapes cannot share a checkpoint chunk");
+            }
+            hash_update(&mut h, &it.r, &it.u, &it.key, it.layer as u32);
+            r.extend_from_slice(&it.r);
+            u.extend_from_slice(&it.u);
+            k.extend_from_slice(&it.key);
+        }
+        let layers: Vec<u32> = items.iter().map(|i| i.layer as u32).collect();
+        let n = items.len();
+        let tensors = HashMap::from([
+            ("r".to_string(), Tensor::from_vec(r, (n, d), &Device::Cpu)?),
+            ("u".to_string(), Tensor::from_vec(u, (n, f), &Device::Cpu)?),
+            ("key".to_string(), Tensor::from_vec(k, (n, f), &Device::Cpu)?),
+            ("layer".to_string(), Tensor::from_vec(layers, n, &Device::Cpu)?),
+        ]);
+        let meta = HashMap::from([("hash".to_string(), format!("{:016x}", h.finish()))]);
+        write_safetensors(&self.chunk_path(chunk), &tensors, meta)
+    }
+
+    fn write_state(&self, state: &State) -> Result<()> {
         let mut tensors = HashMap::new();
         let mut h = Fnv::new();
+        hash_counters(&mut h, state.n_edits, state.last_line, state.updates.len());
         let mut layers: Vec<&usize> = state.subspaces.keys().collect();
         layers.sort_unstable();
         for l in layers {
@@ -354,6 +386,7 @@ impl RunDir {
         let mut meta = HashMap::from([
             ("n_edits".to_string(), state.n_edits.to_string()),
             ("last_line".to_string(), state.last_line.to_string()),
+            ("n_updates".to_string(), state.updates.len().to_string()),
             ("hash".to_string(), format!("{:016x}", h.finish())),
         ]);
         if let Some(l) = &state.last_log {

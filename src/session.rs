@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::data::{EditReader, RecordError};
-use crate::edit::{subspace::Subspace, templates::context_templates, update::Preconditioner, Editor, Method};
+use crate::edit::{templates::context_templates, Editor, Method};
 use crate::errors::InputError;
 use crate::eval::{locality_agreement, score_records, MetricSet};
 use crate::fingerprint::model_fingerprint;
@@ -106,18 +106,16 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let f = lm.config().intermediate_size;
     let mut state = rd.read_state(f).with_context(|| format!("resuming {}", opts.run_dir.display()))?;
     rd.reconcile(&state)?;
-    let stats = load_or_compute(&lm.model, &lm.tok, &fingerprint, hp.layer, hp.cov_tokens, &opts.corpus)?;
-    let pre = Preconditioner::new(&stats, hp.cov_regularization)?;
+    let stats = opts
+        .method
+        .layers(&hp)
+        .into_iter()
+        .map(|l| load_or_compute(&lm.model, &lm.tok, &fingerprint, l, hp.cov_tokens, &opts.corpus))
+        .collect::<Result<Vec<_>>>()?;
+    let mut editor = Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)?;
+    restore(&mut editor, &state)?;
     replay(&mut lm.model, &state.updates)?;
     let resumed_from = state.n_edits;
-    let subspace = state.subspaces.remove(&hp.layer).unwrap_or_else(|| Subspace::new(f));
-    let mut editor = Editor {
-        method: opts.method,
-        hparams: hp.clone(),
-        templates: manifest.templates.clone(),
-        pre,
-        subspace,
-    };
 
     let reader = EditReader::open(&opts.edits)?;
     let total_hint = opts.limit.map(|l| l as u64);
@@ -164,10 +162,14 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             .edit(&mut lm.model, &lm.tok, &rec)
             .with_context(|| format!("{}:{line}: edit failed", opts.edits.display()))?;
         let index = state.n_edits;
-        state.updates.push(applied);
+        state.updates.extend(applied);
         state.n_edits += 1;
         state.last_line = line;
-        state.subspaces.insert(hp.layer, editor.subspace.clone());
+        for (l, ls) in &editor.layers {
+            if !ls.subspace.is_empty() {
+                state.subspaces.insert(*l, ls.subspace.clone());
+            }
+        }
         if let Some(before) = &before {
             let mut after = score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?;
             locality_agreement(&mut after, before);
@@ -202,7 +204,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         entry["seconds"] = json!(before_ckpt);
         state.last_log = Some(entry.to_string());
         let tc = Instant::now();
-        rd.commit(&state)?;
+        rd.commit(&mut state)?;
         let ckpt = tc.elapsed().as_secs_f64();
         entry["phases"] = phases(ckpt);
         entry["seconds"] = json!(t.elapsed().as_secs_f64());
@@ -220,7 +222,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     bar.finish();
     // Persist a trailing run of rejected lines as consumed.
     if rejected > 0 {
-        rd.commit(&state)?;
+        rd.commit(&mut state)?;
     }
     Ok(SessionSummary {
         run_dir: opts.run_dir.display().to_string(),
@@ -231,6 +233,25 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         target_wins_rate: if state.n_edits > 0 { wins as f64 / state.n_edits as f64 } else { 0.0 },
         seconds: t_start.elapsed().as_secs_f64(),
     })
+}
+
+/// Brings a fresh editor to the committed state: stored subspaces, and AlphaEdit's memory of
+/// past keys rebuilt from the stored updates in order.
+fn restore(editor: &mut Editor, state: &crate::run::State) -> Result<()> {
+    for (l, ls) in editor.layers.iter_mut() {
+        if let Some(s) = state.subspaces.get(l) {
+            if s.basis.dim() != ls.subspace.basis.dim() {
+                anyhow::bail!("checkpoint subspace of layer {l} has the wrong width");
+            }
+            ls.subspace = s.clone();
+        }
+        if let Some(a) = ls.alpha.as_mut() {
+            for u in state.updates.iter().filter(|u| u.layer == *l) {
+                a.add_past(&u.key);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn new_manifest(

@@ -42,6 +42,13 @@ impl Subspace {
         ((self.basis.dim() as f64 * policy.max_fraction).floor() as usize).max(1)
     }
 
+    /// Adds a direction that is never compressed away (O-Edit+'s core directions of C).
+    pub fn seed(&mut self, v: &[f64]) {
+        if self.basis.try_push(v, 1e-6) {
+            self.energy.push(f64::INFINITY);
+        }
+    }
+
     /// Keeps the `keep` highest-energy directions (the saturation policy); returns how many were dropped.
     pub fn compress(&mut self, keep: usize) -> usize {
         let n = self.len();

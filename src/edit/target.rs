@@ -157,3 +157,27 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         value_seconds: t1.elapsed().as_secs_f64(),
     })
 }
+
+/// Template-averaged key at `key_layer` and residual stream after `out_layer` (both at the
+/// subject's last token), for the current weights. MEMIT re-reads both after each layer's update.
+pub fn subject_state(
+    model: &Llama,
+    p: &EditPrompts,
+    key_layer: usize,
+    out_layer: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let batch = &p.batch;
+    let dev = model.device();
+    let ctx = LayerCtx::new(model, batch, Mode::Inference)?;
+    let mut cap = Captured::default();
+    let taps = Taps { capture_keys: Some(key_layer), ..Default::default() };
+    let h = model.run_layers(model.embed(batch)?, 0..out_layer.max(key_layer) + 1, &ctx, &taps, &mut cap)?;
+    let keys = cap.keys.context("key capture failed")?;
+    let rows: Vec<u32> = (0..p.rewrite_rows).map(|r| batch.flat_index(r, p.subject_last[r]) as u32).collect();
+    let idx = Tensor::new(rows.as_slice(), dev)?;
+    let f = keys.dim(D::Minus1)?;
+    let d = h.dim(D::Minus1)?;
+    let k = to_f64(&keys.reshape(((), f))?.index_select(&idx, 0)?.mean(0)?)?;
+    let z = to_f64(&h.reshape(((), d))?.index_select(&idx, 0)?.mean(0)?)?;
+    Ok((k, z))
+}

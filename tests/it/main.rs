@@ -1,9 +1,13 @@
-//! Integration tests of oedit's model core: loaders (HF folder, shards, hub cache, GGUF), the
-//! forward pass and its editing taps, the command line, and the real SmolLM2-135M model.
+//! Integration tests of oedit: loaders (HF folder, shards, hub cache, GGUF), the forward pass and
+//! its editing taps, the command line, the real SmolLM2-135M model, and editing: O-Edit's
+//! orthogonality, run directories (resume, corruption, guards), export and evaluation.
 
 mod common;
 
 mod cli;
+mod edit;
+mod eval;
 mod forward;
 mod loaders;
+mod resume;
 mod smollm2;

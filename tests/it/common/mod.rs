@@ -402,3 +402,147 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         path.display()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Editing fixtures: hyper-parameters, edit records, `oedit edit` invocations, run-directory files.
+// ---------------------------------------------------------------------------------------------
+
+/// The crate root (for data/ and configs/).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The small statistics corpus shipped in data/corpus.
+pub fn corpus_file() -> PathBuf {
+    repo_root().join("data").join("corpus").join("frankenstein-part.txt")
+}
+
+/// Hyper-parameters for editing the tiny model (layer 1, few templates and steps).
+pub fn tiny_hparams() -> serde_json::Value {
+    serde_json::json!({
+        "layer": 1,
+        "context_templates": 3,
+        "template_length": 4,
+        "v_steps": 10,
+        "v_lr": 0.5,
+        "kl_weight": 0.0625,
+        "weight_decay": 0.001,
+        "clamp_norm_factor": 4.0,
+        "stop_loss": 0.05,
+        "cov_tokens": 2000,
+        "cov_regularization": 0.01,
+        "subspace": { "energy": 0.9, "max_directions_per_edit": 1, "max_fraction": 0.9, "tolerance": 0.01 }
+    })
+}
+
+/// The tiny hyper-parameters as the library type.
+pub fn tiny_hparams_struct() -> oedit::hparams::Hparams {
+    serde_json::from_value(tiny_hparams()).unwrap()
+}
+
+/// Writes `v` as JSON to `path` and returns the path.
+pub fn write_json(path: &Path, v: &serde_json::Value) -> PathBuf {
+    std::fs::write(path, serde_json::to_string_pretty(v).unwrap()).unwrap();
+    path.to_path_buf()
+}
+
+/// Writes lines (each followed by a newline) to `path` and returns the path.
+pub fn write_lines(path: &Path, lines: &[String]) -> PathBuf {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+/// (prompt, subject, target) of short hand-written edits for the tiny model.
+pub const MINIMAL_EDITS: &[(&str, &str, &str)] = &[
+    ("The cat sat on the", "The cat", "mat"),
+    ("A dog lives in the", "A dog", "house"),
+    ("The capital of Tinland is", "Tinland", "Hatville"),
+    ("Bob plays the", "Bob", "piano"),
+    ("Ann was born in", "Ann", "Oslo"),
+    ("The hat is made of", "The hat", "wool"),
+    ("Cats like to eat", "Cats", "fish"),
+    ("Tom works at", "Tom", "a bank"),
+    ("The tin man loves", "The tin man", "oil"),
+    ("Zed drives a", "Zed", "red car"),
+];
+
+/// Minimal-format JSON lines `{"prompt","subject","target"}` for the first `n` of [`MINIMAL_EDITS`].
+pub fn minimal_lines(n: usize) -> Vec<String> {
+    assert!(n <= MINIMAL_EDITS.len());
+    MINIMAL_EDITS[..n]
+        .iter()
+        .map(|(p, s, t)| serde_json::json!({ "prompt": p, "subject": s, "target": t }).to_string())
+        .collect()
+}
+
+/// The first `n` lines of a committed data sample (data/NAME).
+pub fn sample_lines(name: &str, n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join("data").join(name)).unwrap();
+    text.lines().filter(|l| !l.trim().is_empty()).take(n).map(str::to_string).collect()
+}
+
+/// `oedit --threads 1 edit --model M --hparams H --edits E --run D --stats-corpus C --json`, with its
+/// statistics cache in `cache` (OEDIT_CACHE).
+pub fn edit_cmd(model: &Path, hparams: &Path, edits: &Path, run_dir: &Path, cache: &Path) -> Command {
+    let mut c = oedit_cmd();
+    c.env("OEDIT_CACHE", cache).args(["--threads", "1", "edit", "--model"]).arg(model);
+    c.arg("--hparams").arg(hparams).arg("--edits").arg(edits).arg("--run").arg(run_dir);
+    c.arg("--stats-corpus").arg(corpus_file()).arg("--json");
+    c
+}
+
+/// The `summary` object `oedit edit --json` prints last on standard output.
+pub fn edit_summary(o: &Output) -> serde_json::Value {
+    let out = stdout(o);
+    let last = out.lines().last().unwrap_or_else(|| panic!("no output; stderr: {}", stderr(o)));
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    v["summary"].clone()
+}
+
+/// Parses a JSONL file (missing file: empty).
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => t.lines().map(|l| serde_json::from_str(l).unwrap()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The tensors of a safetensors file (CPU).
+pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Header metadata of a safetensors file.
+pub fn read_st_metadata(path: &Path) -> HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+/// Path of the first updates chunk of a run directory.
+pub fn chunk0(run_dir: &Path) -> PathBuf {
+    run_dir.join("updates").join("chunk-00000.safetensors")
+}
+
+/// Rows of a 2-D tensor as f64 vectors.
+pub fn rows_f64(t: &Tensor) -> Vec<Vec<f64>> {
+    t.to_dtype(DType::F64).unwrap().to_vec2().unwrap()
+}
+
+pub fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub fn norm64(a: &[f64]) -> f64 {
+    dot64(a, a).sqrt()
+}
+
+/// `oedit export --run D --out OUT`, asserting success; returns OUT.
+pub fn export_run(run_dir: &Path, out: &Path) -> PathBuf {
+    let mut c = oedit_cmd();
+    c.args(["--threads", "1", "export", "--run"]).arg(run_dir).arg("--out").arg(out);
+    assert_ok(&run(c));
+    out.to_path_buf()
+}

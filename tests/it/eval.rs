@@ -1,0 +1,304 @@
+//! `oedit eval`: the JSON report, the metrics recomputed independently from the model's
+//! logits, bad input, skipped records, and efficacy on the real SmolLM2 model.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use candle_core::DType;
+use oedit::data::{EditReader, EditRecord};
+use oedit::model::Llama;
+use oedit::tokenizer::Tok;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::common::*;
+
+/// The tiny model edited with the first `n` CounterFact records.
+struct Fx {
+    tmp: TempDir,
+    model: PathBuf,
+    edits: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl Fx {
+    fn new(n: usize) -> Self {
+        let tmp = TempDir::new().unwrap();
+        let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
+        let hparams = write_json(&tmp.path().join("hparams.json"), &tiny_hparams());
+        let edits = write_lines(&tmp.path().join("cf.jsonl"), &sample_lines("counterfact-sample.jsonl", 5));
+        let run_dir = tmp.path().join("run");
+        let mut c = edit_cmd(&model, &hparams, &edits, &run_dir, &tmp.path().join("cache"));
+        c.args(["--limit", &n.to_string()]);
+        assert_ok(&run(c));
+        Self { tmp, model, edits, run_dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
+fn eval(model: &Path, edits: &Path, extra: &[&str]) -> Output {
+    let mut c = oedit_cmd();
+    c.args(["eval", "--model"]).arg(model).arg("--edits").arg(edits).args(extra);
+    run(c)
+}
+
+fn eval_json(model: &Path, edits: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["--json", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = eval(model, edits, &args);
+    assert_ok(&o);
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+fn mean(v: &Value) -> f64 {
+    v["mean"].as_f64().unwrap_or_else(|| panic!("no mean in {v}"))
+}
+
+#[test]
+fn report_has_edited_and_unedited_metrics() {
+    let fx = Fx::new(3);
+    let out = fx.path("report.json");
+    let r = eval_json(&fx.model, &fx.edits, &out, &["--run", fx.run_dir.to_str().unwrap(), "--per-record"]);
+    assert_eq!(r["protocol"]["timing"], "after-all");
+    // Only the 3 edited lines of the 5-line file are evaluated.
+    assert_eq!(r["records"]["evaluated"], 3);
+    assert_eq!(r["records"]["skipped"], serde_json::json!([]));
+    assert_eq!(r["run"]["n_edits"], 3);
+    assert_eq!(r["run"]["method"], "oedit");
+    assert_eq!(r["run"]["layer"], 1);
+    for side in ["edited", "unedited"] {
+        let m = &r["metrics"][side];
+        for name in [
+            "efficacy",
+            "efficacy_token_acc",
+            "generalization",
+            "generalization_token_acc",
+            "locality",
+            "locality_agreement",
+        ] {
+            let x = mean(&m[name]);
+            assert!((0.0..=1.0).contains(&x), "{side}.{name} = {x}");
+            assert_eq!(m[name]["count"], 3, "{side}.{name}");
+        }
+        assert!(m.get("fluency").is_none(), "fluency was not asked for: {m}");
+    }
+    assert_eq!(mean(&r["metrics"]["unedited"]["locality_agreement"]), 1.0);
+    let per = r["per_record"].as_array().unwrap();
+    let lines: Vec<u64> = per.iter().map(|p| p["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, vec![1, 2, 3]);
+    let ids: Vec<u64> = per.iter().map(|p| p["case_id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, vec![0, 1, 2]);
+    // The summary is the mean of the per-record scores.
+    for side in ["edited", "unedited"] {
+        let avg = per.iter().map(|p| p[side]["efficacy"].as_f64().unwrap()).sum::<f64>() / 3.0;
+        assert!((avg - mean(&r["metrics"][side]["efficacy"])).abs() < 1e-12, "{side}");
+    }
+
+    // `--json -` prints the same report on standard output; fluency is measured when asked for.
+    let o = eval(
+        &fx.model,
+        &fx.edits,
+        &[
+            "--run",
+            fx.run_dir.to_str().unwrap(),
+            "--json",
+            "-",
+            "--metrics",
+            "efficacy,fluency",
+            "--gen-tokens",
+            "8",
+        ],
+    );
+    assert_ok(&o);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["metrics"]["edited"]["efficacy"], r["metrics"]["edited"]["efficacy"]);
+    assert!(mean(&v["metrics"]["edited"]["fluency"]) >= 0.0);
+    assert!(v["metrics"]["edited"].get("locality").is_none());
+}
+
+/// Teacher-forced (mean NLL, token accuracy) of `answer` after `prompt`, computed from the
+/// logits of one unbatched forward pass.
+fn answer_score(model: &Llama, tok: &Tok, prompt: &str, answer: &str) -> (f64, f64) {
+    let p = tok.encode_prompt(prompt).unwrap();
+    let a = tok.encode_continuation(prompt, answer).unwrap();
+    assert!(!a.is_empty());
+    let mut ids = p.clone();
+    ids.extend_from_slice(&a[..a.len() - 1]);
+    let lg = logits(model, &ids).squeeze(0).unwrap().to_dtype(DType::F64).unwrap();
+    let rows: Vec<Vec<f64>> = lg.to_vec2().unwrap();
+    let (mut nll, mut hits) = (0.0, 0usize);
+    for (j, &t) in a.iter().enumerate() {
+        let row = &rows[p.len() - 1 + j];
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        nll -= row[t as usize] - lse;
+        let argmax = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+        hits += (argmax == t as usize) as usize;
+    }
+    (nll / a.len() as f64, hits as f64 / a.len() as f64)
+}
+
+/// Asserts `got` (a per-record score) is the indicator 1[a < b], unless a and b are too close
+/// to call.
+fn check_preference(what: &str, got: &Value, a: f64, b: f64) {
+    if (a - b).abs() < 1e-4 {
+        return;
+    }
+    assert_eq!(got.as_f64(), Some((a < b) as u8 as f64), "{what}: NLLs {a} vs {b}");
+}
+
+fn check_record(what: &str, model: &Llama, tok: &Tok, rec: &EditRecord, got: &Value) {
+    let truth = rec.ground_truth.as_deref().unwrap();
+    let (new, acc) = answer_score(model, tok, &rec.prompt, &rec.target_new);
+    let (old, _) = answer_score(model, tok, &rec.prompt, truth);
+    check_preference(&format!("{what} efficacy"), &got["efficacy"], new, old);
+    let got_acc = got["efficacy_token_acc"].as_f64().unwrap();
+    assert!((got_acc - acc).abs() < 1e-12, "{what}: token accuracy {got_acc} vs {acc}");
+    let para = &rec.rephrase_prompts[0];
+    let (pn, pacc) = answer_score(model, tok, para, &rec.target_new);
+    let (po, _) = answer_score(model, tok, para, truth);
+    check_preference(&format!("{what} generalization"), &got["generalization"], pn, po);
+    assert!((got["generalization_token_acc"].as_f64().unwrap() - pacc).abs() < 1e-12, "{what}");
+    let loc = &rec.locality[0];
+    let (lt, _) = answer_score(model, tok, &loc.prompt, &loc.answer);
+    let (ln, _) = answer_score(model, tok, &loc.prompt, &rec.target_new);
+    check_preference(&format!("{what} locality"), &got["locality"], lt, ln);
+}
+
+#[test]
+fn per_record_scores_match_an_independent_computation() {
+    let fx = Fx::new(3);
+    let r = eval_json(
+        &fx.model,
+        &fx.edits,
+        &fx.path("report.json"),
+        &["--run", fx.run_dir.to_str().unwrap(), "--per-record"],
+    );
+    let records: Vec<EditRecord> =
+        EditReader::open(&fx.edits).unwrap().take(3).map(|i| i.unwrap().1).collect();
+    let per = r["per_record"].as_array().unwrap();
+    let mut lm = load(&fx.model);
+    for (i, rec) in records.iter().enumerate() {
+        check_record(&format!("unedited record {i}"), &lm.model, &lm.tok, rec, &per[i]["unedited"]);
+    }
+    let state = oedit::run::RunDir::open(&fx.run_dir).unwrap().read_state(INTERMEDIATE).unwrap();
+    assert_eq!(state.n_edits, 3);
+    oedit::run::replay(&mut lm.model, &state.updates).unwrap();
+    for (i, rec) in records.iter().enumerate() {
+        check_record(&format!("edited record {i}"), &lm.model, &lm.tok, rec, &per[i]["edited"]);
+    }
+}
+
+#[test]
+fn bad_eval_input_is_reported() {
+    let fx = Fx::new(1);
+    let run_dir = fx.run_dir.to_str().unwrap();
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--metrics", "efficacy,bogus"]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("bogus") && line.contains("--metrics"), "{line}");
+
+    let missing = fx.path("no-such-edits.jsonl");
+    let o = eval(&fx.model, &missing, &["--run", run_dir]);
+    let line = assert_clean_failure(&o);
+    assert!(line.contains(missing.to_str().unwrap()), "{line}");
+
+    let missing_run = fx.path("no-such-run");
+    let o = eval(&fx.model, &fx.edits, &["--run", missing_run.to_str().unwrap()]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains(missing_run.to_str().unwrap()), "{line}");
+
+    let other = tiny_model(&fx.path("other"), TinyOpts { seed: 8, ..Default::default() });
+    let o = eval(&other, &fx.edits, &["--run", run_dir]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("fingerprint") && line.contains(fx.model.to_str().unwrap()), "{line}");
+
+    // A metric below its threshold: exit code 3 after the report (the table stays on stderr).
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "efficacy=1.01"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let err = stderr(&o);
+    let last = err.trim_end().lines().last().unwrap();
+    assert!(last.starts_with("error: below threshold") && last.contains("efficacy"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "efficacy=0"]);
+    assert_ok(&o);
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "fluency=0.5"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "bogus=0.5"]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("bogus"), "{line}");
+}
+
+#[test]
+fn zsre_records_with_empty_targets_are_skipped() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
+    let zsre = repo_root().join("data").join("zsre-sample.jsonl");
+    let text = std::fs::read_to_string(&zsre).unwrap();
+    let empty: Vec<u64> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| serde_json::from_str::<Value>(l).unwrap()["alt"] == "")
+        .map(|(i, _)| i as u64 + 1)
+        .collect();
+    assert_eq!(empty.len(), 2);
+    let total = text.lines().count();
+    let r = eval_json(&model, &zsre, &tmp.path().join("r.json"), &["--metrics", "efficacy"]);
+    assert_eq!(r["records"]["evaluated"].as_u64(), Some(total as u64 - 2));
+    let skipped = r["records"]["skipped"].as_array().unwrap();
+    let lines: Vec<u64> = skipped.iter().map(|s| s["line"].as_u64().unwrap()).collect();
+    assert_eq!(lines, empty);
+    for s in skipped {
+        assert_eq!((s["field"].as_str(), s["reason"].as_str()), (Some("alt"), Some("empty target")), "{s}");
+    }
+    // Without --run there is no unedited side.
+    assert!(r["metrics"]["unedited"].is_null());
+    assert_eq!(r["metrics"]["edited"]["efficacy"]["count"].as_u64(), Some(total as u64 - 2));
+}
+
+#[test]
+fn smollm2_edits_raise_efficacy() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let tmp = TempDir::new().unwrap();
+    let edits = write_lines(&tmp.path().join("cf10.jsonl"), &sample_lines("counterfact-sample.jsonl", 10));
+    // Unedited efficacy on the first 10 records: the model mostly prefers the true answers.
+    let before = eval_json(&gguf, &edits, &tmp.path().join("before.json"), &["--metrics", "efficacy"]);
+    assert_eq!(before["records"]["evaluated"], 10);
+    let e0 = mean(&before["metrics"]["edited"]["efficacy"]);
+    assert!(e0 < 0.6, "unedited efficacy {e0}");
+
+    let preset: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("configs/smollm2-135m.json")).unwrap(),
+    )
+    .unwrap();
+    let mut hp = preset["hparams"].clone();
+    hp["cov_tokens"] = serde_json::json!(20000);
+    let hparams = write_json(&tmp.path().join("hparams.json"), &hp);
+    let run_dir = tmp.path().join("run");
+    let mut c = oedit_cmd();
+    c.env("OEDIT_CACHE", tmp.path().join("cache")).args(["--threads", "2", "edit", "--model"]).arg(&gguf);
+    c.arg("--hparams").arg(&hparams).arg("--edits").arg(&edits).arg("--run").arg(&run_dir);
+    c.args(["--limit", "3", "--json"]);
+    let o = run(c);
+    assert_ok(&o);
+    assert_eq!(edit_summary(&o)["edits_total"], 3);
+
+    let after = eval_json(
+        &gguf,
+        &edits,
+        &tmp.path().join("after.json"),
+        &["--metrics", "efficacy", "--run", run_dir.to_str().unwrap()],
+    );
+    assert_eq!(after["records"]["evaluated"], 3);
+    let edited = &after["metrics"]["edited"]["efficacy"];
+    let unedited = mean(&after["metrics"]["unedited"]["efficacy"]);
+    assert_eq!(edited["count"], 3);
+    assert_eq!(mean(edited), 1.0, "edited efficacy {edited}");
+    assert!(unedited < 1.0, "unedited efficacy on the edited records is already {unedited}");
+}
