@@ -106,12 +106,15 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let f = lm.config().intermediate_size;
     let mut state = rd.read_state(f).with_context(|| format!("resuming {}", opts.run_dir.display()))?;
     rd.reconcile(&state)?;
-    let stats = opts
-        .method
-        .layers(&hp)
-        .into_iter()
-        .map(|l| load_or_compute(&lm.model, &lm.tok, &fingerprint, l, hp.cov_tokens, &opts.corpus))
-        .collect::<Result<Vec<_>>>()?;
+    let stats = load_or_compute(
+        &lm.model,
+        &lm.tok,
+        &fingerprint,
+        &opts.method.layers(&hp),
+        hp.cov_tokens,
+        &opts.corpus,
+    )?;
+    let edited_layers = opts.method.layers(&hp);
     let mut editor = Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)?;
     restore(&mut editor, &state)?;
     replay(&mut lm.model, &state.updates)?;
@@ -183,7 +186,8 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             "subject": rec.subject,
             "target_new": rec.target_new,
             "method": opts.method.name(),
-            "layer": hp.layer,
+            "layer": edited_layers.last(),
+            "layers": edited_layers,
             "steps": outcome.steps,
             "loss_first": outcome.loss_first,
             "loss_last": outcome.loss_last,

@@ -136,34 +136,63 @@ pub fn compute(
     max_tokens: usize,
     corpus: &Corpus,
 ) -> Result<KeyStats> {
+    let mut all = compute_many(model, tok, &[layer], max_tokens, corpus)?;
+    all.pop().context("no statistics computed")
+}
+
+/// Computes C at each of `layers` in one pass over the corpus (layers in the given order).
+pub fn compute_many(
+    model: &Llama,
+    tok: &Tok,
+    layers: &[usize],
+    max_tokens: usize,
+    corpus: &Corpus,
+) -> Result<Vec<KeyStats>> {
     let windows = corpus.windows(tok, max_tokens)?;
     let f = model.config().intermediate_size;
     let dev = model.device();
-    let mut acc = Tensor::zeros((f, f), DType::F32, dev)?;
-    let mut sum = vec![0f64; f * f];
+    let last = *layers.iter().max().context("no layer given")?;
+    let mut acc: Vec<Tensor> =
+        layers.iter().map(|_| Tensor::zeros((f, f), DType::F32, dev)).collect::<candle_core::Result<_>>()?;
+    let mut sums = vec![vec![0f64; f * f]; layers.len()];
     let mut tokens = 0usize;
     let bar = Progress::new(windows.len() as u64, "key statistics", "windows");
     for (i, chunk) in windows.chunks(BATCH).enumerate() {
         let batch = Batch::new(chunk.to_vec(), Padding::Right, tok.pad_id)?;
         let ctx = LayerCtx::new(model, &batch, Mode::Inference)?;
-        let mut cap = Captured::default();
-        let taps = Taps { capture_keys: Some(layer), ..Default::default() };
-        model.run_layers(model.embed(&batch)?, 0..layer + 1, &ctx, &taps, &mut cap)?;
-        let keys = cap.keys.context("key capture failed")?.to_dtype(DType::F32)?;
-        let k = keys.reshape(((), f))?;
-        acc = (acc + k.t()?.matmul(&k)?)?;
-        tokens += k.dim(0)?;
-        // Flush the f32 accumulator into f64 every few batches to bound rounding error.
+        let mut h = model.embed(&batch)?;
+        for l in 0..=last {
+            let mut cap = Captured::default();
+            let taps = Taps { capture_keys: Some(l), ..Default::default() };
+            h = model.run_layers(h, l..l + 1, &ctx, &taps, &mut cap)?;
+            for (j, _) in layers.iter().enumerate().filter(|(_, &x)| x == l) {
+                let keys = cap.keys.as_ref().context("key capture failed")?.to_dtype(DType::F32)?;
+                let k = keys.reshape(((), f))?;
+                acc[j] = (&acc[j] + k.t()?.matmul(&k)?)?;
+            }
+        }
+        tokens += chunk.iter().map(Vec::len).sum::<usize>();
+        // Flush the f32 accumulators into f64 every few batches to bound rounding error.
         if i % 16 == 15 {
-            flush(&mut acc, &mut sum)?;
+            for (a, s) in acc.iter_mut().zip(sums.iter_mut()) {
+                flush(a, s)?;
+            }
         }
         bar.inc(1);
     }
-    flush(&mut acc, &mut sum)?;
+    for (a, s) in acc.iter_mut().zip(sums.iter_mut()) {
+        flush(a, s)?;
+    }
     bar.finish();
     let n = tokens.max(1) as f64;
-    sum.iter_mut().for_each(|x| *x /= n);
-    Ok(KeyStats { layer, tokens, dim: f, second_moment: sum })
+    Ok(layers
+        .iter()
+        .zip(sums)
+        .map(|(&layer, mut sum)| {
+            sum.iter_mut().for_each(|x| *x /= n);
+            KeyStats { layer, tokens, dim: f, second_moment: sum }
+        })
+        .collect())
 }
 
 fn flush(acc: &mut Tensor, sum: &mut [f64]) -> Result<()> {
@@ -175,29 +204,48 @@ fn flush(acc: &mut Tensor, sum: &mut [f64]) -> Result<()> {
     Ok(())
 }
 
-/// Loads C from the cache, or computes and caches it.
+/// Loads C of each layer from the cache, computing (in one pass) and caching the missing ones.
 pub fn load_or_compute(
     model: &Llama,
     tok: &Tok,
     model_fp: &str,
-    layer: usize,
+    layers: &[usize],
     max_tokens: usize,
     corpus: &Corpus,
-) -> Result<KeyStats> {
-    let path = cache_path(model_fp, layer, max_tokens, corpus);
-    if path.is_file() {
-        match read(&path, layer) {
-            Ok(s) => return Ok(s),
-            Err(e) => eprintln!("warning: ignoring unreadable statistics cache: {e:#}"),
+) -> Result<Vec<KeyStats>> {
+    let mut found: Vec<Option<KeyStats>> = Vec::with_capacity(layers.len());
+    for &layer in layers {
+        let path = cache_path(model_fp, layer, max_tokens, corpus);
+        let cached = if path.is_file() {
+            match read(&path, layer) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!("warning: ignoring unreadable statistics cache: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        found.push(cached);
+    }
+    let missing: Vec<usize> =
+        layers.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(l, _)| *l).collect();
+    if !missing.is_empty() {
+        let computed = compute_many(model, tok, &missing, max_tokens, corpus)?;
+        for s in computed {
+            let path = cache_path(model_fp, s.layer, max_tokens, corpus);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("{}: cannot create cache folder", dir.display()))?;
+            }
+            write(&path, &s)?;
+            if let Some(slot) = layers.iter().position(|&l| l == s.layer) {
+                found[slot] = Some(s);
+            }
         }
     }
-    let stats = compute(model, tok, layer, max_tokens, corpus)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create cache folder", dir.display()))?;
-    }
-    write(&path, &stats)?;
-    Ok(stats)
+    found.into_iter().map(|s| s.context("statistics missing")).collect()
 }
 
 fn write(path: &Path, s: &KeyStats) -> Result<()> {

@@ -57,8 +57,8 @@ pub fn score_all(
     for chunk in records.chunks(RECORDS_PER_BATCH) {
         let mut s = score_records(model, tok, chunk, which)?;
         if which.fluency {
-            for (rec, sc) in chunk.iter().zip(s.iter_mut()) {
-                sc.fluency = Some(fluency(model, tok, rec, gen_tokens)?);
+            for (sc, f) in s.iter_mut().zip(fluency_batch(model, tok, chunk, gen_tokens)?) {
+                sc.fluency = Some(f);
             }
         }
         out.extend(s);
@@ -68,18 +68,29 @@ pub fn score_all(
     Ok(out)
 }
 
-/// Generation entropy of the greedy continuations of a record's generation prompts.
-pub fn fluency(model: &Llama, tok: &Tok, rec: &EditRecord, gen_tokens: usize) -> Result<f64> {
-    let prompts: Vec<&str> = if rec.generation_prompts.is_empty() {
-        vec![rec.prompt.as_str()]
-    } else {
-        rec.generation_prompts.iter().map(String::as_str).collect()
-    };
-    let ids = prompts.iter().map(|p| tok.encode_prompt(p)).collect::<Result<Vec<_>>>()?;
-    let gens = greedy_ids(model, tok, &ids, gen_tokens)?;
-    let mut total = 0.0;
-    for (p, g) in prompts.iter().zip(&gens) {
-        total += ngram_entropy(&format!("{p}{}", tok.decode(g)?));
+/// Generation entropy of the greedy continuations of each record's generation prompts (the
+/// edit prompt when it has none), averaged per record; all prompts generated in one batch.
+pub fn fluency_batch(
+    model: &Llama,
+    tok: &Tok,
+    records: &[EditRecord],
+    gen_tokens: usize,
+) -> Result<Vec<f64>> {
+    let mut prompts: Vec<(usize, &str)> = Vec::new();
+    for (i, rec) in records.iter().enumerate() {
+        if rec.generation_prompts.is_empty() {
+            prompts.push((i, rec.prompt.as_str()));
+        } else {
+            prompts.extend(rec.generation_prompts.iter().map(|p| (i, p.as_str())));
+        }
     }
-    Ok(total / prompts.len() as f64)
+    let ids = prompts.iter().map(|(_, p)| tok.encode_prompt(p)).collect::<Result<Vec<_>>>()?;
+    let gens = greedy_ids(model, tok, &ids, gen_tokens)?;
+    let mut sum = vec![0.0; records.len()];
+    let mut count = vec![0usize; records.len()];
+    for ((i, p), g) in prompts.iter().zip(&gens) {
+        sum[*i] += ngram_entropy(&format!("{p}{}", tok.decode(g)?));
+        count[*i] += 1;
+    }
+    Ok(sum.iter().zip(&count).map(|(s, &c)| s / c.max(1) as f64).collect())
 }

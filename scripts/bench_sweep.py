@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Sequential-editing benchmark: for each method, one run of edits (case_id order) serves all
+checkpoints N; after each checkpoint every record edited so far is evaluated (efficacy,
+generalization, neighbourhood score, locality agreement, fluency). Writes one eval report per
+(method, N), a table (JSON) and an SVG plot of each metric vs N. Resumable: existing reports are
+kept, runs continue from their checkpoints (run directories under OUT/runs).
+
+usage: scripts/bench_sweep.py [--methods rome,memit,alphaedit,oedit,oedit-plus]
+                              [--checkpoints 100,500,1000] [--edits ../shared/data/counterfact.jsonl]
+                              [--out bench-results/counterfact] [--model smollm2-135m] [--threads 2]
+Needs only the Python standard library and a release build (cargo build --release).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+METRICS = ["efficacy", "generalization", "locality", "locality_agreement", "fluency",
+           "efficacy_token_acc", "generalization_token_acc"]
+PLOTTED = ["efficacy", "generalization", "locality", "locality_agreement", "fluency"]
+
+
+def run(cmd):
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def table(out, methods, checkpoints):
+    rows = []
+    for m in methods:
+        for n in checkpoints:
+            path = os.path.join(out, f"{m}-{n}.json")
+            if not os.path.exists(path):
+                continue
+            rep = json.load(open(path))
+            for model in ("edited", "unedited"):
+                summ = rep["metrics"][model] or {}
+                row = {"method": m if model == "edited" else "unedited", "n": n,
+                       "evaluated": rep["records"]["evaluated"]}
+                for k in METRICS:
+                    if k in summ:
+                        row[k] = summ[k]["mean"]
+                if model == "unedited":
+                    row["of_run"] = m
+                rows.append(row)
+    return rows
+
+
+def svg(rows, path):
+    """Small multiples: one panel per metric, one line per method (no dependencies)."""
+    methods = sorted({r["method"] for r in rows if r["method"] != "unedited"})
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    ns = sorted({r["n"] for r in rows})
+    if not ns:
+        return
+    w, h, pad = 300, 220, 40
+    panels = [m for m in PLOTTED if any(m in r for r in rows)]
+    width = w * len(panels)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + 40}" font-family="sans-serif" font-size="11">']
+    xmin, xmax = min(ns), max(ns)
+    for i, metric in enumerate(panels):
+        vals = [r[metric] for r in rows if metric in r]
+        lo, hi = (0.0, 1.0) if metric != "fluency" else (min(vals) * 0.95, max(vals) * 1.05)
+        ox = i * w
+        x = lambda n: ox + pad + (0 if xmax == xmin else (n - xmin) / (xmax - xmin)) * (w - 2 * pad)
+        y = lambda v: h - pad + 20 - (v - lo) / ((hi - lo) or 1) * (h - 2 * pad)
+        out.append(f'<text x="{ox + w / 2}" y="14" text-anchor="middle" font-weight="bold">{metric}</text>')
+        out.append(f'<line x1="{ox + pad}" y1="{y(lo)}" x2="{ox + w - pad}" y2="{y(lo)}" stroke="#000"/>')
+        out.append(f'<line x1="{ox + pad}" y1="{y(lo)}" x2="{ox + pad}" y2="{y(hi)}" stroke="#000"/>')
+        for v in (lo, (lo + hi) / 2, hi):
+            out.append(f'<text x="{ox + pad - 4}" y="{y(v) + 4}" text-anchor="end">{v:.2f}</text>')
+        for n in ns:
+            out.append(f'<text x="{x(n)}" y="{y(lo) + 14}" text-anchor="middle">{n}</text>')
+        series = methods + ["unedited"]
+        for j, m in enumerate(series):
+            pts = sorted({(r["n"], r[metric]) for r in rows if r["method"] == m and metric in r})
+            if m == "unedited":
+                # one unedited value per N (identical across runs of the same records)
+                seen = {}
+                for n, v in pts:
+                    seen.setdefault(n, v)
+                pts = sorted(seen.items())
+            colour = "#777" if m == "unedited" else colours[j % len(colours)]
+            dash = ' stroke-dasharray="4 3"' if m == "unedited" else ""
+            if len(pts) > 1:
+                d = " ".join(f"{x(n):.1f},{y(v):.1f}" for n, v in pts)
+                out.append(f'<polyline points="{d}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
+            for n, v in pts:
+                out.append(f'<circle cx="{x(n):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>')
+            if i == 0:
+                out.append(f'<text x="{ox + pad + 5}" y="{h + 30 - 12 * (len(series) - j - 1) - 150}" fill="{colour}">{m}</text>')
+    out.append("</svg>")
+    open(path, "w").write("\n".join(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default="rome,memit,alphaedit,oedit,oedit-plus")
+    ap.add_argument("--checkpoints", default="100,500,1000")
+    ap.add_argument("--edits", default=os.path.join("..", "shared", "data", "counterfact.jsonl"))
+    ap.add_argument("--out", default=os.path.join("bench-results", "counterfact"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", default="2")
+    ap.add_argument("--metrics", default="efficacy,generalization,locality,fluency")
+    ap.add_argument("--oedit", default=os.path.join("target", "release", "oedit"))
+    ap.add_argument("--plot-only", action="store_true")
+    a = ap.parse_args()
+    methods = [m for m in a.methods.split(",") if m]
+    checkpoints = sorted(int(n) for n in a.checkpoints.split(",") if n)
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    if not a.plot_only:
+        for m in methods:
+            run_dir = os.path.join(a.out, "runs", m)
+            for n in checkpoints:
+                report = os.path.join(a.out, f"{m}-{n}.json")
+                if os.path.exists(report):
+                    continue
+                t = time.time()
+                run([a.oedit, "--threads", a.threads, "edit", "--model", a.model, "--edits", a.edits,
+                     "--run", run_dir, "--method", m, "--limit", str(n), "--on-invalid", "skip", "--json"])
+                edit_s = time.time() - t
+                run([a.oedit, "--threads", a.threads, "eval", "--model", a.model, "--run", run_dir,
+                     "--edits", a.edits, "--metrics", a.metrics, "--json", report])
+                rep = json.load(open(report))
+                rep["sweep"] = {"method": m, "n": n, "edit_seconds_this_step": edit_s, "commit": git_commit(),
+                                "command": " ".join(sys.argv)}
+                json.dump(rep, open(report, "w"), indent=1)
+    rows = table(a.out, methods, checkpoints)
+    json.dump({"commit": git_commit(), "edits": a.edits, "model": a.model, "rows": rows},
+              open(os.path.join(a.out, "table.json"), "w"), indent=1)
+    svg(rows, os.path.join(a.out, "metrics-vs-n.svg"))
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
