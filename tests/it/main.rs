@@ -9,5 +9,6 @@ mod edit;
 mod eval;
 mod forward;
 mod loaders;
+mod methods;
 mod resume;
 mod smollm2;

@@ -1,0 +1,152 @@
+//! Each editing method changes the weights the way its maths says (tiny model, library level).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use oedit::data::parse_record;
+use oedit::edit::templates::context_templates;
+use oedit::edit::{Editor, Method};
+use oedit::hparams::Hparams;
+use oedit::linalg::{sym_eigen, Mat};
+use oedit::loader::LoadedModel;
+use oedit::stats::{compute_many, Corpus, KeyStats};
+
+use crate::common::*;
+
+fn setup(method: Method, tweak: impl Fn(&mut Hparams)) -> (LoadedModel, Editor, Vec<KeyStats>) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model(dir.path(), TinyOpts::default());
+    let lm = load(&model_dir);
+    let mut hp = tiny_hparams_struct();
+    tweak(&mut hp);
+    let corpus = Corpus::from_path(&corpus_file()).unwrap();
+    let stats = compute_many(&lm.model, &lm.tok, &method.layers(&hp), hp.cov_tokens, &corpus).unwrap();
+    let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length).unwrap();
+    let editor = Editor::new(method, hp, templates, &stats).unwrap();
+    (lm, editor, stats)
+}
+
+fn weights(lm: &LoadedModel) -> HashMap<String, Vec<f32>> {
+    lm.model
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn c_matrix(s: &KeyStats) -> Mat {
+    Mat::from_vec(s.dim, s.dim, s.second_moment.clone())
+}
+
+#[test]
+fn memit_touches_only_its_layers_and_solves_its_normal_equation() {
+    let (mut lm, mut editor, stats) = setup(Method::Memit, |hp| {
+        hp.memit.layers = vec![0, 1];
+        hp.memit.mom2_weight = 2.0;
+    });
+    let before = weights(&lm);
+    let rec = parse_record(&minimal_lines(1)[0]).unwrap();
+    let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+    assert_eq!(applied.iter().map(|a| a.layer).collect::<Vec<_>>(), vec![0, 1]);
+    let after = weights(&lm);
+    for (name, w) in &before {
+        let changed = w != &after[name];
+        let edited =
+            name == "model.layers.0.mlp.down_proj.weight" || name == "model.layers.1.mlp.down_proj.weight";
+        assert_eq!(changed, edited, "{name}: changed = {changed}");
+    }
+    // u = (λC + k kᵀ)⁻¹ k for each layer: check (λC_reg + k kᵀ) u = k.
+    for a in &applied {
+        let s = stats.iter().find(|s| s.layer == a.layer).unwrap();
+        let mut c = c_matrix(s);
+        let mean_diag = (0..s.dim).map(|i| c.get(i, i)).sum::<f64>() / s.dim as f64;
+        c.add_diagonal(0.01 * mean_diag);
+        let (k, u) = (f64s(&a.key), f64s(&a.u));
+        let cu = c.matvec(&u);
+        let ku: f64 = k.iter().zip(&u).map(|(x, y)| x * y).sum();
+        let lhs: Vec<f64> = cu.iter().zip(&k).map(|(cu, ki)| 2.0 * cu + ki * ku).collect();
+        let err = lhs.iter().zip(&k).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let scale = k.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        assert!(err < 1e-3 * scale, "layer {}: normal equation residual {err} (scale {scale})", a.layer);
+    }
+}
+
+#[test]
+fn alphaedit_update_annihilates_the_preserved_key_subspace() {
+    let (mut lm, mut editor, stats) = setup(Method::Alphaedit, |hp| {
+        hp.alphaedit.min_nullspace_dim = 16;
+        hp.alphaedit.l2 = 1.0;
+    });
+    let s = &stats[0];
+    let eig = sym_eigen(&c_matrix(s));
+    let n0 = eig.values.iter().filter(|&&v| v < 1e-2).count().max(16);
+    assert!(n0 < s.dim, "test needs a non-trivial preserved subspace");
+    let w0 = lm.model.down_proj(1).to_dtype(DType::F64).unwrap();
+    for line in minimal_lines(3) {
+        let rec = parse_record(&line).unwrap();
+        let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        let u = f64s(&applied[0].u);
+        let un: f64 = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(un > 0.0);
+        // Components along preserved directions (eigenvectors n0..f) vanish.
+        let worst = (n0..s.dim)
+            .map(|j| {
+                let e = eig.vectors.col(j);
+                e.iter().zip(&u).map(|(a, b)| a * b).sum::<f64>().abs() / un
+            })
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "update leaks into the preserved subspace: {worst}");
+    }
+    // Hence ΔW k₀ = 0 for any preserved key k₀ (the top eigenvector of C).
+    let top = eig.vectors.col(s.dim - 1);
+    let k0 = Tensor::from_vec(top, (s.dim, 1), lm.model.device()).unwrap();
+    let w1 = lm.model.down_proj(1).to_dtype(DType::F64).unwrap();
+    let diff = (w1.matmul(&k0).unwrap() - w0.matmul(&k0).unwrap()).unwrap();
+    let moved: f64 = diff.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let scale: f64 = w0.matmul(&k0).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert!(moved < 1e-4 * scale.max(1e-3), "preserved key moved by {moved}");
+}
+
+#[test]
+fn rome_lands_each_edit_exactly_at_its_key() {
+    let (mut lm, mut editor, _) = setup(Method::Rome, |_| {});
+    for line in minimal_lines(3) {
+        let rec = parse_record(&line).unwrap();
+        let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        let a = &applied[0];
+        let uk: f64 = f64s(&a.u).iter().zip(f64s(&a.key)).map(|(x, y)| x * y).sum();
+        assert!((uk - 1.0).abs() < 1e-4, "uᵀk = {uk}");
+        assert!(editor.layers[&1].subspace.is_empty(), "rome keeps no subspace");
+    }
+}
+
+#[test]
+fn oedit_plus_seeds_core_directions_and_updates_avoid_them() {
+    let (mut lm, mut editor, stats) = setup(Method::OeditPlus, |hp| {
+        hp.oedit_plus.core_energy = 0.5;
+        hp.oedit_plus.max_core_fraction = 0.25;
+    });
+    let seeded = editor.layers[&1].subspace.len();
+    assert!(seeded > 0 && seeded <= 16, "seeded {seeded}");
+    let eig = sym_eigen(&c_matrix(&stats[0]));
+    let top = eig.vectors.col(stats[0].dim - 1);
+    for line in minimal_lines(3) {
+        let rec = parse_record(&line).unwrap();
+        let (outcome, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        let u = f64s(&applied[0].u);
+        let un: f64 = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let along_top: f64 = top.iter().zip(&u).map(|(a, b)| a * b).sum::<f64>().abs() / un;
+        assert!(along_top < 1e-5, "update has {along_top} along C's top direction");
+        assert!(outcome.basis_size > seeded);
+    }
+    // Seeds are never compressed away.
+    let sub = &mut editor.layers.get_mut(&1).unwrap().subspace;
+    let n = sub.len();
+    sub.compress(seeded);
+    assert_eq!(sub.len(), seeded);
+    assert!(sub.energy.iter().all(|e| e.is_infinite()), "a seeded direction was dropped (had {n})");
+}
