@@ -1,6 +1,7 @@
 //! Benchmark binary (JSON on stdout): seconds per O-Edit edit on SmolLM2-135M and its phases
 //! (k*, v*, update, checkpoint-free), the v* step rate in GFLOP/s, key-statistics tokens/s and
-//! evaluation records/s. Threads: BENCH_THREADS (default 2); edits: BENCH_EDITS (default 5).
+//! evaluation records/s (efficacy, generalization, locality on one model). Threads: BENCH_THREADS
+//! (default 2); edits: BENCH_EDITS (default 5); evaluated records: BENCH_EVAL_RECORDS (default 1000).
 
 mod common;
 
@@ -112,7 +113,12 @@ fn main() -> anyhow::Result<()> {
         std::fs::remove_dir_all(&run_tmp).ok();
 
         // Evaluation.
-        let eval_records: Vec<_> = EditReader::open(&data)?.filter_map(Result::ok).map(|(_, r)| r).take(50).collect();
+        // 1,000 CounterFact records from ../shared/data when present, else the 300-record sample.
+        let n_eval: usize = std::env::var("BENCH_EVAL_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+        let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/counterfact.jsonl");
+        let eval_file = if shared.is_file() { shared } else { data.clone() };
+        let eval_records: Vec<_> =
+            EditReader::open(&eval_file)?.filter_map(Result::ok).map(|(_, r)| r).take(n_eval).collect();
         let which = MetricSet { efficacy: true, generalization: true, locality: true, fluency: false };
         let t = Instant::now();
         score_all(&lm.model, &lm.tok, &eval_records, which, 0, "bench")?;
