@@ -166,7 +166,7 @@ impl Hparams {
             bail!("cov_tokens must be at least 1");
         }
         let s = &self.subspace;
-        if !(s.energy > 0.0 && s.energy <= 1.0) || !(s.max_fraction > 0.0 && s.max_fraction <= 1.0) {
+        if !(s.energy > 0.0 && s.energy <= 1.0 && s.max_fraction > 0.0 && s.max_fraction <= 1.0) {
             bail!("subspace.energy and subspace.max_fraction must be in (0, 1]");
         }
         if s.max_directions_per_edit == 0 {

@@ -125,7 +125,7 @@ mod tests {
         let mut s = Subspace::new(32);
         for i in 0..10 {
             let k = vector(i + 1, 32);
-            let r = s.append(&k, &[k.clone()], &policy(1.0));
+            let r = s.append(&k, std::slice::from_ref(&k), &policy(1.0));
             assert_eq!(r.added, 1);
         }
         assert_eq!(s.len(), 10);

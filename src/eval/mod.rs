@@ -29,8 +29,11 @@ pub fn summarize(values: impl Iterator<Item = Option<f64>>) -> Option<Summary> {
     (!v.is_empty()).then(|| Summary { mean: v.iter().sum::<f64>() / v.len() as f64, count: v.len() })
 }
 
+/// Reads one metric of a record's scores.
+pub type MetricGetter = fn(&RecordScores) -> Option<f64>;
+
 /// The names of the reported metrics, in report order, with an accessor.
-pub fn metric_columns() -> Vec<(&'static str, fn(&RecordScores) -> Option<f64>)> {
+pub fn metric_columns() -> Vec<(&'static str, MetricGetter)> {
     vec![
         ("efficacy", |r| r.efficacy),
         ("efficacy_token_acc", |r| r.efficacy_token_acc),

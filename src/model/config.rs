@@ -114,7 +114,7 @@ impl HfConfig {
             bail!("hidden_act `{}` is not supported (only silu)", self.hidden_act);
         }
         if self.num_attention_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads) && self.head_dim.is_none()
         {
             bail!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -123,13 +123,13 @@ impl HfConfig {
             );
         }
         let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
         }
         if let Some(rs) = &self.rope_scaling {
