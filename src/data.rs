@@ -185,15 +185,7 @@ fn parse_flat(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
     let target_new = target(req_str(obj, "target_new", "target_new")?, "target_new")?;
     let ground_truth = opt_answer(obj, "ground_truth", "ground_truth")?;
     let rephrase_prompts = str_or_list(obj, "rephrase_prompt", "rephrase_prompt")?;
-    let locality = match (
-        opt_str(obj, "locality_prompt", "locality_prompt")?,
-        opt_str(obj, "locality_ground_truth", "locality_ground_truth")?,
-    ) {
-        (None, None) => Vec::new(),
-        (Some(p), Some(a)) => vec![locality_prompt(p, "locality_prompt", a, "locality_ground_truth")?],
-        (Some(_), None) => return Err(field_err("locality_ground_truth", "missing")),
-        (None, Some(_)) => return Err(field_err("locality_prompt", "missing")),
-    };
+    let locality = optional_locality(obj, "locality_prompt", "locality_ground_truth")?;
     Ok(EditRecord {
         case_id,
         prompt: prompt.to_owned(),
@@ -205,6 +197,20 @@ fn parse_flat(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
         generation_prompts: Vec::new(),
         format: RecordFormat::CounterfactFlat,
     })
+}
+
+/// A locality prompt and its answer given as two optional fields that must come together.
+fn optional_locality(
+    obj: &Map<String, Value>,
+    prompt_key: &str,
+    answer_key: &str,
+) -> Result<Vec<LocalityPrompt>, FieldError> {
+    match (opt_str(obj, prompt_key, prompt_key)?, opt_str(obj, answer_key, answer_key)?) {
+        (None, None) => Ok(Vec::new()),
+        (Some(p), Some(a)) => Ok(vec![locality_prompt(p, prompt_key, a, answer_key)?]),
+        (Some(_), None) => Err(field_err(answer_key, "missing")),
+        (None, Some(_)) => Err(field_err(prompt_key, "missing")),
+    }
 }
 
 fn parse_rome(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
@@ -272,12 +278,7 @@ fn parse_zsre(obj: &Map<String, Value>) -> Result<EditRecord, FieldError> {
     let ground_truth =
         str_or_list(obj, "answers", "answers")?.first().and_then(|first| non_empty_answer(first));
     let rephrase_prompts = str_or_list(obj, "rephrase", "rephrase")?;
-    let locality = match (opt_str(obj, "loc", "loc")?, opt_str(obj, "loc_ans", "loc_ans")?) {
-        (None, None) => Vec::new(),
-        (Some(p), Some(a)) => vec![locality_prompt(p, "loc", a, "loc_ans")?],
-        (Some(_), None) => return Err(field_err("loc_ans", "missing")),
-        (None, Some(_)) => return Err(field_err("loc", "missing")),
-    };
+    let locality = optional_locality(obj, "loc", "loc_ans")?;
     Ok(EditRecord {
         case_id,
         prompt: prompt.to_owned(),
