@@ -8,6 +8,7 @@ kept, runs continue from their checkpoints (run directories under OUT/runs).
 usage: scripts/bench_sweep.py [--methods rome,memit,alphaedit,oedit,oedit-plus]
                               [--checkpoints 100,500,1000] [--edits ../shared/data/counterfact.jsonl]
                               [--out bench-results/counterfact] [--model smollm2-135m] [--threads 2]
+                              [--jobs 1]
 Needs only the Python standard library and a release build (cargo build --release).
 """
 import argparse
@@ -112,13 +113,14 @@ def main():
     ap.add_argument("--threads", default="2")
     ap.add_argument("--metrics", default="efficacy,generalization,locality,fluency")
     ap.add_argument("--oedit", default=os.path.join("target", "release", "oedit"))
+    ap.add_argument("--jobs", type=int, default=1, help="methods run concurrently (use --threads 1 with --jobs 2 on 2 cores)")
     ap.add_argument("--plot-only", action="store_true")
     a = ap.parse_args()
     methods = [m for m in a.methods.split(",") if m]
     checkpoints = sorted(int(n) for n in a.checkpoints.split(",") if n)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     if not a.plot_only:
-        for m in methods:
+        def sweep(m):
             run_dir = os.path.join(a.out, "runs", m)
             for n in checkpoints:
                 report = os.path.join(a.out, f"{m}-{n}.json")
@@ -134,6 +136,15 @@ def main():
                 rep["sweep"] = {"method": m, "n": n, "edit_seconds_this_step": edit_s, "commit": git_commit(),
                                 "command": " ".join(sys.argv)}
                 json.dump(rep, open(report, "w"), indent=1)
+
+        if a.jobs > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(a.jobs) as ex:
+                for f in [ex.submit(sweep, m) for m in methods]:
+                    f.result()
+        else:
+            for m in methods:
+                sweep(m)
     rows = table(a.out, methods, checkpoints)
     json.dump({"commit": git_commit(), "edits": a.edits, "model": a.model, "rows": rows},
               open(os.path.join(a.out, "table.json"), "w"), indent=1)
