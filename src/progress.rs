@@ -10,15 +10,24 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A bar for `total` items of `unit`, labelled `what`.
+    /// A bar for `total` items of `unit`, labelled `what`; with `total` 0 (unknown, e.g. a
+    /// stream) a counter with the rate and no ETA.
     pub fn new(total: u64, what: &str, unit: &str) -> Self {
         let bar = if std::io::stderr().is_terminal() {
-            let b = ProgressBar::new(total);
-            let style = ProgressStyle::with_template(&format!(
-                "{{msg}} {what} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, ETA {{eta}})"
-            ))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-            b.set_style(style);
+            let (b, template) = if total > 0 {
+                (
+                    ProgressBar::new(total),
+                    format!("{what} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, ETA {{eta}}) {{msg}}"),
+                )
+            } else {
+                (
+                    ProgressBar::no_length(),
+                    format!("{what} {{pos}} {unit} ({{per_sec}}, {{elapsed}}) {{msg}}"),
+                )
+            };
+            b.set_style(
+                ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
             b
         } else {
             ProgressBar::hidden()

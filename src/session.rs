@@ -121,8 +121,14 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let resumed_from = state.n_edits;
 
     let reader = EditReader::open(&opts.edits)?;
-    let total_hint = opts.limit.map(|l| l as u64);
-    let bar = Progress::new(total_hint.unwrap_or(0), "editing", "edits");
+    // Total for the bar: --limit, else the number of non-blank lines of a file (a streaming
+    // count, nothing kept); unknown for standard input.
+    let total_hint = match opts.limit {
+        Some(l) => l as u64,
+        None if std::io::stderr().is_terminal() && opts.edits.as_os_str() != "-" => count_lines(&opts.edits),
+        None => 0,
+    };
+    let bar = Progress::new(total_hint, "editing", "edits");
     bar.set_position(state.n_edits as u64);
     let json_lines = opts.json_lines || !std::io::stdout().is_terminal();
     let mut wins = count_wins(&rd)?;
@@ -221,7 +227,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         wins += outcome.target_wins as usize;
         this_session += 1;
         bar.set_position(state.n_edits as u64);
-        bar.set_message(format!("wins {:.0}%", 100.0 * wins as f64 / state.n_edits as f64));
+        bar.set_message(format!("target wins {:.1}%", 100.0 * wins as f64 / state.n_edits as f64));
     }
     bar.finish();
     // Persist a trailing run of rejected lines as consumed.
@@ -274,6 +280,16 @@ fn new_manifest(
         templates,
         stats,
     }
+}
+
+fn count_lines(path: &std::path::Path) -> u64 {
+    use std::io::BufRead;
+    std::fs::File::open(path)
+        .map(|f| {
+            std::io::BufReader::new(f).lines().map_while(Result::ok).filter(|l| !l.trim().is_empty()).count()
+                as u64
+        })
+        .unwrap_or(0)
 }
 
 fn count_wins(rd: &RunDir) -> Result<usize> {

@@ -212,3 +212,75 @@ impl HfConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama31_like() -> HfConfig {
+        HfConfig::from_json(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":4096,"intermediate_size":14336,
+                "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"vocab_size":128256,
+                "rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+                "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_and_divides_low_frequencies() {
+        let cfg = llama31_like();
+        let scaled = cfg.inv_freq();
+        let mut plain_cfg = cfg.clone();
+        plain_cfg.rope_scaling = None;
+        let plain = plain_cfg.inv_freq();
+        assert_eq!(scaled.len(), 64);
+        // Wavelengths shorter than 8192/4 = 2048 tokens are untouched.
+        assert_eq!(scaled[0], plain[0]);
+        let two_pi = 2.0 * std::f64::consts::PI;
+        for (s, p) in scaled.iter().zip(&plain) {
+            let wavelen = two_pi / p;
+            if wavelen < 2048.0 {
+                assert_eq!(s, p);
+            } else if wavelen > 8192.0 {
+                assert!((s - p / 8.0).abs() < 1e-15, "long wavelengths are divided by the factor");
+            } else {
+                // Smoothly between the two.
+                assert!(*s < *p && *s > p / 8.0);
+            }
+        }
+        // The lowest frequency is divided by 8.
+        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-18);
+    }
+
+    #[test]
+    fn unsupported_architecture_and_scaling_are_named() {
+        let e = HfConfig::from_json(
+            r#"{"architectures":["GPT2LMHeadModel"],"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
+                "num_attention_heads":2,"vocab_size":10}"#,
+            "c.json",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("GPT2LMHeadModel"));
+        let e = HfConfig::from_json(
+            r#"{"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10,
+                "rope_scaling":{"type":"yarn","factor":2.0}}"#,
+            "c.json",
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("yarn"));
+    }
+
+    #[test]
+    fn parameter_count_of_smollm2_shape() {
+        let cfg = HfConfig::from_json(
+            r#"{"hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+                "num_key_value_heads":3,"vocab_size":49152,"tie_word_embeddings":true}"#,
+            "c.json",
+        )
+        .unwrap();
+        // 134,515,008 elements in the GGUF (norms included).
+        assert_eq!(cfg.parameter_count(), 134_515_008);
+    }
+}
