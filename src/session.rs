@@ -205,6 +205,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             "target_wins": outcome.target_wins,
             "subspace_added": outcome.subspace.added,
             "subspace_compressed_away": outcome.subspace.compressed_away,
+            "peak_rss_mb": peak_rss_mb(),
         });
         let phases = |ckpt: f64| json!({ "key": outcome.key_seconds, "value": outcome.value_seconds, "update": outcome.update_seconds, "checkpoint": ckpt });
         if let Some(ev) = eval_entry.take() {
@@ -280,6 +281,14 @@ fn new_manifest(
         templates,
         stats,
     }
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), when known.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 =
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn count_lines(path: &std::path::Path) -> u64 {

@@ -232,7 +232,17 @@ pub fn load_or_compute(
     let missing: Vec<usize> =
         layers.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(l, _)| *l).collect();
     if !missing.is_empty() {
+        let t = std::time::Instant::now();
         let computed = compute_many(model, tok, &missing, max_tokens, corpus)?;
+        let secs = t.elapsed().as_secs_f64();
+        if let Some(first) = computed.first() {
+            eprintln!(
+                "key statistics: layers {missing:?}, {} tokens in {secs:.1} s ({:.0} tokens/s); cached in {}",
+                first.tokens,
+                first.tokens as f64 / secs.max(1e-9),
+                cache_dir().display()
+            );
+        }
         for s in computed {
             let path = cache_path(model_fp, s.layer, max_tokens, corpus);
             if let Some(dir) = path.parent() {
