@@ -37,5 +37,43 @@ pub fn export_hf(model: &Llama, tok: &Tok, out: &Path) -> Result<()> {
     atomic_write(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     let tok_path = out.join("tokenizer.json");
     atomic_write_with(&tok_path, |p| tok.save(p))?;
+    atomic_write(&out.join("tokenizer_config.json"), tokenizer_config(tok).to_string().as_bytes())?;
+    for name in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+        make_readable(&out.join(name))?;
+    }
+    Ok(())
+}
+
+/// `tokenizer_config.json` for transformers 4 and 5: a generic fast tokenizer over
+/// tokenizer.json with the model's special tokens (without it transformers 4 picks a Llama
+/// tokenizer class by `model_type` that adds tokens the model does not have).
+fn tokenizer_config(tok: &Tok) -> serde_json::Value {
+    let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i));
+    let mut cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+        "model_input_names": ["input_ids", "attention_mask"],
+    });
+    if let Some(b) = name(tok.bos_id) {
+        cfg["bos_token"] = b.into();
+    }
+    if let Some(e) = name(tok.eos_id) {
+        cfg["eos_token"] = e.into();
+    }
+    if let Some(p) = name(Some(tok.pad_id)) {
+        cfg["pad_token"] = p.into();
+    }
+    cfg
+}
+
+/// Files of an exported model are readable by everyone (the temporary file they come from may
+/// have been created private).
+fn make_readable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("{}: cannot set permissions", path.display()))?;
+    }
     Ok(())
 }

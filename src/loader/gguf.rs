@@ -148,6 +148,7 @@ fn config_from_gguf(ct: &gguf_file::Content, arch: &str) -> Result<HfConfig> {
         bos_token_id: None,
         eos_token_id: None,
         torch_dtype: Some("float32".into()),
+        rope_parameters: None,
     };
     cfg.validate()?;
     if cfg.head_dim() * heads != hidden {

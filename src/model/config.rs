@@ -85,13 +85,35 @@ pub struct HfConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub torch_dtype: Option<String>,
+    /// transformers ≥ 5 writes `rope_theta` and the scaling here; folded into `rope_theta` and
+    /// `rope_scaling` when the config is read (never written back).
+    #[serde(default, skip_serializing)]
+    pub rope_parameters: Option<serde_json::Value>,
 }
 
 impl HfConfig {
     /// Parses `config.json` text; `origin` names the file in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let cfg: HfConfig =
-            serde_json::from_str(text).with_context(|| format!("{origin}: not a valid model config"))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(text).with_context(|| format!("{origin}: not valid JSON"))?;
+        let has_theta = raw.get("rope_theta").is_some();
+        let has_scaling = raw.get("rope_scaling").is_some_and(|v| !v.is_null());
+        let mut cfg: HfConfig =
+            serde_json::from_value(raw).with_context(|| format!("{origin}: not a valid model config"))?;
+        if let Some(rp) = cfg.rope_parameters.take() {
+            if !has_theta {
+                if let Some(theta) = rp.get("rope_theta").and_then(|v| v.as_f64()) {
+                    cfg.rope_theta = theta;
+                }
+            }
+            let kind = rp.get("rope_type").and_then(|v| v.as_str()).unwrap_or("default");
+            if !has_scaling && kind != "default" {
+                let scaling = serde_json::from_value(rp.clone()).with_context(|| {
+                    format!("{origin}: field `rope_parameters` is not a valid rope scaling")
+                })?;
+                cfg.rope_scaling = Some(scaling);
+            }
+        }
         cfg.validate().with_context(|| format!("{origin}: unsupported model config"))?;
         Ok(cfg)
     }
@@ -270,6 +292,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("yarn"));
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_are_read() {
+        let cfg = HfConfig::from_json(
+            r#"{"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10,
+                "rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}}"#,
+            "c.json",
+        )
+        .unwrap();
+        assert_eq!(cfg.rope_theta, 100000.0);
+        assert!(cfg.rope_scaling.is_none());
+        let cfg = HfConfig::from_json(
+            r#"{"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":10,
+                "rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+                "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+            "c.json",
+        )
+        .unwrap();
+        assert_eq!(cfg.rope_theta, 500000.0);
+        assert_eq!(cfg.rope_scaling.as_ref().unwrap().rope_type, "llama3");
+        // Not written back: exports keep the classic fields.
+        assert!(serde_json::to_value(&cfg).unwrap().get("rope_parameters").is_none());
     }
 
     #[test]
