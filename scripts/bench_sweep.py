@@ -65,8 +65,10 @@ def svg(rows, path):
         return
     w, h, pad = 300, 220, 40
     panels = [m for m in PLOTTED if any(m in r for r in rows)]
+    xlabel = "sequential edits N (x axis); each point: all N edited records evaluated after the N-th edit" 
     width = w * len(panels)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + 40}" font-family="sans-serif" font-size="11">']
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + 50}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{h + 50}" fill="#fff"/>']
     xmin, xmax = min(ns), max(ns)
     for i, metric in enumerate(panels):
         vals = [r[metric] for r in rows if metric in r]
@@ -98,7 +100,8 @@ def svg(rows, path):
             for n, v in pts:
                 out.append(f'<circle cx="{x(n):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>')
             if i == 0:
-                out.append(f'<text x="{ox + pad + 5}" y="{h + 30 - 12 * (len(series) - j - 1) - 150}" fill="{colour}">{m}</text>')
+                out.append(f'<text x="{pad + 110 * j}" y="{h + 42}" fill="{colour}" font-weight="bold">{m}</text>')
+    out.append(f'<text x="{width / 2}" y="{h + 26}" text-anchor="middle" fill="#444">{xlabel.strip()}</text>')
     out.append("</svg>")
     open(path, "w").write("\n".join(out))
 
