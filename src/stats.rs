@@ -2,6 +2,7 @@
 //! Computed once and cached as safetensors, keyed by model fingerprint, layer, token count and
 //! corpus hash, so that every input that changes C changes the cache file name.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -235,7 +236,7 @@ pub fn load_or_compute(
         let t = std::time::Instant::now();
         let computed = compute_many(model, tok, &missing, max_tokens, corpus)?;
         let secs = t.elapsed().as_secs_f64();
-        if let Some(first) = computed.first() {
+        if let Some(first) = computed.first().filter(|_| std::io::stderr().is_terminal()) {
             eprintln!(
                 "key statistics: layers {missing:?}, {} tokens in {secs:.1} s ({:.0} tokens/s); cached in {}",
                 first.tokens,

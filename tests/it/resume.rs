@@ -70,7 +70,7 @@ fn kill_after(fx: &Fx, run_dir: &Path, at: usize) -> usize {
     n
 }
 
-/// The log lines without their timings.
+/// The log lines without their timings and memory readings.
 fn log_without_timings(run_dir: &Path) -> Vec<serde_json::Value> {
     read_jsonl(&run_dir.join("log.jsonl"))
         .into_iter()
@@ -78,6 +78,7 @@ fn log_without_timings(run_dir: &Path) -> Vec<serde_json::Value> {
             let o = v.as_object_mut().unwrap();
             o.remove("seconds");
             o.remove("phases");
+            o.remove("peak_rss_mb");
             v
         })
         .collect()
