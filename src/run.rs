@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::edit::{apply_rank_one, subspace::Subspace, AppliedUpdate, Method};
+use crate::errors::InputError;
 use crate::fingerprint::Fnv;
 use crate::fsutil::{atomic_write, atomic_write_with};
 use crate::hparams::Hparams;
@@ -66,6 +67,19 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Checks that the model loaded as `arg`, with `fingerprint`, is the model this run edits.
+    pub fn check_model(&self, run_dir: &Path, arg: &str, fingerprint: &str) -> Result<(), InputError> {
+        if self.model.fingerprint == fingerprint {
+            return Ok(());
+        }
+        Err(InputError(format!(
+            "run {} was made on model `{}` (fingerprint {}), not on `{arg}` (fingerprint {fingerprint})",
+            run_dir.display(),
+            self.model.arg,
+            self.model.fingerprint
+        )))
+    }
+
     /// Explains why `other` (the current invocation) cannot continue this run, if it cannot.
     pub fn incompatibility(&self, other: &Manifest) -> Option<String> {
         if self.model.fingerprint != other.model.fingerprint {

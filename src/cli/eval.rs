@@ -134,17 +134,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     let mut lm = args.model.load()?;
     let fingerprint = model_fingerprint(&lm.model)?;
-    if let Some(m) = &manifest {
-        if m.model.fingerprint != fingerprint {
-            return Err(InputError(format!(
-                "run {} was made on model `{}` (fingerprint {}), not on `{}` (fingerprint {fingerprint})",
-                args.run.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                m.model.arg,
-                m.model.fingerprint,
-                args.model.model
-            ))
-            .into());
-        }
+    if let (Some(m), Some(rd)) = (&manifest, &run_dir) {
+        m.check_model(&rd.path, &args.model.model, &fingerprint)?;
     }
 
     let (base_scores, mut edited_scores, n_edits) = match (&run_dir, args.timing) {

@@ -49,16 +49,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     };
     let mut lm = load_model(&model_arg, &device, dtype)?;
     if let (Some(rd), Some(m)) = (&run_dir, &manifest) {
-        let fp = model_fingerprint(&lm.model)?;
-        if fp != m.model.fingerprint {
-            return Err(InputError(format!(
-                "run {} was made on model `{}` (fingerprint {}), but `{model_arg}` has fingerprint {fp}",
-                rd.path.display(),
-                m.model.arg,
-                m.model.fingerprint
-            ))
-            .into());
-        }
+        m.check_model(&rd.path, &model_arg, &model_fingerprint(&lm.model)?)?;
         let state = rd.read_state(lm.config().intermediate_size)?;
         replay(&mut lm.model, &state.updates).context("replaying the run's updates")?;
         eprintln!("applied {} edits from {}", state.n_edits, rd.path.display());

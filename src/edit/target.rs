@@ -36,6 +36,14 @@ pub struct KeyValue {
     pub value_seconds: f64,
 }
 
+/// Rows of `t: [batch, seq, n]` at the subject's last token of each rewrite row: `[rows, n]`.
+fn at_subject(t: &Tensor, p: &EditPrompts) -> Result<Tensor> {
+    let rows: Vec<u32> =
+        (0..p.rewrite_rows).map(|r| p.batch.flat_index(r, p.subject_last[r]) as u32).collect();
+    let idx = Tensor::new(rows.as_slice(), t.device())?;
+    Ok(t.reshape(((), t.dim(D::Minus1)?))?.index_select(&idx, 0)?)
+}
+
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
 }
@@ -59,12 +67,9 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
     let h_layer = model.run_layers(model.embed(batch)?, 0..layer + 1, &ctx, &taps, &mut cap)?;
     let keys = cap.keys.take().context("key capture failed")?;
     let outs = cap.mlp_out.take().context("output capture failed")?;
-    let (f, d) = (keys.dim(D::Minus1)?, outs.dim(D::Minus1)?);
-    let subject_rows: Vec<u32> =
-        (0..p.rewrite_rows).map(|r| batch.flat_index(r, p.subject_last[r]) as u32).collect();
-    let idx = Tensor::new(subject_rows.as_slice(), dev)?;
-    let k_rows = keys.reshape(((), f))?.index_select(&idx, 0)?;
-    let v_rows = outs.reshape(((), d))?.index_select(&idx, 0)?;
+    let d = outs.dim(D::Minus1)?;
+    let k_rows = at_subject(&keys, p)?;
+    let v_rows = at_subject(&outs, p)?;
     let template_keys: Vec<Vec<f64>> =
         (0..p.rewrite_rows).map(|i| to_f64(&k_rows.get(i)?)).collect::<Result<_>>()?;
     let k_star = to_f64(&k_rows.mean(0)?)?;
@@ -167,17 +172,12 @@ pub fn subject_state(
     out_layer: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let batch = &p.batch;
-    let dev = model.device();
     let ctx = LayerCtx::new(model, batch, Mode::Inference)?;
     let mut cap = Captured::default();
     let taps = Taps { capture_keys: Some(key_layer), ..Default::default() };
     let h = model.run_layers(model.embed(batch)?, 0..out_layer.max(key_layer) + 1, &ctx, &taps, &mut cap)?;
     let keys = cap.keys.context("key capture failed")?;
-    let rows: Vec<u32> = (0..p.rewrite_rows).map(|r| batch.flat_index(r, p.subject_last[r]) as u32).collect();
-    let idx = Tensor::new(rows.as_slice(), dev)?;
-    let f = keys.dim(D::Minus1)?;
-    let d = h.dim(D::Minus1)?;
-    let k = to_f64(&keys.reshape(((), f))?.index_select(&idx, 0)?.mean(0)?)?;
-    let z = to_f64(&h.reshape(((), d))?.index_select(&idx, 0)?.mean(0)?)?;
+    let k = to_f64(&at_subject(&keys, p)?.mean(0)?)?;
+    let z = to_f64(&at_subject(&h, p)?.mean(0)?)?;
     Ok((k, z))
 }

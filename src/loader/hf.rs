@@ -23,8 +23,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             dir.display()
         );
     }
-    let text =
-        std::fs::read_to_string(&index).with_context(|| format!("{}: cannot read", index.display()))?;
+    let files = shard_names(&index)?;
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+        bail!("{}: shard {} listed in the index is missing", dir.display(), missing.display());
+    }
+    Ok(paths)
+}
+
+/// The shard file names listed in a `model.safetensors.index.json` (sorted, unique).
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
     let map = v
@@ -34,11 +43,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
     files.sort();
     files.dedup();
-    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
-    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-        bail!("{}: shard {} listed in the index is missing", dir.display(), missing.display());
-    }
-    Ok(paths)
+    Ok(files)
 }
 
 /// Reads and validates `config.json`.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
@@ -80,17 +80,7 @@ pub fn fetch(spec: &str) -> Result<HubFiles> {
             let index = get("model.safetensors.index.json").map_err(|_| {
                 missing_help("model.safetensors (or model.safetensors.index.json)", single_err)
             })?;
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("{}: cannot read", index.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", index.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .with_context(|| format!("{}: field `weight_map` is missing", index.display()))?;
-            let mut shards: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
-            shards.sort();
-            shards.dedup();
+            let shards = super::hf::shard_names(&index)?;
             shards.iter().map(|s| get(s).map_err(|e| missing_help(s, e))).collect::<Result<Vec<_>>>()?
         }
     };
