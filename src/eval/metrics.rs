@@ -78,6 +78,19 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
+/// Fraction of prompts j where `preferred[j]` has a lower mean NLL than `other[j]` (the binary
+/// preference of ROME's efficacy / paraphrase / neighbourhood scores).
+fn preference_rate(preferred: &[(usize, AnswerScore)], other: &[(usize, AnswerScore)]) -> Option<f64> {
+    let prefs: Vec<f64> = preferred
+        .iter()
+        .filter_map(|(j, p)| {
+            let (_, o) = other.iter().find(|(k, _)| k == j)?;
+            Some((p.mean_nll < o.mean_nll) as u8 as f64)
+        })
+        .collect();
+    mean(&prefs)
+}
+
 /// Scores `records` (batched over records) on `model`.
 pub fn score_records(
     model: &Llama,
@@ -152,26 +165,10 @@ pub fn score_records(
         if !a.para_new.is_empty() {
             o.generalization_token_acc =
                 mean(&a.para_new.iter().map(|(_, s)| s.token_accuracy).collect::<Vec<_>>());
-            let prefs: Vec<f64> = a
-                .para_new
-                .iter()
-                .filter_map(|(j, n)| {
-                    let t = a.para_true.iter().find(|(k, _)| k == j)?;
-                    Some((n.mean_nll < t.1.mean_nll) as u8 as f64)
-                })
-                .collect();
-            o.generalization = mean(&prefs);
+            o.generalization = preference_rate(&a.para_new, &a.para_true);
         }
         if !a.loc_true.is_empty() {
-            let prefs: Vec<f64> = a
-                .loc_true
-                .iter()
-                .filter_map(|(j, t)| {
-                    let n = a.loc_new.iter().find(|(k, _)| k == j)?;
-                    Some((t.mean_nll < n.1.mean_nll) as u8 as f64)
-                })
-                .collect();
-            o.locality = mean(&prefs);
+            o.locality = preference_rate(&a.loc_true, &a.loc_new);
             o.locality_argmax = a.loc_true.iter().map(|(_, s)| s.argmax.clone()).collect();
         }
     }

@@ -48,17 +48,7 @@ fn logits_at_every_position() {
     let c = l.get(2).unwrap().get(3).unwrap();
     assert!(max_abs_diff(&a, &b) > 1e-3 && max_abs_diff(&a, &c) > 1e-3);
     // logits_at picks the same rows as the full forward.
-    let ctx = LayerCtx::new(&lm.model, &batch, Mode::Inference).unwrap();
-    let h = lm
-        .model
-        .run_layers(
-            lm.model.embed(&batch).unwrap(),
-            0..LAYERS,
-            &ctx,
-            &Taps::default(),
-            &mut Captured::default(),
-        )
-        .unwrap();
+    let h = hidden_states(&lm.model, &batch);
     let rows =
         Tensor::new(&[batch.flat_index(1, 8) as u32, batch.flat_index(2, 0) as u32], lm.model.device())
             .unwrap();

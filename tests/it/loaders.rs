@@ -60,17 +60,7 @@ fn hf_folder_tied_has_no_lm_head_and_uses_embeddings() {
     // hidden state.
     let ids = sample_ids(6, 3);
     let batch = oedit::model::Batch::new(vec![ids.clone()], oedit::model::Padding::Right, 0).unwrap();
-    let ctx = oedit::model::LayerCtx::new(&lm.model, &batch, oedit::model::Mode::Inference).unwrap();
-    let h = lm
-        .model
-        .run_layers(
-            lm.model.embed(&batch).unwrap(),
-            0..LAYERS,
-            &ctx,
-            &Default::default(),
-            &mut Default::default(),
-        )
-        .unwrap();
+    let h = hidden_states(&lm.model, &batch);
     let w = lm.model.named_weights();
     let get = |n: &str| w.iter().find(|(k, _)| k == n).unwrap().1.clone();
     let norm = candle_nn::ops::rms_norm_slow(&h, &get("model.norm.weight"), RMS_EPS as f32).unwrap();

@@ -324,6 +324,20 @@ pub fn logits(model: &Llama, ids: &[u32]) -> Tensor {
 }
 
 /// Largest absolute difference between two tensors of the same shape (as f64).
+/// Residual stream after all layers (inference mode), `[batch, seq, hidden]`.
+pub fn hidden_states(model: &Llama, batch: &Batch) -> Tensor {
+    let ctx = oedit::model::LayerCtx::new(model, batch, oedit::model::Mode::Inference).unwrap();
+    model
+        .run_layers(
+            model.embed(batch).unwrap(),
+            0..model.num_layers(),
+            &ctx,
+            &Taps::default(),
+            &mut Default::default(),
+        )
+        .unwrap()
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(DType::F64).unwrap();
