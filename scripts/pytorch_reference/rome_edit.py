@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from check_export import transformers_quiet  # same folder; stdlib-only at import time
+
 
 # ----------------------------------------------------------------------------------------------
 # Records, prompts and tokenisation (the conventions of oedit's tokenizer.rs and prompts.rs)
@@ -311,16 +313,6 @@ def default_stats_path(manifest):
     name = (f"{m['model']['fingerprint']}-layer{m['hparams']['layer']}-{m['stats']['tokens']}tok"
             f"-corpus{m['stats']['corpus_hash']}.safetensors")
     return base / name
-
-
-def transformers_quiet():
-    """No weight-loading progress bars on stderr (they would clutter logs)."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except (ImportError, AttributeError):
-        pass
 
 
 def main():
