@@ -1,7 +1,6 @@
 //! Tokenizers: loading `tokenizer.json`, building a byte-level BPE tokenizer from GGUF metadata,
 //! and the encode/decode conventions the editor relies on (BOS handling, target spacing).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -185,12 +184,4 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tok> {
         t.pad_id = p;
     }
     Ok(t)
-}
-
-/// Special-token ids read from a model folder's config files (`generation_config.json` etc.).
-pub fn special_ids_from_json(values: &HashMap<String, serde_json::Value>) -> (Option<u32>, Option<u32>) {
-    let id = |k: &str| {
-        values.get(k).and_then(|v| v.as_u64().or_else(|| v.as_array()?.first()?.as_u64())).map(|x| x as u32)
-    };
-    (id("bos_token_id"), id("eos_token_id"))
 }
