@@ -3,7 +3,10 @@
 checkpoints N; after each checkpoint every record edited so far is evaluated (efficacy,
 generalization, neighbourhood score, locality agreement, fluency). Writes one eval report per
 (method, N), a table (JSON) and an SVG plot of each metric vs N. Resumable: existing reports are
-kept, runs continue from their checkpoints (run directories under OUT/runs).
+kept, runs continue from their checkpoints (run directories under OUT/runs), and each report
+evaluates the run as it stood after its N-th edit (`oedit eval --at N`), so a run already past N
+still gives the report for N. The unedited side of each report comes from oedit's cache after
+the first method.
 
 usage: scripts/bench_sweep.py [--methods rome,memit,alphaedit,oedit,oedit-plus]
                               [--checkpoints 100,500,1000] [--edits ../shared/data/counterfact.jsonl]
@@ -134,7 +137,7 @@ def main():
                      "--run", run_dir, "--method", m, "--limit", str(n), "--on-invalid", "skip", "--json"])
                 edit_s = time.time() - t
                 run([a.oedit, "--threads", a.threads, "eval", "--model", a.model, "--run", run_dir,
-                     "--edits", a.edits, "--metrics", a.metrics, "--json", report])
+                     "--at", str(n), "--edits", a.edits, "--metrics", a.metrics, "--json", report])
                 rep = json.load(open(report))
                 rep["sweep"] = {"method": m, "n": n, "edit_seconds_this_step": edit_s, "commit": git_commit(),
                                 "command": " ".join(sys.argv)}

@@ -36,6 +36,15 @@ pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     Ok(())
 }
 
+/// Root of oedit's caches: `$OEDIT_CACHE`, else `~/.cache/oedit`.
+pub fn cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("OEDIT_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("oedit")
+}
+
 /// Atomically replaces `path` with `bytes`.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     atomic_write_with(path, |tmp| {

@@ -63,7 +63,8 @@ impl Default for AlphaEditParams {
     }
 }
 
-/// O-Edit+: the O-Edit basis seeded with the top-energy eigenvectors of C ("original knowledge").
+/// O-Edit+: O-Edit in whitened key space, optionally seeded with the top-energy eigenvectors of
+/// C ("original knowledge"; off by default).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OeditPlusParams {
@@ -75,7 +76,7 @@ pub struct OeditPlusParams {
 
 impl Default for OeditPlusParams {
     fn default() -> Self {
-        Self { core_energy: 0.5, max_core_fraction: 0.25 }
+        Self { core_energy: 0.0, max_core_fraction: 0.25 }
     }
 }
 

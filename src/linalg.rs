@@ -719,16 +719,35 @@ impl Cholesky {
     /// # Panics
     /// If `b.len()` differs from the dimension.
     pub fn solve(&self, b: &[f64]) -> Vec<f64> {
+        self.solve_upper_t(&self.solve_lower(b))
+    }
+
+    /// Solves `L y = b` (whitening: `yᵀy = bᵀA⁻¹b`).
+    ///
+    /// # Panics
+    /// If `b.len()` differs from the dimension.
+    pub fn solve_lower(&self, b: &[f64]) -> Vec<f64> {
         let n = self.dim();
-        assert_eq!(b.len(), n, "Cholesky::solve: dimension mismatch");
+        assert_eq!(b.len(), n, "Cholesky::solve_lower: dimension mismatch");
         let l = &self.l.data;
-        // L y = b (rows of L).
         let mut x = b.to_vec();
         for i in 0..n {
             let s = x[i] - dot_kernel(&l[i * n..i * n + i], &x[..i]);
             x[i] = s / l[i * n + i];
         }
-        // Lᵀ x = y (column-oriented: row i of L scatters into the earlier unknowns).
+        x
+    }
+
+    /// Solves `Lᵀ x = y`.
+    ///
+    /// # Panics
+    /// If `y.len()` differs from the dimension.
+    pub fn solve_upper_t(&self, y: &[f64]) -> Vec<f64> {
+        let n = self.dim();
+        assert_eq!(y.len(), n, "Cholesky::solve_upper_t: dimension mismatch");
+        let l = &self.l.data;
+        let mut x = y.to_vec();
+        // Column-oriented: row i of L scatters into the earlier unknowns.
         for i in (0..n).rev() {
             x[i] /= l[i * n + i];
             let xi = x[i];

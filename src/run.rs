@@ -91,9 +91,9 @@ impl Manifest {
         if self.method != other.method {
             return Some(format!("it uses method {}, not {}", self.method.name(), other.method.name()));
         }
-        if self.hparams != other.hparams {
-            let a = serde_json::to_value(&self.hparams).ok()?;
-            let b = serde_json::to_value(&other.hparams).ok()?;
+        let a = hparams_used_by(&self.hparams, self.method)?;
+        let b = hparams_used_by(&other.hparams, other.method)?;
+        if a != b {
             let diff: Vec<String> = a
                 .as_object()?
                 .iter()
@@ -112,6 +112,26 @@ impl Manifest {
         }
         None
     }
+}
+
+/// The hyper-parameters `method` reads, as JSON: the sections of the other methods are left out,
+/// so changing them (or their defaults) does not block resuming a run that never used them.
+fn hparams_used_by(hp: &Hparams, method: Method) -> Option<serde_json::Value> {
+    let mut v = serde_json::to_value(hp).ok()?;
+    let obj = v.as_object_mut()?;
+    let keep: &[&str] = match method {
+        Method::Rome => &[],
+        Method::Memit => &["memit"],
+        Method::Alphaedit => &["alphaedit"],
+        Method::Oedit => &["subspace"],
+        Method::OeditPlus => &["subspace", "oedit_plus"],
+    };
+    for section in ["subspace", "memit", "alphaedit", "oedit_plus"] {
+        if !keep.contains(&section) {
+            obj.remove(section);
+        }
+    }
+    Some(v)
 }
 
 /// The committed progress of a run.

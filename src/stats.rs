@@ -117,11 +117,7 @@ pub struct KeyStats {
 
 /// Where the statistics cache lives: `$OEDIT_CACHE/stats`, else `~/.cache/oedit/stats`.
 pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("OEDIT_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("stats");
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("oedit").join("stats")
+    crate::fsutil::cache_root().join("stats")
 }
 
 /// Cache file name for the given inputs.

@@ -4,18 +4,23 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
 use super::ModelArgs;
-use crate::data::EditReader;
+use crate::data::{EditReader, EditRecord};
+use crate::edit::AppliedUpdate;
 use crate::errors::{InputError, ThresholdError};
-use crate::eval::{locality_agreement, metric_columns, score_all, summarize, MetricSet, RecordScores};
+use crate::eval::{
+    locality_agreement, metric_columns, score_all, score_unedited, summarize, MetricSet, RecordScores,
+};
 use crate::fingerprint::model_fingerprint;
 use crate::fsutil::atomic_write;
 use crate::loader::load_model;
-use crate::run::{replay, RunDir};
+use crate::model::Llama;
+use crate::run::{replay, Manifest, RunDir, State};
+use crate::tokenizer::Tok;
 
 /// When each record is evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +63,14 @@ pub struct EvalArgs {
     /// Include per-record scores in the JSON report.
     #[arg(long)]
     pub per_record: bool,
+    /// Evaluate the run as it stood right after its N-th edit (its first N edited records, its
+    /// first N edits' updates); default: all committed edits. Lets one run serve several
+    /// checkpoints, also while it is still editing.
+    #[arg(long, value_name = "N")]
+    pub at: Option<usize>,
+    /// Do not read or write the cache of unedited-model scores (`$OEDIT_CACHE/eval`).
+    #[arg(long)]
+    pub no_cache: bool,
     /// Exit with code 3 when an edited-model metric is below its threshold, e.g. `efficacy=0.9,locality=0.5`.
     #[arg(long)]
     pub fail_under: Option<String>,
@@ -104,8 +117,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(rd) => rd.read_manifest()?,
         None => None,
     };
+    if args.at.is_some() && (run_dir.is_none() || args.timing != Timing::AfterAll) {
+        return Err(InputError("--at needs --run and --timing after-all".into()).into());
+    }
+    if args.at == Some(0) {
+        return Err(InputError("--at: N must be at least 1".into()).into());
+    }
     let edited_lines: Option<HashSet<usize>> = match &run_dir {
-        Some(rd) => Some(read_log_lines(rd)?),
+        Some(rd) => Some(read_log_lines(rd, args.at)?),
         None => None,
     };
 
@@ -138,16 +157,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
         m.check_model(&rd.path, &args.model.model, &fingerprint)?;
     }
 
+    let unedited = |model: &Llama, tok: &Tok, fp: &str, records: &[EditRecord]| {
+        if args.no_cache {
+            score_all(model, tok, records, which, args.gen_tokens, "unedited")
+        } else {
+            score_unedited(model, tok, fp, records, which, args.gen_tokens)
+        }
+    };
     let (base_scores, mut edited_scores, n_edits) = match (&run_dir, args.timing) {
         (Some(rd), Timing::AfterAll) => {
-            let base = score_all(&lm.model, &lm.tok, &records, which, args.gen_tokens, "unedited")?;
+            let base = unedited(&lm.model, &lm.tok, &fingerprint, &records)?;
             let state = rd.read_state(lm.config().intermediate_size)?;
-            replay(&mut lm.model, &state.updates)?;
+            let n = args.at.unwrap_or(state.n_edits);
+            let updates = updates_of_first(rd, &state, n, manifest.as_ref())?;
+            replay(&mut lm.model, updates)?;
             let edited = score_all(&lm.model, &lm.tok, &records, which, args.gen_tokens, "edited")?;
-            (Some(base), edited, Some(state.n_edits))
+            (Some(base), edited, Some(n))
         }
         (Some(rd), Timing::AfterEach) => {
-            let base = score_all(&lm.model, &lm.tok, &records, which, args.gen_tokens, "unedited")?;
+            let base = unedited(&lm.model, &lm.tok, &fingerprint, &records)?;
             let each = read_after_each(rd, &lines)?;
             (Some(base), each, Some(lines.len()))
         }
@@ -159,14 +187,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             let base = match &args.base {
                 Some(b) => {
                     let base_lm = load_model(b, &args.model.device.parse()?, lm.dtype.into())?;
-                    Some(score_all(
-                        &base_lm.model,
-                        &base_lm.tok,
-                        &records,
-                        which,
-                        args.gen_tokens,
-                        "unedited",
-                    )?)
+                    let base_fp = model_fingerprint(&base_lm.model)?;
+                    Some(unedited(&base_lm.model, &base_lm.tok, &base_fp, &records)?)
                 }
                 None => None,
             };
@@ -269,14 +291,52 @@ fn print_table(edited: &BTreeMap<&str, Value>, base: Option<&BTreeMap<&str, Valu
     eprintln!("{n} records in {secs:.1} s ({:.2} records/s)", n as f64 / secs.max(1e-9));
 }
 
-fn read_log_lines(rd: &RunDir) -> Result<HashSet<usize>> {
+/// Input lines the run edited (only those of its first `at` edits when given).
+fn read_log_lines(rd: &RunDir, at: Option<usize>) -> Result<HashSet<usize>> {
     let path = rd.log_path();
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     Ok(text
         .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("line")?.as_u64())
+        .filter_map(|l| {
+            let v = serde_json::from_str::<Value>(l).ok()?;
+            let index = v.get("index")?.as_u64()? as usize;
+            if at.is_some_and(|n| index >= n) {
+                return None;
+            }
+            v.get("line")?.as_u64()
+        })
         .map(|l| l as usize)
         .collect())
+}
+
+/// The updates of the run's first `n` edits (each edit stores one update per edited layer).
+fn updates_of_first<'a>(
+    rd: &RunDir,
+    state: &'a State,
+    n: usize,
+    manifest: Option<&Manifest>,
+) -> Result<&'a [AppliedUpdate]> {
+    if n > state.n_edits {
+        return Err(InputError(format!(
+            "--at {n}: {} has only {} committed edits",
+            rd.path.display(),
+            state.n_edits
+        ))
+        .into());
+    }
+    if n == state.n_edits {
+        return Ok(&state.updates);
+    }
+    let per_edit = manifest.map(|m| m.method.layers(&m.hparams).len()).unwrap_or(1);
+    if state.updates.len() != state.n_edits * per_edit {
+        bail!(
+            "{}: {} updates for {} edits; expected {per_edit} per edit",
+            rd.path.display(),
+            state.updates.len(),
+            state.n_edits
+        );
+    }
+    Ok(&state.updates[..n * per_edit])
 }
 
 fn read_after_each(rd: &RunDir, lines: &[usize]) -> Result<Vec<RecordScores>> {

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::subspace::{AppendReport, Subspace};
-use super::update::{projected_rank_one, Preconditioner, RankOne};
+use super::update::{projected_rank_one, rank_one_in, Metric, Preconditioner, RankOne};
 use super::Method;
 use crate::hparams::Hparams;
 use crate::linalg::{dot, sym_eigen, Cholesky, Mat};
@@ -26,6 +26,8 @@ pub struct LayerState {
     pub subspace: Subspace,
     /// AlphaEdit state, for that method only.
     pub alpha: Option<AlphaState>,
+    /// The inner product the subspace is kept in (whitened for O-Edit+).
+    pub metric: Metric,
 }
 
 fn eigen_of(stats: &KeyStats) -> crate::linalg::SymEigen {
@@ -39,6 +41,7 @@ impl LayerState {
         let pre = Preconditioner::new(stats, hp.cov_regularization)?;
         let mut subspace = Subspace::new(f);
         let mut alpha = None;
+        let metric = if method == Method::OeditPlus { Metric::Covariance } else { Metric::Euclidean };
         match method {
             Method::Alphaedit => {
                 let e = eigen_of(stats);
@@ -58,12 +61,12 @@ impl LayerState {
                         break;
                     }
                     acc += e.values[j].max(0.0);
-                    subspace.seed(&e.vectors.col(j));
+                    subspace.seed(&pre.to_metric(&e.vectors.col(j), metric));
                 }
             }
             _ => {}
         }
-        Ok(Self { pre, subspace, alpha })
+        Ok(Self { pre, subspace, alpha, metric })
     }
 
     /// The single-layer update of `method` for key `k` and residual `r`.
@@ -78,13 +81,13 @@ impl LayerState {
         match method {
             Method::Rome => projected_rank_one(&self.pre, None, k, r),
             Method::Oedit | Method::OeditPlus => {
-                match projected_rank_one(&self.pre, Some(&self.subspace), k, r) {
+                match rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, r) {
                     Ok(u) => Ok(u),
                     Err(_) => {
                         // Saturation: the key lies inside the stored subspace; halve it and retry.
                         let keep = self.subspace.len() / 2;
                         self.subspace.compress(keep);
-                        projected_rank_one(&self.pre, Some(&self.subspace), k, r)
+                        rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, r)
                     }
                 }
             }
@@ -120,7 +123,12 @@ impl LayerState {
         template_keys: &[Vec<f64>],
     ) -> AppendReport {
         match method {
-            Method::Oedit | Method::OeditPlus => self.subspace.append(k, template_keys, &hp.subspace),
+            Method::Oedit | Method::OeditPlus => {
+                let k = self.pre.to_metric(k, self.metric);
+                let t: Vec<Vec<f64>> =
+                    template_keys.iter().map(|x| self.pre.to_metric(x, self.metric)).collect();
+                self.subspace.append(&k, &t, &hp.subspace)
+            }
             _ => AppendReport::default(),
         }
     }

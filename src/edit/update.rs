@@ -27,6 +27,26 @@ impl Preconditioner {
     pub fn solve(&self, x: &[f64]) -> Vec<f64> {
         self.chol.solve(x)
     }
+
+    /// `x` in the coordinates where `metric`'s inner product is the plain dot product
+    /// (L⁻¹x for [`Metric::Covariance`], with C = L Lᵀ).
+    pub fn to_metric(&self, x: &[f64], metric: Metric) -> Vec<f64> {
+        match metric {
+            Metric::Euclidean => x.to_vec(),
+            Metric::Covariance => self.chol.solve_lower(x),
+        }
+    }
+}
+
+/// The inner product in which an O-Edit subspace is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// Plain key space: ũ = P C⁻¹k\* / (k\*ᵀ P C⁻¹ k\*) (O-Edit as published).
+    Euclidean,
+    /// Whitened key space w = L⁻¹k (C = L Lᵀ): ũ = L⁻ᵀ P w\* / ‖P w\*‖². Among all updates that
+    /// land the edit exactly and leave every stored key direction unchanged, this one disturbs
+    /// the statistics' keys least (it minimises E‖ΔW k‖² = ‖r‖² ũᵀCũ).
+    Covariance,
 }
 
 /// A rank-one update ΔW = r uᵀ with diagnostics.
@@ -43,6 +63,47 @@ impl RankOne {
     pub fn norm(&self) -> f64 {
         (dot(&self.r, &self.r) * dot(&self.u, &self.u)).sqrt()
     }
+}
+
+/// The projected rank-one update in `metric` (see [`Metric`]); ROME's update when the subspace
+/// is empty, in either metric.
+pub fn rank_one_in(
+    metric: Metric,
+    pre: &Preconditioner,
+    subspace: Option<&Subspace>,
+    k_star: &[f64],
+    r: &[f64],
+) -> Result<RankOne> {
+    match metric {
+        Metric::Euclidean => projected_rank_one(pre, subspace, k_star, r),
+        Metric::Covariance => whitened_rank_one(pre, subspace, k_star, r),
+    }
+}
+
+/// Projection in whitened coordinates: w = L⁻¹k\*, ũ = L⁻ᵀ P w / ‖P w‖², so that ΔW k\* = r and
+/// ΔW d = 0 for every key direction d whose whitened image L⁻¹d is stored.
+pub fn whitened_rank_one(
+    pre: &Preconditioner,
+    subspace: Option<&Subspace>,
+    k_star: &[f64],
+    r: &[f64],
+) -> Result<RankOne> {
+    let w = pre.chol.solve_lower(k_star);
+    let full = dot(&w, &w);
+    if !(full.is_finite() && full > 0.0) {
+        bail!("k*ᵀ C⁻¹ k* is not positive ({full}); the key statistics are degenerate");
+    }
+    let pw = match subspace {
+        Some(s) if !s.is_empty() => s.basis.project_out(&w),
+        _ => w,
+    };
+    let denom = dot(&pw, &pw);
+    let retained = denom / full;
+    if !(denom.is_finite() && retained > 1e-6) {
+        bail!("the key lies inside the stored subspace (retained {retained:.2e})");
+    }
+    let u = pre.chol.solve_upper_t(&pw).iter().map(|x| x / denom).collect();
+    Ok(RankOne { r: r.to_vec(), u, retained })
 }
 
 /// Projected rank-one update: ũ = P C⁻¹k* / (k*ᵀ P C⁻¹ k*), so that ΔW k* = r and ΔW b = 0
@@ -118,5 +179,57 @@ mod tests {
         let rome = projected_rank_one(&pre, None, &k, &[1.0]).unwrap();
         let worst = sub.basis.rows().iter().map(|b| dot(&rome.u, b).abs()).fold(0.0, f64::max);
         assert!(worst > 1e-3);
+    }
+
+    #[test]
+    fn whitened_update_spares_earlier_keys_with_least_disturbance() {
+        let f = 24;
+        let stats = spd_stats(f);
+        let c = Mat::from_vec(f, f, stats.second_moment.clone());
+        let pre = Preconditioner::new(&stats, 0.01).unwrap();
+        let mut c_reg = c.clone();
+        let mean_diag = (0..f).map(|i| c.get(i, i)).sum::<f64>() / f as f64;
+        c_reg.add_diagonal(0.01 * mean_diag);
+        let c_norm = |u: &[f64]| dot(u, &c_reg.matvec(u));
+        let policy =
+            SubspacePolicy { energy: 0.9, max_directions_per_edit: 1, max_fraction: 1.0, tolerance: 0.01 };
+        let (mut white, mut plain) = (Subspace::new(f), Subspace::new(f));
+        let mut earlier: Vec<Vec<f64>> = Vec::new();
+        for t in 0..8 {
+            let k = key(t, f);
+            let r = vec![1.0, -2.0];
+            let w = whitened_rank_one(&pre, Some(&white), &k, &r).unwrap();
+            let e = projected_rank_one(&pre, Some(&plain), &k, &r).unwrap();
+            if t == 0 {
+                // With nothing stored both are ROME's update.
+                for (a, b) in w.u.iter().zip(&e.u) {
+                    assert!((a - b).abs() < 1e-9 * crate::linalg::norm(&e.u));
+                }
+            }
+            assert!((dot(&w.u, &k) - 1.0).abs() < 1e-9);
+            // Earlier edits' keys (in key space) map to what they mapped to before.
+            for kp in &earlier {
+                assert!(dot(&w.u, kp).abs() < 1e-9 * crate::linalg::norm(&w.u) * crate::linalg::norm(kp));
+            }
+            // Least disturbance under the same constraints: never more than the Euclidean form.
+            assert!(c_norm(&w.u) <= c_norm(&e.u) * (1.0 + 1e-9), "step {t}");
+            white.append(&pre.to_metric(&k, Metric::Covariance), &[], &policy);
+            plain.append(&k, &[], &policy);
+            earlier.push(k);
+        }
+        // The whitened update is the C-minimum-norm solution: any feasible perturbation of it
+        // (still uᵀk = 1, still ⟂ earlier keys) has a larger C-norm.
+        let k = key(50, f);
+        let w = whitened_rank_one(&pre, Some(&white), &k, &[1.0]).unwrap();
+        let mut all = earlier.clone();
+        all.push(k.clone());
+        let mut basis = crate::linalg::OrthoBasis::new(f);
+        for v in &all {
+            assert!(basis.try_push(v, 1e-9));
+        }
+        let d = basis.project_out(&key(77, f));
+        let perturbed: Vec<f64> = w.u.iter().zip(&d).map(|(a, b)| a + 0.01 * b).collect();
+        assert!((dot(&perturbed, &k) - 1.0).abs() < 1e-9);
+        assert!(c_norm(&perturbed) > c_norm(&w.u));
     }
 }

@@ -1,6 +1,7 @@
 //! `oedit eval`: efficacy, generalization, locality and fluency of an edited model against the
 //! unedited one, on the same records, with the protocol written into every report.
 
+pub mod baseline_cache;
 pub mod metrics;
 
 use anyhow::Result;
@@ -11,6 +12,7 @@ use crate::infer::greedy_ids;
 use crate::model::Llama;
 use crate::progress::Progress;
 use crate::tokenizer::Tok;
+pub use baseline_cache::score_unedited;
 pub use metrics::{locality_agreement, ngram_entropy, score_records, MetricSet, RecordScores};
 
 /// Records per scoring batch.

@@ -571,10 +571,27 @@ fn run_directory_refuses_another_model_or_changed_hparams() {
     let o = fx.edit(&edits, &dir, &["--limit", "2", "--layer", "2"]);
     check_refused(&o, &["layer"]);
 
+    let mut hp = tiny_hparams();
+    hp["subspace"]["tolerance"] = serde_json::json!(0.2);
+    let changed = write_json(&fx.path("hparams-3.json"), &hp);
+    let mut c = edit_cmd(&fx.model, &changed, &edits, &dir, &fx.cache);
+    c.args(["--limit", "2"]);
+    check_refused(&run(c), &["hyper-parameters", "subspace"]);
+
     // The original invocation still continues.
     let s = fx.edit_ok(&edits, &dir, &["--limit", "2"]);
     assert_eq!(s["resumed_from"], 1);
     assert_eq!(log_indexes(&dir), vec![0, 1]);
+
+    // Sections of methods the run does not use may change (oedit reads no AlphaEdit setting).
+    let mut hp = tiny_hparams();
+    hp["alphaedit"] = serde_json::json!({ "nullspace_threshold": 0.5, "min_nullspace_dim": 3, "l2": 1.0 });
+    let other_method = write_json(&fx.path("hparams-4.json"), &hp);
+    let mut c = edit_cmd(&fx.model, &other_method, &edits, &dir, &fx.cache);
+    c.args(["--limit", "3"]);
+    let o = run(c);
+    assert_ok(&o);
+    assert_eq!(edit_summary(&o)["resumed_from"], 2);
 }
 
 // ---------------------------------------------------------------------------------------------

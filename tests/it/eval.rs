@@ -41,6 +41,8 @@ impl Fx {
 
 fn eval(model: &Path, edits: &Path, extra: &[&str]) -> Output {
     let mut c = oedit_cmd();
+    // The cache of unedited scores lives beside the test's model, never in the user's home.
+    c.env("OEDIT_CACHE", model.parent().unwrap().join("cache"));
     c.args(["eval", "--model"]).arg(model).arg("--edits").arg(edits).args(extra);
     run(c)
 }
@@ -117,6 +119,78 @@ fn report_has_edited_and_unedited_metrics() {
     assert_eq!(v["metrics"]["edited"]["efficacy"], r["metrics"]["edited"]["efficacy"]);
     assert!(mean(&v["metrics"]["edited"]["fluency"]) >= 0.0);
     assert!(v["metrics"]["edited"].get("locality").is_none());
+}
+
+#[test]
+fn eval_at_n_is_the_run_as_it_stood_after_n_edits() {
+    let fx = Fx::new(3);
+    let short = fx.path("run-2");
+    let mut c = edit_cmd(&fx.model, &fx.path("hparams.json"), &fx.edits, &short, &fx.path("cache"));
+    c.args(["--limit", "2"]);
+    assert_ok(&run(c));
+    let long = fx.run_dir.to_str().unwrap();
+    let at2 =
+        eval_json(&fx.model, &fx.edits, &fx.path("at2.json"), &["--run", long, "--at", "2", "--per-record"]);
+    let short_run = short.to_str().unwrap();
+    let full2 =
+        eval_json(&fx.model, &fx.edits, &fx.path("full2.json"), &["--run", short_run, "--per-record"]);
+    assert_eq!(at2["run"]["n_edits"], 2);
+    assert_eq!(at2["records"]["evaluated"], 2);
+    assert_eq!(at2["metrics"], full2["metrics"]);
+    assert_eq!(at2["per_record"], full2["per_record"]);
+    let all3 = eval_json(&fx.model, &fx.edits, &fx.path("all3.json"), &["--run", long, "--per-record"]);
+    assert_eq!(all3["records"]["evaluated"], 3);
+    // The first two records score differently once the third edit is on the model.
+    let first_two = |r: &Value| r["per_record"].as_array().unwrap()[..2].to_vec();
+    assert_ne!(first_two(&all3), first_two(&at2));
+
+    for (args, want) in [
+        (vec!["--run", long, "--at", "4"], "only 3 committed edits"),
+        (vec!["--run", long, "--at", "0"], "at least 1"),
+        (vec!["--at", "2"], "--at needs --run"),
+    ] {
+        let err = assert_clean_failure(&eval(&fx.model, &fx.edits, &args));
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn unedited_scores_are_cached_per_model_and_record() {
+    let fx = Fx::new(2);
+    let run_dir = fx.run_dir.to_str().unwrap();
+    let args = ["--run", run_dir, "--per-record"];
+    let first = eval_json(&fx.model, &fx.edits, &fx.path("a.json"), &args);
+    let cache_dir = fx.path("cache").join("eval");
+    let files: Vec<PathBuf> = std::fs::read_dir(&cache_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    let again = eval_json(&fx.model, &fx.edits, &fx.path("b.json"), &args);
+    assert_eq!(again["per_record"], first["per_record"]);
+
+    // The second report really reads the cache: a planted value comes back, and --no-cache
+    // recomputes the true one.
+    let planted: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v["scores"]["efficacy"] = serde_json::json!(0.25);
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&files[0], planted.join("\n")).unwrap();
+    let cached = eval_json(&fx.model, &fx.edits, &fx.path("c.json"), &args);
+    assert_eq!(mean(&cached["metrics"]["unedited"]["efficacy"]), 0.25);
+    let mut no_cache = args.to_vec();
+    no_cache.push("--no-cache");
+    let fresh = eval_json(&fx.model, &fx.edits, &fx.path("d.json"), &no_cache);
+    assert_eq!(fresh["per_record"], first["per_record"]);
+
+    // A damaged cache is ignored, recomputed and rewritten.
+    std::fs::write(&files[0], "{not json\n").unwrap();
+    let repaired = eval_json(&fx.model, &fx.edits, &fx.path("e.json"), &args);
+    assert_eq!(repaired["per_record"], first["per_record"]);
+    assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), text);
 }
 
 /// Teacher-forced (mean NLL, token accuracy) of `answer` after `prompt`, computed from the

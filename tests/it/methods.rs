@@ -125,7 +125,7 @@ fn rome_lands_each_edit_exactly_at_its_key() {
 }
 
 #[test]
-fn oedit_plus_seeds_core_directions_and_updates_avoid_them() {
+fn oedit_plus_spares_earlier_keys_and_seeded_core_directions() {
     let (mut lm, mut editor, stats) = setup(Method::OeditPlus, |hp| {
         hp.oedit_plus.core_energy = 0.5;
         hp.oedit_plus.max_core_fraction = 0.25;
@@ -134,6 +134,7 @@ fn oedit_plus_seeds_core_directions_and_updates_avoid_them() {
     assert!(seeded > 0 && seeded <= 16, "seeded {seeded}");
     let eig = sym_eigen(&c_matrix(&stats[0]));
     let top = eig.vectors.col(stats[0].dim - 1);
+    let mut earlier: Vec<Vec<f64>> = Vec::new();
     for line in minimal_lines(3) {
         let rec = parse_record(&line).unwrap();
         let (outcome, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
@@ -142,6 +143,17 @@ fn oedit_plus_seeds_core_directions_and_updates_avoid_them() {
         let along_top: f64 = top.iter().zip(&u).map(|(a, b)| a * b).sum::<f64>().abs() / un;
         assert!(along_top < 1e-5, "update has {along_top} along C's top direction");
         assert!(outcome.basis_size > seeded);
+        // The projection lives in whitened space, but what it spares are the earlier edits'
+        // keys themselves: ΔW k_j = r uᵀk_j = 0, while ΔW k* = r.
+        let k = f64s(&applied[0].key);
+        let kn: f64 = k.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let uk: f64 = u.iter().zip(&k).map(|(a, b)| a * b).sum();
+        assert!((uk - 1.0).abs() < 1e-4, "uᵀk* = {uk}");
+        for kj in &earlier {
+            let c: f64 = u.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
+            assert!(c.abs() < 1e-4 * un * kn, "uᵀk_j = {c}");
+        }
+        earlier.push(k);
     }
     // Seeds are never compressed away.
     let sub = &mut editor.layers.get_mut(&1).unwrap().subspace;
