@@ -31,6 +31,8 @@ pub struct KeyValue {
     pub loss_last: f64,
     /// Target NLL at the last step.
     pub nll_last: f64,
+    /// The loss at every step (the last one is where it stopped).
+    pub losses: Vec<f64>,
     /// Seconds spent on the keys (prefix pass) and on the v* optimisation.
     pub key_seconds: f64,
     pub value_seconds: f64,
@@ -113,6 +115,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         ParamsAdamW { lr: hp.v_lr, weight_decay: 0.0, ..Default::default() },
     )?;
     let (mut loss_first, mut loss_last, mut nll_last) = (f64::NAN, f64::NAN, f64::NAN);
+    let mut losses = Vec::with_capacity(hp.v_steps);
     let mut steps = 0;
     let suffix_taps = Taps { kv_cache: Some(&kv_cache), ..Default::default() };
     for step in 0..hp.v_steps {
@@ -134,6 +137,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         }
         loss_last = loss_v as f64;
         nll_last = nll_v as f64;
+        losses.push(loss_last);
         if (nll_v as f64) < hp.stop_loss {
             break;
         }
@@ -158,6 +162,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         loss_first,
         loss_last,
         nll_last,
+        losses,
         key_seconds,
         value_seconds: t1.elapsed().as_secs_f64(),
     })

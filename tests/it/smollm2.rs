@@ -95,3 +95,27 @@ fn export_to_hf_folder_reloads_identically() {
     let d = max_abs_diff(&logits(&lm.model, &ids), &logits(&re.model, &ids));
     assert_eq!(d, 0.0, "exported model's logits differ by {d}");
 }
+
+#[test]
+fn v_star_loss_trajectory_matches_the_plain_full_forward() {
+    // The optimised v* path (prefix pass once, suffix-only steps on cached keys/values, fused
+    // inference ops for the prefix, weight-gradient-free linears) against every step re-running
+    // all 30 layers over the full prompts, on the first CounterFact edit.
+    let Some(lm) = smollm2() else { return };
+    let mut hp = oedit::presets::find("smollm2-135m").unwrap().unwrap().hparams;
+    hp.v_steps = 6;
+    hp.stop_loss = 0.0;
+    let line = sample_lines("counterfact-sample.jsonl", 1).remove(0);
+    let rec = oedit::data::parse_record(&line).unwrap();
+    let templates: Vec<String> =
+        ["{}", "The following is a story. {}", "I think that {}"].iter().map(|s| s.to_string()).collect();
+    let p = oedit::edit::prompts::build(&lm.tok, &rec, &templates).unwrap();
+    let fast = oedit::edit::target::compute_key_value(&lm.model, &p, &hp).unwrap().losses;
+    let slow = crate::edit::reference_losses(&lm.model, &p, &hp);
+    assert_eq!(fast.len(), 6);
+    assert_eq!(fast.len(), slow.len());
+    assert!(fast[5] < 0.5 * fast[0], "the loss did not fall: {fast:?}");
+    for (s, (a, b)) in fast.iter().zip(&slow).enumerate() {
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "step {s}: {a} vs {b} ({fast:?} vs {slow:?})");
+    }
+}
