@@ -25,9 +25,13 @@ pub fn threads() -> usize {
 /// A rayon pool of `threads()` workers (candle's own thread count follows it).
 pub fn pool() -> rayon::ThreadPool {
     let n = threads();
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: set before any benchmark thread starts.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", n.to_string()) };
+    // SAFETY: set before any benchmark thread starts. candle reads RAYON_NUM_THREADS on every
+    // matrix product (and /proc/cpuinfo when it is unset).
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
     }
     rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("thread pool")
 }

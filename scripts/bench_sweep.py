@@ -26,9 +26,18 @@ METRICS = ["efficacy", "generalization", "locality", "locality_agreement", "flue
 PLOTTED = ["efficacy", "generalization", "locality", "locality_agreement", "fluency"]
 
 
-def run(cmd):
+def run(cmd, **kw):
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def committed_edits(run_dir):
+    """Edits the run's log records (each line is written after its edit's checkpoint)."""
+    try:
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
 
 
 def git_commit():
@@ -121,6 +130,8 @@ def main():
     ap.add_argument("--oedit", default=os.path.join("target", "release", "oedit"))
     ap.add_argument("--jobs", type=int, default=1, help="methods run concurrently (use --threads 1 with --jobs 2 on 2 cores)")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--no-edit", action="store_true",
+                    help="only evaluate checkpoints the runs already reached (e.g. while another process edits)")
     a = ap.parse_args()
     methods = [m for m in a.methods.split(",") if m]
     checkpoints = sorted(int(n) for n in a.checkpoints.split(",") if n)
@@ -133,8 +144,14 @@ def main():
                 if os.path.exists(report):
                     continue
                 t = time.time()
-                run([a.oedit, "--threads", a.threads, "edit", "--model", a.model, "--edits", a.edits,
-                     "--run", run_dir, "--method", m, "--limit", str(n), "--on-invalid", "skip", "--json"])
+                if a.no_edit:
+                    if committed_edits(run_dir) < n:
+                        print(f"{m}: run has not reached {n} edits; skipped", file=sys.stderr)
+                        continue
+                else:
+                    run([a.oedit, "--threads", a.threads, "edit", "--model", a.model, "--edits", a.edits,
+                         "--run", run_dir, "--method", m, "--limit", str(n), "--on-invalid", "skip",
+                         "--json"], stdout=subprocess.DEVNULL)
                 edit_s = time.time() - t
                 run([a.oedit, "--threads", a.threads, "eval", "--model", a.model, "--run", run_dir,
                      "--at", str(n), "--edits", a.edits, "--metrics", a.metrics, "--json", report])

@@ -2,6 +2,8 @@
 # One-screen speed summary on SmolLM2-135M: runs the edit benchmark (BENCH_EDITS edits, default 10;
 # BENCH_EVAL_RECORDS evaluated records, default 1000; BENCH_THREADS, default 2) and prints the
 # figures the speed issue tracks. Needs an otherwise idle machine for meaningful numbers.
+# With RUN_DIR=<run directory> (e.g. a 1,000-edit sweep run) it also prints the peak resident
+# memory over that run from its log (`peak_rss_mb` of every edit), and skips nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
@@ -23,3 +25,14 @@ print(f"  key statistics: {s['tokens_per_second']:.0f} tokens/s ({s['tokens']} t
 print(f"  evaluation: {v['records_per_second']:.2f} records/s ({v['records']} records, 3 metrics, one model)")
 PY
 rm -f "$out"
+if [ -n "${RUN_DIR:-}" ]; then
+    python3 - "$RUN_DIR/log.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+rss = [r["peak_rss_mb"] for r in rows if r.get("peak_rss_mb") is not None]
+if rss:
+    q = max(1, len(rss) // 10)
+    print(f"  peak RSS over {len(rss)} edits of {sys.argv[1]}: {max(rss):.0f} MB "
+          f"(first {q} edits: {max(rss[:q]):.0f} MB, last {q}: {max(rss[-q:]):.0f} MB)   target < 1500, flat")
+PY
+fi
