@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
 
         // Edits.
         let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
-        let mut editor = Editor::new(Method::Oedit, hp.clone(), templates.clone(), std::slice::from_ref(&stats))?;
+        let mut editor = Editor::new(Method::OeditPlus, hp.clone(), templates.clone(), std::slice::from_ref(&stats))?;
         let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/counterfact-sample.jsonl");
         let records: Vec<_> = EditReader::open(&data)?.filter_map(Result::ok).map(|(_, r)| r).take(n_edits).collect();
         let (mut total, mut key, mut value, mut update, mut step, mut gflops, mut steps, mut ckpt) =

@@ -19,11 +19,27 @@ pub struct SubspacePolicy {
     pub max_fraction: f64,
     /// A direction is appended only if its norm after orthogonalisation is above this fraction.
     pub tolerance: f64,
+    /// Conflict policy: when less than this fraction of a new key's energy survives the
+    /// projection, the stored directions it conflicts with most are released (largest first)
+    /// until it does, so the update's norm stays within 1/min_retained of ROME's. Omitted: 1e-6,
+    /// the behaviour of runs made before the field existed.
+    #[serde(default = "legacy_min_retained")]
+    pub min_retained: f64,
+}
+
+fn legacy_min_retained() -> f64 {
+    1e-6
 }
 
 impl Default for SubspacePolicy {
     fn default() -> Self {
-        Self { energy: 0.9, max_directions_per_edit: 1, max_fraction: 0.9, tolerance: 0.01 }
+        Self {
+            energy: 0.9,
+            max_directions_per_edit: 1,
+            max_fraction: 0.9,
+            tolerance: 0.01,
+            min_retained: 0.1,
+        }
     }
 }
 
@@ -169,6 +185,9 @@ impl Hparams {
         let s = &self.subspace;
         if !(s.energy > 0.0 && s.energy <= 1.0 && s.max_fraction > 0.0 && s.max_fraction <= 1.0) {
             bail!("subspace.energy and subspace.max_fraction must be in (0, 1]");
+        }
+        if !(s.min_retained > 0.0 && s.min_retained < 1.0) {
+            bail!("subspace.min_retained must be in (0, 1)");
         }
         if s.max_directions_per_edit == 0 {
             bail!("subspace.max_directions_per_edit must be at least 1");

@@ -205,6 +205,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             "target_wins": outcome.target_wins,
             "subspace_added": outcome.subspace.added,
             "subspace_compressed_away": outcome.subspace.compressed_away,
+            "subspace_released": outcome.subspace.released,
             "peak_rss_mb": peak_rss_mb(),
         });
         let phases = |ckpt: f64| json!({ "key": outcome.key_seconds, "value": outcome.value_seconds, "update": outcome.update_seconds, "checkpoint": ckpt });

@@ -86,6 +86,30 @@ class Oedit(Rome):
             self.basis = np.vstack([self.basis, v / np.linalg.norm(v)])
 
 
+class OeditFloor(Oedit):
+    """oedit with a floor on `retained`: the stored directions that conflict most with the new
+    key are released until at least `floor` of k*'s C^-1 energy survives the projection."""
+
+    floor = 0.1
+
+    def direction(self, k):
+        z = self.cinv @ k
+        full = k @ z
+        if len(self.basis):
+            gain = (self.basis @ k) * (self.basis @ z)  # what removing each row gives back
+            order = np.argsort(-gain)
+            ret = (full - gain.sum()) / full
+            drop = []
+            for i in order:
+                if ret >= self.floor:
+                    break
+                ret += gain[i] / full
+                drop.append(i)
+            if drop:
+                self.basis = np.delete(self.basis, drop, axis=0)
+        return super().direction(k)
+
+
 class OeditPlus(Oedit):
     """The projection in whitened coordinates w = L^-1 k (C = L L^T)."""
 
@@ -121,7 +145,36 @@ class AlphaEdit:
         self.past += np.outer(uk, uk)
 
 
+class OeditPlusFloor(OeditPlus):
+    """oedit-plus with the same floor, in whitened coordinates (gain = squared coefficient)."""
+
+    floor = 0.1
+
+    def direction(self, k):
+        w = self.linv @ k
+        if len(self.basis):
+            gain = (self.basis @ w) ** 2
+            full = w @ w
+            ret = (full - gain.sum()) / full
+            drop = []
+            for i in np.argsort(-gain):
+                if ret >= self.floor:
+                    break
+                ret += gain[i] / full
+                drop.append(i)
+            if drop:
+                self.basis = np.delete(self.basis, drop, axis=0)
+        return super().direction(k)
+
+
+def with_floor(cls, floor):
+    return type(f"{cls.__name__}{floor}", (cls,), {"floor": floor})
+
+
 RULES = {"rome": Rome, "oedit": Oedit, "oedit-plus": OeditPlus, "alphaedit": AlphaEdit}
+for _f in (0.05, 0.1, 0.2, 0.3):
+    RULES[f"oedit-floor{_f}"] = with_floor(OeditFloor, _f)
+    RULES[f"oedit-plus-floor{_f}"] = with_floor(OeditPlusFloor, _f)
 
 
 def replay(rule, k, t, c_raw, checkpoints):
@@ -149,7 +202,7 @@ def main():
     ap.add_argument("stats")
     ap.add_argument("--checkpoints", default="100,300,500,1000")
     ap.add_argument("--regularization", type=float, default=0.01, help="cov_regularization of the run")
-    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--rules", default="rome,oedit,oedit-plus,alphaedit")
     ap.add_argument("--json")
     a = ap.parse_args()
     k, r, u = load_run(a.run)

@@ -24,7 +24,7 @@ pub struct EditArgs {
     #[arg(long, default_value = "oedit-run")]
     pub run: PathBuf,
     /// Editing method.
-    #[arg(long, value_enum, default_value = "oedit")]
+    #[arg(long, value_enum, default_value = "oedit-plus")]
     pub method: Method,
     /// Edited layer (overrides the hyper-parameters).
     #[arg(long)]

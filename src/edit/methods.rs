@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::subspace::{AppendReport, Subspace};
-use super::update::{projected_rank_one, rank_one_in, Metric, Preconditioner, RankOne};
+use super::update::{projected_rank_one, rank_one_in, retention_gains, Metric, Preconditioner, RankOne};
 use super::Method;
 use crate::hparams::Hparams;
 use crate::linalg::{dot, sym_eigen, Cholesky, Mat};
@@ -28,6 +28,8 @@ pub struct LayerState {
     pub alpha: Option<AlphaState>,
     /// The inner product the subspace is kept in (whitened for O-Edit+).
     pub metric: Metric,
+    /// Directions the conflict policy released before the last update.
+    pub released: usize,
 }
 
 fn eigen_of(stats: &KeyStats) -> crate::linalg::SymEigen {
@@ -66,7 +68,7 @@ impl LayerState {
             }
             _ => {}
         }
-        Ok(Self { pre, subspace, alpha, metric })
+        Ok(Self { pre, subspace, alpha, metric, released: 0 })
     }
 
     /// The single-layer update of `method` for key `k` and residual `r`.
@@ -81,6 +83,8 @@ impl LayerState {
         match method {
             Method::Rome => projected_rank_one(&self.pre, None, k, r),
             Method::Oedit | Method::OeditPlus => {
+                let (gains, retained) = retention_gains(self.metric, &self.pre, &self.subspace, k);
+                self.released = self.subspace.release_conflicts(&gains, retained, hp.subspace.min_retained);
                 match rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, r) {
                     Ok(u) => Ok(u),
                     Err(_) => {

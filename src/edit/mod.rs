@@ -202,6 +202,7 @@ impl Editor {
             apply_rank_one(model, l, &a.r, &a.u)?;
             applied.push(a);
             report = state.after_update(self.method, &hp, &kv.k_star, &kv.template_keys);
+            report.released = state.released;
         }
         let update_seconds = t.elapsed().as_secs_f64();
         let (p_after, wins) = target_probability(model, tok, rec)?;

@@ -19,6 +19,8 @@ pub struct AppendReport {
     pub added: usize,
     /// Directions dropped by a compression (0 when none happened).
     pub compressed_away: usize,
+    /// Directions released by the conflict policy before the update (`subspace.min_retained`).
+    pub released: usize,
 }
 
 impl Subspace {
@@ -65,6 +67,32 @@ impl Subspace {
         n - keep
     }
 
+    /// The conflict policy: while `retained` is below `floor`, drops the stored direction whose
+    /// removal gives back the most (`gains[i]`: what dropping direction i adds to `retained`).
+    /// A new edit of a key an earlier edit holds then overrides it instead of being squeezed
+    /// into what is left, which would blow up its norm. Returns how many were dropped.
+    pub fn release_conflicts(&mut self, gains: &[f64], mut retained: f64, floor: f64) -> usize {
+        if retained >= floor {
+            return 0;
+        }
+        let mut order: Vec<usize> = (0..gains.len().min(self.len())).filter(|&i| gains[i] > 0.0).collect();
+        order.sort_by(|&a, &b| gains[b].total_cmp(&gains[a]).then(a.cmp(&b)));
+        let mut drop = vec![false; self.len()];
+        let mut dropped = 0;
+        for i in order {
+            if retained >= floor {
+                break;
+            }
+            retained += gains[i];
+            drop[i] = true;
+            dropped += 1;
+        }
+        let rows = (0..self.len()).filter(|&i| !drop[i]).map(|i| self.basis.rows()[i].clone()).collect();
+        self.energy = (0..self.len()).filter(|&i| !drop[i]).map(|i| self.energy[i]).collect();
+        self.basis = OrthoBasis::from_rows(self.basis.dim(), rows);
+        dropped
+    }
+
     /// Appends the edit's key k* and, up to the policy's limit, the core directions of its
     /// template keys. Compresses first when the basis would exceed its cap.
     pub fn append(
@@ -105,7 +133,13 @@ mod tests {
     use super::*;
 
     fn policy(max_fraction: f64) -> SubspacePolicy {
-        SubspacePolicy { energy: 0.9, max_directions_per_edit: 1, max_fraction, tolerance: 0.01 }
+        SubspacePolicy {
+            energy: 0.9,
+            max_directions_per_edit: 1,
+            max_fraction,
+            tolerance: 0.01,
+            min_retained: 0.1,
+        }
     }
 
     fn vector(seed: u64, n: usize) -> Vec<f64> {

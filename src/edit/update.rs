@@ -80,6 +80,34 @@ pub fn rank_one_in(
     }
 }
 
+/// For each stored direction, how much `retained` would grow if it were dropped, and `retained`
+/// now (before the projection; see [`RankOne::retained`]). The basis is orthonormal, so the
+/// gains add up: retained = 1 − Σ gains.
+pub fn retention_gains(
+    metric: Metric,
+    pre: &Preconditioner,
+    subspace: &Subspace,
+    k: &[f64],
+) -> (Vec<f64>, f64) {
+    let rows = subspace.basis.rows();
+    let (gains, full): (Vec<f64>, f64) = match metric {
+        Metric::Euclidean => {
+            let z = pre.solve(k);
+            (rows.iter().map(|b| dot(b, k) * dot(b, &z)).collect(), dot(k, &z))
+        }
+        Metric::Covariance => {
+            let w = pre.to_metric(k, metric);
+            (rows.iter().map(|b| dot(b, &w).powi(2)).collect(), dot(&w, &w))
+        }
+    };
+    if !(full.is_finite() && full > 0.0) {
+        return (vec![0.0; rows.len()], 1.0);
+    }
+    let gains: Vec<f64> = gains.into_iter().map(|g| g / full).collect();
+    let retained = 1.0 - gains.iter().sum::<f64>();
+    (gains, retained)
+}
+
 /// Projection in whitened coordinates: w = L⁻¹k\*, ũ = L⁻ᵀ P w / ‖P w‖², so that ΔW k\* = r and
 /// ΔW d = 0 for every key direction d whose whitened image L⁻¹d is stored.
 pub fn whitened_rank_one(
@@ -160,8 +188,13 @@ mod tests {
         let f = 24;
         let pre = Preconditioner::new(&spd_stats(f), 0.01).unwrap();
         let mut sub = Subspace::new(f);
-        let policy =
-            SubspacePolicy { energy: 0.9, max_directions_per_edit: 1, max_fraction: 1.0, tolerance: 0.01 };
+        let policy = SubspacePolicy {
+            energy: 0.9,
+            max_directions_per_edit: 1,
+            max_fraction: 1.0,
+            tolerance: 0.01,
+            min_retained: 1e-6,
+        };
         for t in 0..8 {
             let k = key(t, f);
             let r = vec![1.0, -2.0, 0.5];
@@ -191,8 +224,13 @@ mod tests {
         let mean_diag = (0..f).map(|i| c.get(i, i)).sum::<f64>() / f as f64;
         c_reg.add_diagonal(0.01 * mean_diag);
         let c_norm = |u: &[f64]| dot(u, &c_reg.matvec(u));
-        let policy =
-            SubspacePolicy { energy: 0.9, max_directions_per_edit: 1, max_fraction: 1.0, tolerance: 0.01 };
+        let policy = SubspacePolicy {
+            energy: 0.9,
+            max_directions_per_edit: 1,
+            max_fraction: 1.0,
+            tolerance: 0.01,
+            min_retained: 1e-6,
+        };
         let (mut white, mut plain) = (Subspace::new(f), Subspace::new(f));
         let mut earlier: Vec<Vec<f64>> = Vec::new();
         for t in 0..8 {
@@ -231,5 +269,49 @@ mod tests {
         let perturbed: Vec<f64> = w.u.iter().zip(&d).map(|(a, b)| a + 0.01 * b).collect();
         assert!((dot(&perturbed, &k) - 1.0).abs() < 1e-9);
         assert!(c_norm(&perturbed) > c_norm(&w.u));
+    }
+
+    #[test]
+    fn conflicting_directions_are_released_down_to_the_floor() {
+        let f = 24;
+        let stats = spd_stats(f);
+        let pre = Preconditioner::new(&stats, 0.01).unwrap();
+        let policy = SubspacePolicy {
+            energy: 0.9,
+            max_directions_per_edit: 1,
+            max_fraction: 1.0,
+            tolerance: 0.01,
+            min_retained: 0.2,
+        };
+        for metric in [Metric::Euclidean, Metric::Covariance] {
+            let mut sub = Subspace::new(f);
+            let keys: Vec<Vec<f64>> = (0..6).map(|t| key(t, f)).collect();
+            for k in &keys {
+                sub.append(&pre.to_metric(k, metric), &[], &policy);
+            }
+            // A new key almost equal to stored key 3 (the same subject edited again).
+            let mut k = keys[3].clone();
+            k.iter_mut().zip(key(40, f)).for_each(|(a, b)| *a += 0.01 * b);
+            let (gains, retained) = retention_gains(metric, &pre, &sub, &k);
+            assert!(retained < 0.01, "{metric:?}: retained {retained}");
+            // (Euclidean retained can even be negative: P and C⁻¹ do not commute.)
+            if let Ok(direct) = rank_one_in(metric, &pre, Some(&sub), &k, &[1.0]) {
+                assert!((direct.retained - retained).abs() < 1e-9, "{metric:?}");
+            }
+            let released = sub.release_conflicts(&gains, retained, policy.min_retained);
+            assert!(released >= 1 && sub.len() == 6 - released, "{metric:?}: released {released}");
+            let upd = rank_one_in(metric, &pre, Some(&sub), &k, &[1.0]).unwrap();
+            assert!(upd.retained >= policy.min_retained - 1e-9, "{metric:?}: {}", upd.retained);
+            assert!((dot(&upd.u, &k) - 1.0).abs() < 1e-9);
+            // The edits stored before the conflicting one are still spared exactly; the
+            // conflicting edit's direction is the one released.
+            let spared = |j: usize| dot(&upd.u, &keys[j]).abs() < 1e-9 * crate::linalg::norm(&upd.u);
+            assert!((0..3).all(spared), "{metric:?}");
+            assert!(!spared(3), "{metric:?}");
+            // Nothing to release when enough is retained.
+            let (g, r) = retention_gains(metric, &pre, &sub, &key(77, f));
+            assert!(r >= policy.min_retained);
+            assert_eq!(sub.release_conflicts(&g, r, policy.min_retained), 0);
+        }
     }
 }

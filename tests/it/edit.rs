@@ -395,7 +395,8 @@ fn checkpoint_holds_an_orthonormal_basis_and_orthogonal_updates() {
     let fx = Fx::new();
     let edits = fx.edits("e.jsonl", &minimal_lines(6));
     let od = fx.path("oedit-run");
-    let s = fx.edit_ok(&edits, &od, &[]);
+    // Euclidean O-Edit stores key directions themselves, so u · b = 0 is checked directly.
+    let s = fx.edit_ok(&edits, &od, &["--method", "oedit"]);
     assert_eq!(s["edits_total"], 6);
     let st = read_tensors(&od.join("subspace.safetensors"));
     let basis = rows_f64(&st["layer1.basis"]);

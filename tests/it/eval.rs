@@ -69,7 +69,7 @@ fn report_has_edited_and_unedited_metrics() {
     assert_eq!(r["records"]["evaluated"], 3);
     assert_eq!(r["records"]["skipped"], serde_json::json!([]));
     assert_eq!(r["run"]["n_edits"], 3);
-    assert_eq!(r["run"]["method"], "oedit");
+    assert_eq!(r["run"]["method"], "oedit-plus");
     assert_eq!(r["run"]["layer"], 1);
     for side in ["edited", "unedited"] {
         let m = &r["metrics"][side];
