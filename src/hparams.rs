@@ -21,8 +21,8 @@ pub struct SubspacePolicy {
     pub tolerance: f64,
     /// Conflict policy: when less than this fraction of a new key's energy survives the
     /// projection, the stored directions it conflicts with most are released (largest first)
-    /// until it does, so the update's norm stays within 1/min_retained of ROME's. Omitted: 1e-6,
-    /// the behaviour of runs made before the field existed.
+    /// until it does, so the update's norm stays within 1/min_retained of ROME's. Omitted: 1e-6
+    /// (runs made before the field existed resume with only exact conflicts released).
     #[serde(default = "legacy_min_retained")]
     pub min_retained: f64,
 }

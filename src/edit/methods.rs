@@ -30,6 +30,8 @@ pub struct LayerState {
     pub metric: Metric,
     /// Directions the conflict policy released before the last update.
     pub released: usize,
+    /// Directions the last update's saturation fallback compressed away.
+    pub compressed: usize,
 }
 
 fn eigen_of(stats: &KeyStats) -> crate::linalg::SymEigen {
@@ -68,7 +70,7 @@ impl LayerState {
             }
             _ => {}
         }
-        Ok(Self { pre, subspace, alpha, metric, released: 0 })
+        Ok(Self { pre, subspace, alpha, metric, released: 0, compressed: 0 })
     }
 
     /// The single-layer update of `method` for key `k` and residual `r`.
@@ -85,12 +87,13 @@ impl LayerState {
             Method::Oedit | Method::OeditPlus => {
                 let (gains, retained) = retention_gains(self.metric, &self.pre, &self.subspace, k);
                 self.released = self.subspace.release_conflicts(&gains, retained, hp.subspace.min_retained);
+                self.compressed = 0;
                 match rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, r) {
                     Ok(u) => Ok(u),
                     Err(_) => {
                         // Saturation: the key lies inside the stored subspace; halve it and retry.
                         let keep = self.subspace.len() / 2;
-                        self.subspace.compress(keep);
+                        self.compressed = self.subspace.compress(keep);
                         rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, r)
                     }
                 }

@@ -203,6 +203,7 @@ impl Editor {
             applied.push(a);
             report = state.after_update(self.method, &hp, &kv.k_star, &kv.template_keys);
             report.released = state.released;
+            report.compressed_away += state.compressed;
         }
         let update_seconds = t.elapsed().as_secs_f64();
         let (p_after, wins) = target_probability(model, tok, rec)?;

@@ -162,3 +162,31 @@ fn oedit_plus_spares_earlier_keys_and_seeded_core_directions() {
     assert_eq!(sub.len(), seeded);
     assert!(sub.energy.iter().all(|e| e.is_infinite()), "a seeded direction was dropped (had {n})");
 }
+
+#[test]
+fn re_editing_a_fact_releases_only_its_own_direction() {
+    // The same record again: its key is already stored, so nothing of it survives the
+    // projection; the conflict policy releases that one direction, whatever the floor, and the
+    // edit stored before it stays exactly protected.
+    for floor in [0.1, 1e-6] {
+        let (mut lm, mut editor, _) = setup(Method::OeditPlus, |hp| hp.subspace.min_retained = floor);
+        let lines = minimal_lines(2);
+        let (first, other) = (parse_record(&lines[0]).unwrap(), parse_record(&lines[1]).unwrap());
+        let (_, other_applied) = editor.edit(&mut lm.model, &lm.tok, &other).unwrap();
+        editor.edit(&mut lm.model, &lm.tok, &first).unwrap();
+        let (outcome, applied) = editor.edit(&mut lm.model, &lm.tok, &first).unwrap();
+        let s = outcome.subspace;
+        assert_eq!((s.released, s.compressed_away), (1, 0), "floor {floor}");
+        assert!(outcome.retained >= 0.1, "floor {floor}: retained {}", outcome.retained);
+        let u = f64s(&applied[0].u);
+        let dot = |k: &[f32]| u.iter().zip(f64s(k)).map(|(a, b)| a * b).sum::<f64>();
+        assert!((dot(&applied[0].key) - 1.0).abs() < 1e-4, "floor {floor}");
+        let un = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let kn = f64s(&other_applied[0].key).iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(
+            dot(&other_applied[0].key).abs() < 1e-4 * un * kn,
+            "floor {floor}: the other edit lost its protection"
+        );
+        assert_eq!(outcome.basis_size, 2, "floor {floor}");
+    }
+}
