@@ -86,6 +86,19 @@ class Oedit(Rome):
             self.basis = np.vstack([self.basis, v / np.linalg.norm(v)])
 
 
+def release(basis, gain, full, floor):
+    """Drops the rows whose removal gives back the most (gain / full each), largest first, until
+    the retained share 1 - sum(gain) / full reaches `floor`."""
+    ret = (full - gain.sum()) / full
+    drop = []
+    for i in np.argsort(-gain):
+        if ret >= floor:
+            break
+        ret += gain[i] / full
+        drop.append(i)
+    return np.delete(basis, drop, axis=0) if drop else basis
+
+
 class OeditFloor(Oedit):
     """oedit with a floor on `retained`: the stored directions that conflict most with the new
     key are released until at least `floor` of k*'s C^-1 energy survives the projection."""
@@ -97,16 +110,7 @@ class OeditFloor(Oedit):
         full = k @ z
         if len(self.basis):
             gain = (self.basis @ k) * (self.basis @ z)  # what removing each row gives back
-            order = np.argsort(-gain)
-            ret = (full - gain.sum()) / full
-            drop = []
-            for i in order:
-                if ret >= self.floor:
-                    break
-                ret += gain[i] / full
-                drop.append(i)
-            if drop:
-                self.basis = np.delete(self.basis, drop, axis=0)
+            self.basis = release(self.basis, gain, full, self.floor)
         return super().direction(k)
 
 
@@ -155,15 +159,7 @@ class OeditPlusFloor(OeditPlus):
         if len(self.basis):
             gain = (self.basis @ w) ** 2
             full = w @ w
-            ret = (full - gain.sum()) / full
-            drop = []
-            for i in np.argsort(-gain):
-                if ret >= self.floor:
-                    break
-                ret += gain[i] / full
-                drop.append(i)
-            if drop:
-                self.basis = np.delete(self.basis, drop, axis=0)
+            self.basis = release(self.basis, gain, full, self.floor)
         return super().direction(k)
 
 

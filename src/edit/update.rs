@@ -65,6 +65,23 @@ impl RankOne {
     }
 }
 
+/// k\*ᵀC⁻¹k\*, checked to be positive.
+fn check_key_energy(full: f64) -> Result<f64> {
+    if !(full.is_finite() && full > 0.0) {
+        bail!("k*ᵀ C⁻¹ k* is not positive ({full}); the key statistics are degenerate");
+    }
+    Ok(full)
+}
+
+/// `retained` = denom / full, refused when the key lies (almost) inside the stored subspace.
+fn checked_retained(denom: f64, full: f64) -> Result<f64> {
+    let retained = denom / full;
+    if !(denom.is_finite() && retained > 1e-6) {
+        bail!("the key lies inside the stored subspace (retained {retained:.2e})");
+    }
+    Ok(retained)
+}
+
 /// The projected rank-one update in `metric` (see [`Metric`]); ROME's update when the subspace
 /// is empty, in either metric.
 pub fn rank_one_in(
@@ -117,19 +134,13 @@ pub fn whitened_rank_one(
     r: &[f64],
 ) -> Result<RankOne> {
     let w = pre.chol.solve_lower(k_star);
-    let full = dot(&w, &w);
-    if !(full.is_finite() && full > 0.0) {
-        bail!("k*ᵀ C⁻¹ k* is not positive ({full}); the key statistics are degenerate");
-    }
+    let full = check_key_energy(dot(&w, &w))?;
     let pw = match subspace {
         Some(s) if !s.is_empty() => s.basis.project_out(&w),
         _ => w,
     };
     let denom = dot(&pw, &pw);
-    let retained = denom / full;
-    if !(denom.is_finite() && retained > 1e-6) {
-        bail!("the key lies inside the stored subspace (retained {retained:.2e})");
-    }
+    let retained = checked_retained(denom, full)?;
     let u = pre.chol.solve_upper_t(&pw).iter().map(|x| x / denom).collect();
     Ok(RankOne { r: r.to_vec(), u, retained })
 }
@@ -143,19 +154,13 @@ pub fn projected_rank_one(
     r: &[f64],
 ) -> Result<RankOne> {
     let z = pre.solve(k_star);
-    let full = dot(k_star, &z);
-    if !(full.is_finite() && full > 0.0) {
-        bail!("k*ᵀ C⁻¹ k* is not positive ({full}); the key statistics are degenerate");
-    }
+    let full = check_key_energy(dot(k_star, &z))?;
     let pz = match subspace {
         Some(s) if !s.is_empty() => s.basis.project_out(&z),
         _ => z,
     };
     let denom = dot(k_star, &pz);
-    let retained = denom / full;
-    if !(denom.is_finite() && retained > 1e-6) {
-        bail!("the key lies inside the stored subspace (retained {retained:.2e})");
-    }
+    let retained = checked_retained(denom, full)?;
     let u = pz.iter().map(|x| x / denom).collect();
     Ok(RankOne { r: r.to_vec(), u, retained })
 }
