@@ -163,6 +163,29 @@ class OeditPlusFloor(OeditPlus):
         return super().direction(k)
 
 
+class OeditNull(Oedit):
+    """oedit inside AlphaEdit's null space: keys are taken in null-space coordinates y = U k
+    (U: eigenvectors of C below the threshold), projected against the earlier edits' y and
+    landed exactly, u = U^T p / (p . p); with the same floor on the retained share."""
+
+    floor = 0.1
+
+    def __init__(self, c_reg, c_raw, threshold=1e-2):
+        vals, vecs = np.linalg.eigh(c_raw)
+        self.u = vecs[:, vals < threshold].T
+        self.basis = np.zeros((0, len(self.u)))
+
+    def direction(self, k):
+        y = self.u @ k
+        if len(self.basis):
+            self.basis = release(self.basis, (self.basis @ y) ** 2, y @ y, self.floor)
+        p = self.project(y)
+        return self.u.T @ p / (p @ p)
+
+    def after(self, k):
+        super().after(self.u @ k)
+
+
 def with_floor(cls, floor):
     return type(f"{cls.__name__}{floor}", (cls,), {"floor": floor})
 
@@ -171,6 +194,7 @@ RULES = {"rome": Rome, "oedit": Oedit, "oedit-plus": OeditPlus, "alphaedit": Alp
 for _f in (0.05, 0.1, 0.2, 0.3):
     RULES[f"oedit-floor{_f}"] = with_floor(OeditFloor, _f)
     RULES[f"oedit-plus-floor{_f}"] = with_floor(OeditPlusFloor, _f)
+    RULES[f"oedit-null-floor{_f}"] = with_floor(OeditNull, _f)
 
 
 def replay(rule, k, t, c_raw, checkpoints):

@@ -37,7 +37,7 @@ pub enum Method {
     Alphaedit,
     /// O-Edit: the rank-one update projected onto the complement of earlier edits' key subspace.
     Oedit,
-    /// O-Edit+: O-Edit whose subspace is seeded with the top-energy directions of C.
+    /// O-Edit+: O-Edit in whitened key space (least disturbance of the preserved keys).
     OeditPlus,
 }
 
