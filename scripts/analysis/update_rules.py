@@ -16,10 +16,13 @@ each checkpoint N it reports
 
 Rules: rome (u = C^-1 k / k^T C^-1 k), oedit (Euclidean projection against earlier keys),
 oedit-plus (the same projection in whitened space), alphaedit (null-space projection of C with
-the ridge alpha and the memory of past keys, as oedit implements it).
+the ridge alpha and the memory of past keys, as oedit implements it), and variants with a
+conflict floor (-floorF), O-Edit inside AlphaEdit's null space (oedit-null-floorF) and
+oedit-plus landing only part of each edit (oedit-plus-ridgeG).
 
 usage: update_rules.py RUN_DIR STATS.safetensors [--checkpoints 100,300,500,1000] [--json OUT]
-Needs numpy and safetensors (the venv of scripts/pytorch_reference/setup.sh has both).
+Needs numpy and safetensors (the venv of scripts/pytorch_reference/setup.sh has both). Set
+OPENBLAS_NUM_THREADS=1 while other jobs use the cores: threaded BLAS under contention is ~10x slower.
 """
 import argparse
 import glob
@@ -163,6 +166,19 @@ class OeditPlusFloor(OeditPlus):
         return super().direction(k)
 
 
+class OeditPlusRidge(OeditPlusFloor):
+    """oedit-plus (floor 0.1) landing only part of each edit: u = L^-T P w / (|P w|^2 + g |w|^2),
+    i.e. the share |Pw|^2 / (|Pw|^2 + g |w|^2) of the requested change (norm control)."""
+
+    gamma = 0.1
+
+    def direction(self, k):
+        u = super().direction(k)  # L^-T P w / |P w|^2, after the floor's releases
+        w = self.linv @ k
+        pw2 = 1.0 / (u @ self.l @ self.l.T @ u)  # |P w|^2, since u^T C u = 1 / |P w|^2
+        return u * pw2 / (pw2 + self.gamma * (w @ w))
+
+
 class OeditNull(Oedit):
     """oedit inside AlphaEdit's null space: keys are taken in null-space coordinates y = U k
     (U: eigenvectors of C below the threshold), projected against the earlier edits' y and
@@ -195,6 +211,8 @@ for _f in (0.05, 0.1, 0.2, 0.3):
     RULES[f"oedit-floor{_f}"] = with_floor(OeditFloor, _f)
     RULES[f"oedit-plus-floor{_f}"] = with_floor(OeditPlusFloor, _f)
     RULES[f"oedit-null-floor{_f}"] = with_floor(OeditNull, _f)
+for _g in (0.03, 0.1, 0.3):
+    RULES[f"oedit-plus-ridge{_g}"] = type(f"OeditPlusRidge{_g}", (OeditPlusRidge,), {"gamma": _g})
 
 
 def replay(rule, k, t, c_raw, checkpoints):
