@@ -2,7 +2,7 @@
 """Sequential-editing benchmark: for each method, one run of edits (case_id order) serves all
 checkpoints N; after each checkpoint every record edited so far is evaluated (efficacy,
 generalization, neighbourhood score, locality agreement, fluency). Writes one eval report per
-(method, N), a table (JSON) and an SVG plot of each metric vs N. Resumable: existing reports are
+(method, N), a table (JSON and Markdown) and an SVG plot of each metric vs N. Resumable: existing reports are
 kept, runs continue from their checkpoints (run directories under OUT/runs), and each report
 evaluates the run as it stood after its N-th edit (`oedit eval --at N`), so a run already past N
 still gives the report for N. The unedited side of each report comes from oedit's cache after
@@ -66,6 +66,22 @@ def table(out, methods, checkpoints):
                     row["of_run"] = m
                 rows.append(row)
     return rows
+
+
+def markdown(rows, path):
+    """The table as Markdown: one row per (N, method), unedited first at each N."""
+    cols = ["efficacy", "efficacy_token_acc", "generalization", "generalization_token_acc",
+            "locality", "locality_agreement", "fluency"]
+    names = ["efficacy", "efficacy token acc", "generalization", "generalization token acc",
+             "neighbourhood score", "locality agreement", "fluency"]
+    lines = ["| method | N | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(cols)]
+    for n in sorted({r["n"] for r in rows}):
+        at_n = [r for r in rows if r["n"] == n]
+        unedited = [r for r in at_n if r["method"] == "unedited"][:1]
+        for r in unedited + [r for r in at_n if r["method"] != "unedited"]:
+            cells = [f"{r[c]:.3f}" if c in r else "–" for c in cols]
+            lines.append(f"| {r['method']} | {n} | " + " | ".join(cells) + " |")
+    open(path, "w").write("\n".join(lines) + "\n")
 
 
 def svg(rows, path):
@@ -172,6 +188,7 @@ def main():
     json.dump({"commit": git_commit(), "edits": a.edits, "model": a.model, "rows": rows},
               open(os.path.join(a.out, "table.json"), "w"), indent=1)
     svg(rows, os.path.join(a.out, "metrics-vs-n.svg"))
+    markdown(rows, os.path.join(a.out, "table.md"))
     print(json.dumps(rows, indent=1))
 
 
