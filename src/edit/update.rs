@@ -184,6 +184,11 @@ mod tests {
         KeyStats { layer: 0, tokens: 1, dim: f, second_moment: c }
     }
 
+    /// The default subspace policy without the size cap, with the given conflict floor.
+    fn uncapped_policy(min_retained: f64) -> SubspacePolicy {
+        SubspacePolicy { max_fraction: 1.0, min_retained, ..SubspacePolicy::default() }
+    }
+
     fn key(seed: usize, f: usize) -> Vec<f64> {
         (0..f).map(|i| (((i + 1) * (seed + 3) * 2654435761usize) % 1000) as f64 / 500.0 - 1.0).collect()
     }
@@ -193,13 +198,7 @@ mod tests {
         let f = 24;
         let pre = Preconditioner::new(&spd_stats(f), 0.01).unwrap();
         let mut sub = Subspace::new(f);
-        let policy = SubspacePolicy {
-            energy: 0.9,
-            max_directions_per_edit: 1,
-            max_fraction: 1.0,
-            tolerance: 0.01,
-            min_retained: 1e-6,
-        };
+        let policy = uncapped_policy(1e-6);
         for t in 0..8 {
             let k = key(t, f);
             let r = vec![1.0, -2.0, 0.5];
@@ -229,13 +228,7 @@ mod tests {
         let mean_diag = (0..f).map(|i| c.get(i, i)).sum::<f64>() / f as f64;
         c_reg.add_diagonal(0.01 * mean_diag);
         let c_norm = |u: &[f64]| dot(u, &c_reg.matvec(u));
-        let policy = SubspacePolicy {
-            energy: 0.9,
-            max_directions_per_edit: 1,
-            max_fraction: 1.0,
-            tolerance: 0.01,
-            min_retained: 1e-6,
-        };
+        let policy = uncapped_policy(1e-6);
         let (mut white, mut plain) = (Subspace::new(f), Subspace::new(f));
         let mut earlier: Vec<Vec<f64>> = Vec::new();
         for t in 0..8 {
@@ -281,13 +274,7 @@ mod tests {
         let f = 24;
         let stats = spd_stats(f);
         let pre = Preconditioner::new(&stats, 0.01).unwrap();
-        let policy = SubspacePolicy {
-            energy: 0.9,
-            max_directions_per_edit: 1,
-            max_fraction: 1.0,
-            tolerance: 0.01,
-            min_retained: 0.2,
-        };
+        let policy = uncapped_policy(0.2);
         for metric in [Metric::Euclidean, Metric::Covariance] {
             let mut sub = Subspace::new(f);
             let keys: Vec<Vec<f64>> = (0..6).map(|t| key(t, f)).collect();
