@@ -6,7 +6,8 @@ generalization, neighbourhood score, locality agreement, fluency). Writes one ev
 kept, runs continue from their checkpoints (run directories under OUT/runs), and each report
 evaluates the run as it stood after its N-th edit (`oedit eval --at N`), so a run already past N
 still gives the report for N. The unedited side of each report comes from oedit's cache after
-the first method.
+the first method. A file OUT/hparams-METHOD.json, when present, is passed to `oedit edit
+--hparams` for that method (otherwise the model's preset is used).
 
 usage: scripts/bench_sweep.py [--methods rome,memit,alphaedit,oedit,oedit-plus]
                               [--checkpoints 100,500,1000] [--edits ../shared/data/counterfact.jsonl]
@@ -165,9 +166,13 @@ def main():
                         print(f"{m}: run has not reached {n} edits; skipped", file=sys.stderr)
                         continue
                 else:
+                    # OUT/hparams-METHOD.json pins a method's hyper-parameters (runs started
+                    # under older presets continue, and are reproduced, with their own).
+                    pinned = os.path.join(a.out, f"hparams-{m}.json")
+                    hp = ["--hparams", pinned] if os.path.exists(pinned) else []
                     run([a.oedit, "--threads", a.threads, "edit", "--model", a.model, "--edits", a.edits,
                          "--run", run_dir, "--method", m, "--limit", str(n), "--on-invalid", "skip",
-                         "--json"], stdout=subprocess.DEVNULL)
+                         *hp, "--json"], stdout=subprocess.DEVNULL)
                 edit_s = time.time() - t
                 run([a.oedit, "--threads", a.threads, "eval", "--model", a.model, "--run", run_dir,
                      "--at", str(n), "--edits", a.edits, "--metrics", a.metrics, "--json", report])

@@ -136,6 +136,12 @@ pub struct Hparams {
     pub oedit_plus: OeditPlusParams,
 }
 
+/// A model preset file, of which only the hyper-parameters are read here.
+#[derive(Deserialize)]
+struct PresetHparams {
+    hparams: Hparams,
+}
+
 impl Hparams {
     /// Reads a JSON file holding either the hyper-parameters or a model preset with an `hparams` key.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -143,8 +149,13 @@ impl Hparams {
             std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-        let inner = v.get("hparams").cloned().unwrap_or(v);
-        serde_json::from_value(inner).with_context(|| format!("{}: invalid hyper-parameters", path.display()))
+        // Parsed from the text (not the Value) so that errors carry line and column.
+        let parsed = if v.get("hparams").is_some() {
+            serde_json::from_str::<PresetHparams>(&text).map(|p| p.hparams)
+        } else {
+            serde_json::from_str::<Hparams>(&text)
+        };
+        parsed.with_context(|| format!("{}: invalid hyper-parameters", path.display()))
     }
 
     /// Checks the values against a model with `num_layers` layers.

@@ -106,8 +106,13 @@ impl Manifest {
         }
         if self.stats != other.stats {
             return Some(format!(
-                "its key statistics came from corpus `{}` ({} tokens), not `{}` ({} tokens)",
-                self.stats.corpus, self.stats.tokens, other.stats.corpus, other.stats.tokens
+                "its key statistics came from corpus `{}` (content {}, {} tokens), not `{}` (content {}, {} tokens)",
+                self.stats.corpus,
+                self.stats.corpus_hash,
+                self.stats.tokens,
+                other.stats.corpus,
+                other.stats.corpus_hash,
+                other.stats.tokens
             ));
         }
         None

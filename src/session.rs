@@ -68,6 +68,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let t_start = Instant::now();
     let hp = opts.hparams.clone();
     hp.validate(lm.model.num_layers()).map_err(|e| InputError(format!("invalid hyper-parameters: {e:#}")))?;
+    let reader = EditReader::open(&opts.edits)?;
     let fingerprint = model_fingerprint(&lm.model)?;
     let rd = RunDir::create(&opts.run_dir)?;
     let existing = rd.read_manifest()?;
@@ -120,7 +121,6 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     replay(&mut lm.model, &state.updates)?;
     let resumed_from = state.n_edits;
 
-    let reader = EditReader::open(&opts.edits)?;
     // Total for the bar: --limit, else the number of non-blank lines of a file (a streaming
     // count, nothing kept); unknown for standard input.
     let total_hint = match opts.limit {

@@ -53,9 +53,20 @@ pub struct EditArgs {
 
 /// Runs `oedit edit`.
 pub fn run_cmd(args: EditArgs) -> Result<()> {
+    // Input files are checked before the model loads: a typo costs no waiting.
+    let from_file = args
+        .hparams
+        .as_deref()
+        .map(Hparams::from_file)
+        .transpose()
+        .map_err(|e| InputError(format!("{e:#}")))?;
+    if args.edits.as_os_str() != "-" {
+        std::fs::File::open(&args.edits)
+            .map_err(|e| InputError(format!("{}: cannot open edit file: {e}", args.edits.display())))?;
+    }
     let mut lm = args.model.load()?;
-    let mut hp = match (&args.hparams, &lm.spec.preset) {
-        (Some(path), _) => Hparams::from_file(path).map_err(|e| InputError(format!("{e:#}")))?,
+    let mut hp = match (from_file, &lm.spec.preset) {
+        (Some(hp), _) => hp,
         (None, Some(p)) => p.hparams.clone(),
         (None, None) => {
             return Err(InputError(format!(

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::device::{parse_dtype, DeviceSpec};
 use crate::errors::InputError;
 use crate::export::export_hf;
 use crate::fingerprint::model_fingerprint;
@@ -34,8 +33,7 @@ pub struct ExportArgs {
 
 /// Runs `oedit export`.
 pub fn run(args: ExportArgs) -> Result<()> {
-    let device: DeviceSpec = args.device.parse()?;
-    let dtype = args.dtype.as_deref().map(parse_dtype).transpose()?;
+    let (device, dtype) = super::parse_device_flags(&args.device, args.dtype.as_deref())?;
     let run_dir =
         args.run.as_deref().map(RunDir::open).transpose().map_err(|e| InputError(format!("{e:#}")))?;
     let manifest = match &run_dir {

@@ -9,7 +9,10 @@ pub mod score;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+use candle_core::DType;
+
 use crate::device::{parse_dtype, DeviceSpec};
+use crate::errors::InputError;
 use crate::loader::{load_model, LoadedModel};
 
 /// Sequential knowledge editing of Llama-family LLMs with orthogonal subspace updates (O-Edit).
@@ -30,7 +33,7 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token count, mean NLL and perplexity of a text (teacher-forced).
     Score(score::ScoreArgs),
-    /// Apply edits sequentially (O-Edit or ROME), checkpointing after every edit; resumable.
+    /// Apply edits sequentially (oedit-plus, oedit, alphaedit, memit or rome), checkpointing after every edit; resumable.
     Edit(edit::EditArgs),
     /// Measure efficacy, generalization, locality and fluency of edits (edited vs unedited).
     Eval(eval::EvalArgs),
@@ -48,7 +51,8 @@ pub struct ModelArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight dtype: f32, bf16 or f16 (default: f32 on CPU for models under 3B parameters, else bf16).
+    /// Weight dtype: f32, bf16 or f16 (default: the preset's for a short name, f32 for a .gguf
+    /// file, else f32 on CPU for models under 3B parameters and bf16 otherwise).
     #[arg(long)]
     pub dtype: Option<String>,
 }
@@ -56,10 +60,16 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Validates the flags and loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
-        let device: DeviceSpec = self.device.parse()?;
-        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?;
+        let (device, dtype) = parse_device_flags(&self.device, self.dtype.as_deref())?;
         load_model(&self.model, &device, dtype)
     }
+}
+
+/// Parses `--device` and `--dtype`; a bad value is bad input (exit code 2), reported on one line.
+pub fn parse_device_flags(device: &str, dtype: Option<&str>) -> Result<(DeviceSpec, Option<DType>)> {
+    let d: DeviceSpec = device.parse().map_err(|e| InputError(format!("--device: {e:#}")))?;
+    let t = dtype.map(parse_dtype).transpose().map_err(|e| InputError(format!("--dtype: {e:#}")))?;
+    Ok((d, t))
 }
 
 /// Runs the parsed command.

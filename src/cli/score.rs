@@ -1,9 +1,10 @@
 //! `oedit score`: teacher-forced NLL and perplexity of a text.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::ModelArgs;
+use crate::errors::InputError;
 use crate::infer::score_text;
 
 /// Arguments of `oedit score`.
@@ -32,7 +33,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         (None, Some(p)) => {
             std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?
         }
-        (None, None) => bail!("give the text with --text or --file"),
+        (None, None) => return Err(InputError("give the text with --text or --file".into()).into()),
     };
     let lm = args.model.load()?;
     let s = score_text(&lm.model, &lm.tok, &text)?;

@@ -397,3 +397,55 @@ fn export_tied_and_sharded_and_gguf_roundtrip() {
     let text = "the cat at the hat";
     assert_eq!(g.tok.encode_prompt(text).unwrap(), e.tok.encode_prompt(text).unwrap());
 }
+
+#[test]
+fn bad_flag_values_are_input_errors() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_in(&tmp, "m");
+    let m = model.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["score", "--model", m, "--device", "gpu", "--text", "a"], "invalid device `gpu`"),
+        (vec!["score", "--model", m, "--dtype", "f8", "--text", "a"], "invalid dtype `f8`"),
+        (vec!["score", "--model", m], "--text"),
+        (vec!["export", "--model", m, "--device", "cuda:x", "--out", "o"], "invalid device `cuda:x`"),
+    ] {
+        let o = cmd_in(tmp.path(), &args);
+        let line = assert_clean_failure(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {line}");
+        assert!(line.contains(needle), "{args:?}: {line}");
+    }
+}
+
+#[test]
+fn missing_edit_file_and_bad_hparams_fail_before_the_run_directory_exists() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_in(&tmp, "m");
+    let m = model.to_str().unwrap();
+    let run = tmp.path().join("run");
+    let o = cmd_in(
+        tmp.path(),
+        &["edit", "--model", m, "--edits", "missing.jsonl", "--run", run.to_str().unwrap()],
+    );
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("missing.jsonl") && line.contains("cannot open edit file"), "{line}");
+    assert!(!run.exists());
+    // A misspelt field inside a section is named with its line, in a bare file and in a preset.
+    let edits = tmp.path().join("e.jsonl");
+    std::fs::write(&edits, "{\"prompt\": \"Bob plays the\", \"subject\": \"Bob\", \"target\": \"harp\"}\n")
+        .unwrap();
+    for (name, text) in [
+        ("bare.json", "{\"layer\": 1,\n \"v_steps\": 3,\n \"subspace\": {\"energy\": 0.9, \"bogus\": 1}}"),
+        ("preset.json", "{\"name\": \"x\",\n \"hparams\": {\"layer\": 1,\n \"subspace\": {\"energy\": 0.9, \"bogus\": 1}}}"),
+    ] {
+        let hp = tmp.path().join(name);
+        std::fs::write(&hp, text).unwrap();
+        let args = ["edit", "--model", m, "--edits", edits.to_str().unwrap(), "--run", run.to_str().unwrap()];
+        let o = cmd_in(tmp.path(), &[&args[..], &["--hparams", hp.to_str().unwrap()]].concat());
+        let line = assert_clean_failure(&o);
+        assert_eq!(o.status.code(), Some(2), "{line}");
+        assert!(line.contains(hp.to_str().unwrap()) && line.contains("unknown field `bogus`"), "{line}");
+        assert!(line.contains("line 3"), "{name}: {line}");
+        assert!(!run.exists());
+    }
+}
