@@ -68,7 +68,8 @@ pub struct EvalArgs {
     /// checkpoints, also while it is still editing.
     #[arg(long, value_name = "N")]
     pub at: Option<usize>,
-    /// Do not read or write the cache of unedited-model scores (`$OEDIT_CACHE/eval`).
+    /// Do not read or write the cache of unedited-model scores (`$OEDIT_CACHE/eval`; without
+    /// --run, the model's own scores are cached there too).
     #[arg(long)]
     pub no_cache: bool,
     /// Exit with code 3 when an edited-model metric is below its threshold, e.g. `efficacy=0.9,locality=0.5`.
@@ -183,7 +184,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
             return Err(InputError("--timing after-each needs --run (it reads the run's log)".into()).into())
         }
         (None, Timing::AfterAll) => {
-            let edited = score_all(&lm.model, &lm.tok, &records, which, args.gen_tokens, "model")?;
+            // A model without a run is scored as it stands, so its scores are cached like an
+            // unedited model's (keyed by its own weight fingerprint).
+            let edited = unedited(&lm.model, &lm.tok, &fingerprint, &records)?;
             let base = match &args.base {
                 Some(b) => {
                     let base_lm = load_model(b, &args.model.device.parse()?, lm.dtype.into())?;

@@ -181,6 +181,9 @@ fn unedited_scores_are_cached_per_model_and_record() {
     std::fs::write(&files[0], planted.join("\n")).unwrap();
     let cached = eval_json(&fx.model, &fx.edits, &fx.path("c.json"), &args);
     assert_eq!(mean(&cached["metrics"]["unedited"]["efficacy"]), 0.25);
+    // Without --run the model is scored as it stands, through the same cache.
+    let plain = eval_json(&fx.model, &fx.edits, &fx.path("plain.json"), &["--limit", "2"]);
+    assert_eq!(mean(&plain["metrics"]["edited"]["efficacy"]), 0.25);
     let mut no_cache = args.to_vec();
     no_cache.push("--no-cache");
     let fresh = eval_json(&fx.model, &fx.edits, &fx.path("d.json"), &no_cache);
