@@ -6,7 +6,8 @@ generalization, neighbourhood score, locality agreement, fluency). Writes one ev
 kept, runs continue from their checkpoints (run directories under OUT/runs), and each report
 evaluates the run as it stood after its N-th edit (`oedit eval --at N`), so a run already past N
 still gives the report for N. The unedited side of each report comes from oedit's cache after
-the first method. A file OUT/hparams-METHOD.json, when present, is passed to `oedit edit
+the first method. An entry LABEL=METHOD of --methods runs METHOD under another name (its
+run directory, reports and table rows use LABEL). A file OUT/hparams-LABEL.json, when present, is passed to `oedit edit
 --hparams` for that method (otherwise the model's preset is used).
 
 usage: scripts/bench_sweep.py [--methods rome,memit,alphaedit,oedit,oedit-plus]
@@ -151,10 +152,13 @@ def main():
                     help="only evaluate checkpoints the runs already reached (e.g. while another process edits)")
     a = ap.parse_args()
     methods = [m for m in a.methods.split(",") if m]
+    labels = [m.split("=", 1)[0] for m in methods]
     checkpoints = sorted(int(n) for n in a.checkpoints.split(",") if n)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     if not a.plot_only:
         def sweep(m):
+            label, method = m.split("=", 1) if "=" in m else (m, m)
+            m = label
             run_dir = os.path.join(a.out, "runs", m)
             for n in checkpoints:
                 report = os.path.join(a.out, f"{m}-{n}.json")
@@ -166,18 +170,18 @@ def main():
                         print(f"{m}: run has not reached {n} edits; skipped", file=sys.stderr)
                         continue
                 else:
-                    # OUT/hparams-METHOD.json pins a method's hyper-parameters (runs started
+                    # OUT/hparams-LABEL.json pins a run's hyper-parameters (runs started
                     # under older presets continue, and are reproduced, with their own).
                     pinned = os.path.join(a.out, f"hparams-{m}.json")
                     hp = ["--hparams", pinned] if os.path.exists(pinned) else []
                     run([a.oedit, "--threads", a.threads, "edit", "--model", a.model, "--edits", a.edits,
-                         "--run", run_dir, "--method", m, "--limit", str(n), "--on-invalid", "skip",
+                         "--run", run_dir, "--method", method, "--limit", str(n), "--on-invalid", "skip",
                          *hp, "--json"], stdout=subprocess.DEVNULL)
                 edit_s = time.time() - t
                 run([a.oedit, "--threads", a.threads, "eval", "--model", a.model, "--run", run_dir,
                      "--at", str(n), "--edits", a.edits, "--metrics", a.metrics, "--json", report])
                 rep = json.load(open(report))
-                rep["sweep"] = {"method": m, "n": n, "edit_seconds_this_step": edit_s, "commit": git_commit(),
+                rep["sweep"] = {"method": m, "oedit_method": method, "n": n, "edit_seconds_this_step": edit_s, "commit": git_commit(),
                                 "command": " ".join(sys.argv)}
                 json.dump(rep, open(report, "w"), indent=1)
 
@@ -189,7 +193,7 @@ def main():
         else:
             for m in methods:
                 sweep(m)
-    rows = table(a.out, methods, checkpoints)
+    rows = table(a.out, labels, checkpoints)
     json.dump({"commit": git_commit(), "edits": a.edits, "model": a.model, "rows": rows},
               open(os.path.join(a.out, "table.json"), "w"), indent=1)
     svg(rows, os.path.join(a.out, "metrics-vs-n.svg"))

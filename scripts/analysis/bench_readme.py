@@ -9,7 +9,7 @@ def row(path, keys=("efficacy", "generalization", "locality", "locality_agreemen
 cf_table = open(f"{B}/counterfact/table.md").read()
 zs_table = open(f"{B}/zsre/table.md").read() if os.path.exists(f"{B}/zsre/table.md") else "(not run)\n"
 oldest = []
-for m in ["rome", "memit", "alphaedit", "oedit", "oedit-plus"]:
+for m in ["rome", "memit", "alphaedit", "oedit", "oedit-plus-legacy", "oedit-plus"]:
     p = f"{B}/counterfact/oldest/{m}-1000-first100.json"
     if os.path.exists(p):
         at100 = row(f"{B}/counterfact/{m}-100.json", ("efficacy", "generalization", "locality", "locality_agreement"))
@@ -26,7 +26,7 @@ def norm_table():
     not committed, so the table is kept in analysis/update-norms.md and refreshed when they exist."""
     import statistics as st
     saved = f"{B}/analysis/update-norms.md"
-    logs = {m: log_rows(m) for m in ["oedit", "oedit-plus", "rome", "alphaedit"]}
+    logs = {m: log_rows(m) for m in ["oedit", "oedit-plus-legacy", "rome", "alphaedit"]}
     if any(v is None or len(v) < 1000 for v in logs.values()):
         return open(saved).read().rstrip("\n")
     lines = []
@@ -35,7 +35,7 @@ def norm_table():
             xs = [e[what] for e in logs[m][a:b]]
             return st.median(xs), (min(xs) if what == "retained" else max(xs))
         cols = []
-        for m in ["oedit", "oedit-plus"]:
+        for m in ["oedit", "oedit-plus-legacy"]:
             r, n = cell(m, "retained"), cell(m, "update_norm")
             cols += [f"{r[0]:.2f} / {r[1]:.2f}", f"{n[0]:.1f} / {n[1]:,.0f}"]
         n = cell("rome", "update_norm")
