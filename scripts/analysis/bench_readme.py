@@ -13,7 +13,10 @@ for m in ["rome", "memit", "alphaedit", "oedit", "oedit-plus-legacy", "oedit-plu
     p = f"{B}/counterfact/oldest/{m}-1000-first100.json"
     if os.path.exists(p):
         at100 = row(f"{B}/counterfact/{m}-100.json", ("efficacy", "generalization", "locality", "locality_agreement"))
-        oldest.append(f"| {m} | {at100} | {row(p, ('efficacy', 'generalization', 'locality', 'locality_agreement'))} |")
+        keys = ("efficacy", "generalization", "locality", "locality_agreement")
+        p2 = f"{B}/counterfact/oldest/{m}-2000-first100.json"
+        at2000 = row(p2, keys) if os.path.exists(p2) else "–"
+        oldest.append(f"| {m} | {at100} | {row(p, keys)} | {at2000} |")
 
 
 def log_rows(method):
