@@ -151,14 +151,13 @@ def main():
     ap.add_argument("--no-edit", action="store_true",
                     help="only evaluate checkpoints the runs already reached (e.g. while another process edits)")
     a = ap.parse_args()
-    methods = [m for m in a.methods.split(",") if m]
-    labels = [m.split("=", 1)[0] for m in methods]
+    # (label, oedit method) per --methods entry: LABEL=METHOD, or METHOD under its own name.
+    entries = [tuple(m.split("=", 1)) if "=" in m else (m, m) for m in a.methods.split(",") if m]
     checkpoints = sorted(int(n) for n in a.checkpoints.split(",") if n)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     if not a.plot_only:
-        def sweep(m):
-            label, method = m.split("=", 1) if "=" in m else (m, m)
-            m = label
+        def sweep(entry):
+            m, method = entry
             run_dir = os.path.join(a.out, "runs", m)
             for n in checkpoints:
                 report = os.path.join(a.out, f"{m}-{n}.json")
@@ -188,12 +187,12 @@ def main():
         if a.jobs > 1:
             from concurrent.futures import ThreadPoolExecutor
             with ThreadPoolExecutor(a.jobs) as ex:
-                for f in [ex.submit(sweep, m) for m in methods]:
+                for f in [ex.submit(sweep, e) for e in entries]:
                     f.result()
         else:
-            for m in methods:
-                sweep(m)
-    rows = table(a.out, labels, checkpoints)
+            for e in entries:
+                sweep(e)
+    rows = table(a.out, [label for label, _ in entries], checkpoints)
     json.dump({"commit": git_commit(), "edits": a.edits, "model": a.model, "rows": rows},
               open(os.path.join(a.out, "table.json"), "w"), indent=1)
     svg(rows, os.path.join(a.out, "metrics-vs-n.svg"))

@@ -19,7 +19,6 @@ use std::iter::FusedIterator;
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::Context as _;
 use serde_json::{Map, Value};
 
 /// One fact edit, normalised from any supported input format.
@@ -482,8 +481,10 @@ impl EditReader {
         if path.as_os_str() == "-" {
             return Ok(Self::from_reader("<stdin>", Box::new(BufReader::new(std::io::stdin()))));
         }
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open edit file {}", path.display()))?;
+        // A missing or unreadable edit file is bad input (exit code 2).
+        let file = std::fs::File::open(path).map_err(|e| {
+            crate::errors::InputError(format!("{}: cannot open edit file: {e}", path.display()))
+        })?;
         Ok(Self::from_reader(&path.display().to_string(), Box::new(BufReader::new(file))))
     }
 

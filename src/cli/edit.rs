@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::ModelArgs;
+use crate::data::EditReader;
 use crate::edit::Method;
 use crate::errors::InputError;
 use crate::hparams::Hparams;
@@ -60,10 +61,7 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         .map(Hparams::from_file)
         .transpose()
         .map_err(|e| InputError(format!("{e:#}")))?;
-    if args.edits.as_os_str() != "-" {
-        std::fs::File::open(&args.edits)
-            .map_err(|e| InputError(format!("{}: cannot open edit file: {e}", args.edits.display())))?;
-    }
+    EditReader::open(&args.edits)?;
     let mut lm = args.model.load()?;
     let mut hp = match (from_file, &lm.spec.preset) {
         (Some(hp), _) => hp,

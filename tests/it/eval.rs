@@ -281,6 +281,7 @@ fn bad_eval_input_is_reported() {
     let missing = fx.path("no-such-edits.jsonl");
     let o = eval(&fx.model, &missing, &["--run", run_dir]);
     let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
     assert!(line.contains(missing.to_str().unwrap()), "{line}");
 
     let missing_run = fx.path("no-such-run");
