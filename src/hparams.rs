@@ -96,6 +96,22 @@ impl Default for OeditPlusParams {
     }
 }
 
+/// Soft O-Edit: earlier edits' key directions are shrunk by their stored energy rather than
+/// projected out, in C's metric.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OeditSoftParams {
+    /// λ in u = (λ·C + Σ k_p k_pᵀ + k kᵀ)⁻¹ k: how many edits' keys the corpus statistics weigh
+    /// (MEMIT's mom2_update_weight, with the keys of all earlier edits added).
+    pub lambda: f64,
+}
+
+impl Default for OeditSoftParams {
+    fn default() -> Self {
+        Self { lambda: 3_000.0 }
+    }
+}
+
 /// Hyper-parameters of one editing run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +150,9 @@ pub struct Hparams {
     /// O-Edit+ settings.
     #[serde(default)]
     pub oedit_plus: OeditPlusParams,
+    /// Soft O-Edit settings.
+    #[serde(default)]
+    pub oedit_soft: OeditSoftParams,
 }
 
 /// A model preset file, of which only the hyper-parameters are read here.
@@ -216,6 +235,9 @@ impl Hparams {
         }
         if !(self.alphaedit.l2.is_finite() && self.alphaedit.l2 > 0.0) {
             bail!("alphaedit.l2 must be a positive number");
+        }
+        if !(self.oedit_soft.lambda.is_finite() && self.oedit_soft.lambda > 0.0) {
+            bail!("oedit_soft.lambda must be a positive number");
         }
         let op = &self.oedit_plus;
         if !(op.core_energy >= 0.0

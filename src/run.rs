@@ -130,8 +130,9 @@ fn hparams_used_by(hp: &Hparams, method: Method) -> Option<serde_json::Value> {
         Method::Alphaedit => &["alphaedit"],
         Method::Oedit => &["subspace"],
         Method::OeditPlus => &["subspace", "oedit_plus"],
+        Method::OeditSoft => &["oedit_soft"],
     };
-    for section in ["subspace", "memit", "alphaedit", "oedit_plus"] {
+    for section in ["subspace", "memit", "alphaedit", "oedit_plus", "oedit_soft"] {
         if !keep.contains(&section) {
             obj.remove(section);
         }

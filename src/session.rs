@@ -247,8 +247,8 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     })
 }
 
-/// Brings a fresh editor to the committed state: stored subspaces, and AlphaEdit's memory of
-/// past keys rebuilt from the stored updates in order.
+/// Brings a fresh editor to the committed state: stored subspaces, and the memory of past keys
+/// (AlphaEdit, soft O-Edit) rebuilt from the stored updates in order.
 fn restore(editor: &mut Editor, state: &crate::run::State) -> Result<()> {
     for (l, ls) in editor.layers.iter_mut() {
         if let Some(s) = state.subspaces.get(l) {
@@ -257,10 +257,8 @@ fn restore(editor: &mut Editor, state: &crate::run::State) -> Result<()> {
             }
             ls.subspace = s.clone();
         }
-        if let Some(a) = ls.alpha.as_mut() {
-            for u in state.updates.iter().filter(|u| u.layer == *l) {
-                a.add_past(&u.key);
-            }
+        for u in state.updates.iter().filter(|u| u.layer == *l) {
+            ls.remember_key(&u.key);
         }
     }
     Ok(())

@@ -202,6 +202,28 @@ class OeditNull(Oedit):
         super().after(self.u @ k)
 
 
+class SoftOrthogonal(Rome):
+    """Soft O-Edit in C's metric: the update minimises lam * tr(D C D^T) (disturbance of the
+    corpus keys) + sum over earlier keys |D k_p|^2 (their outputs) + |D k - r|^2 (landing), so
+    D = r k^T (lam C + K_p K_p^T + k k^T)^-1. As lam -> 0 this is oedit-plus without a floor
+    (exact landing, earlier keys exactly kept); lam > 0 shrinks each direction of the stored
+    subspace by its stored energy instead of cutting it out. A^-1 = (lam C + K_p K_p^T)^-1 is
+    kept by Sherman-Morrison."""
+
+    lam = 30.0
+
+    def __init__(self, c_reg, c_raw):
+        self.ainv = np.linalg.inv(self.lam * c_reg)
+
+    def direction(self, k):
+        z = self.ainv @ k
+        return z / (1.0 + k @ z)
+
+    def after(self, k):
+        z = self.ainv @ k
+        self.ainv -= np.outer(z, z) / (1.0 + k @ z)
+
+
 def with_floor(cls, floor):
     return type(f"{cls.__name__}{floor}", (cls,), {"floor": floor})
 
@@ -213,6 +235,8 @@ for _f in (0.05, 0.1, 0.2, 0.3):
     RULES[f"oedit-null-floor{_f}"] = with_floor(OeditNull, _f)
 for _g in (0.03, 0.1, 0.3):
     RULES[f"oedit-plus-ridge{_g}"] = type(f"OeditPlusRidge{_g}", (OeditPlusRidge,), {"gamma": _g})
+for _l in (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0):
+    RULES[f"soft{_l:g}"] = type(f"SoftOrthogonal{_l:g}", (SoftOrthogonal,), {"lam": _l})
 
 
 def replay(rule, k, t, c_raw, checkpoints):

@@ -1,5 +1,5 @@
 //! Per-layer state and closed-form updates of each method (ROME, MEMIT, AlphaEdit, O-Edit,
-//! O-Edit+). The shared key/value machinery is in [`super::target`].
+//! O-Edit+, soft O-Edit). The shared key/value machinery is in [`super::target`].
 
 use anyhow::{bail, Result};
 
@@ -18,6 +18,49 @@ pub struct AlphaState {
     pub past: Mat,
 }
 
+/// Soft O-Edit's state: A⁻¹ with A = λ·C + Σ k_p k_pᵀ over the keys of earlier edits.
+///
+/// The update u = (A + k kᵀ)⁻¹ k minimises λ·E‖ΔW k₀‖² over the corpus keys + Σ ‖ΔW k_p‖² +
+/// ‖ΔW k − r‖²: it lands the share kᵀA⁻¹k / (1 + kᵀA⁻¹k) of the edit, and a direction that
+/// earlier edits used is shrunk by the energy they stored there instead of being projected out.
+/// As λ → 0 it becomes oedit-plus without a floor (earlier keys kept exactly, the edit landed).
+pub struct SoftState {
+    /// A⁻¹ (row-major f×f), kept by Sherman–Morrison as keys are added.
+    pub inverse: Mat,
+}
+
+impl SoftState {
+    /// A⁻¹ = (λ·C_reg)⁻¹ before any edit.
+    fn new(pre: &Preconditioner, lambda: f64) -> Self {
+        let mut inverse = pre.inverse();
+        inverse.data.iter_mut().for_each(|x| *x /= lambda);
+        Self { inverse }
+    }
+
+    /// u = (A + k kᵀ)⁻¹ k = A⁻¹k / (1 + kᵀA⁻¹k), and the landed share kᵀu.
+    fn direction(&self, k: &[f64]) -> Result<(Vec<f64>, f64)> {
+        let z = self.inverse.matvec(k);
+        let q = dot(k, &z);
+        if !(q.is_finite() && q > 0.0) {
+            bail!("soft O-Edit: kᵀA⁻¹k is not positive ({q}); the key statistics are degenerate");
+        }
+        let u: Vec<f64> = z.iter().map(|x| x / (1.0 + q)).collect();
+        Ok((u, q / (1.0 + q)))
+    }
+
+    /// A ← A + k kᵀ (of the f32 key, as stored), by Sherman–Morrison on A⁻¹.
+    fn add_past(&mut self, key32: &[f32]) {
+        let k: Vec<f64> = key32.iter().map(|&x| x as f64).collect();
+        let z = self.inverse.matvec(&k);
+        let s = 1.0 / (1.0 + dot(&k, &z));
+        let f = k.len();
+        for (i, &zi) in z.iter().enumerate() {
+            let row = &mut self.inverse.data[i * f..(i + 1) * f];
+            row.iter_mut().zip(&z).for_each(|(a, &zj)| *a -= s * zi * zj);
+        }
+    }
+}
+
 /// The state of one edited layer.
 pub struct LayerState {
     /// Cholesky of the regularised C.
@@ -26,6 +69,8 @@ pub struct LayerState {
     pub subspace: Subspace,
     /// AlphaEdit state, for that method only.
     pub alpha: Option<AlphaState>,
+    /// Soft O-Edit state, for that method only.
+    pub soft: Option<SoftState>,
     /// The inner product the subspace is kept in (whitened for O-Edit+).
     pub metric: Metric,
     /// Directions the conflict policy released before the last update.
@@ -45,6 +90,7 @@ impl LayerState {
         let pre = Preconditioner::new(stats, hp.cov_regularization)?;
         let mut subspace = Subspace::new(f);
         let mut alpha = None;
+        let mut soft = None;
         let metric = if method == Method::OeditPlus { Metric::Covariance } else { Metric::Euclidean };
         match method {
             Method::Alphaedit => {
@@ -68,9 +114,10 @@ impl LayerState {
                     subspace.seed(&pre.to_metric(&e.vectors.col(j), metric));
                 }
             }
+            Method::OeditSoft => soft = Some(SoftState::new(&pre, hp.oedit_soft.lambda)),
             _ => {}
         }
-        Ok(Self { pre, subspace, alpha, metric, released: 0, compressed: 0 })
+        Ok(Self { pre, subspace, alpha, soft, metric, released: 0, compressed: 0 })
     }
 
     /// The single-layer update of `method` for key `k` and residual `r`.
@@ -105,7 +152,24 @@ impl LayerState {
                 a.add_past(key32);
                 Ok(upd)
             }
+            Method::OeditSoft => {
+                let s = self.soft.as_mut().ok_or_else(|| anyhow::anyhow!("soft O-Edit state missing"))?;
+                let (u, retained) = s.direction(k)?;
+                s.add_past(key32);
+                Ok(RankOne { r: r.to_vec(), u, retained })
+            }
             Method::Memit => bail!("MEMIT updates go through memit_update"),
+        }
+    }
+
+    /// Adds a stored edit's key to the memory of past keys (AlphaEdit, soft O-Edit); used when a
+    /// run is resumed, in the order the edits were made.
+    pub fn remember_key(&mut self, key32: &[f32]) {
+        if let Some(a) = self.alpha.as_mut() {
+            a.add_past(key32);
+        }
+        if let Some(s) = self.soft.as_mut() {
+            s.add_past(key32);
         }
     }
 

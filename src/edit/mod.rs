@@ -39,6 +39,8 @@ pub enum Method {
     Oedit,
     /// O-Edit+: O-Edit in whitened key space (least disturbance of the preserved keys).
     OeditPlus,
+    /// Soft O-Edit: earlier edits' directions shrunk by their stored energy, not cut out.
+    OeditSoft,
 }
 
 impl Method {
@@ -50,6 +52,7 @@ impl Method {
             Method::Alphaedit => "alphaedit",
             Method::Oedit => "oedit",
             Method::OeditPlus => "oedit-plus",
+            Method::OeditSoft => "oedit-soft",
         }
     }
 
@@ -100,7 +103,8 @@ pub struct AppliedUpdate {
     pub layer: usize,
     pub r: Vec<f32>,
     pub u: Vec<f32>,
-    /// The key the update was computed for (AlphaEdit accumulates k kᵀ of past edits).
+    /// The key the update was computed for (AlphaEdit and soft O-Edit accumulate k kᵀ of past
+    /// edits).
     pub key: Vec<f32>,
 }
 

@@ -28,6 +28,20 @@ impl Preconditioner {
         self.chol.solve(x)
     }
 
+    /// C⁻¹ as a dense matrix (symmetrised).
+    pub fn inverse(&self) -> Mat {
+        let n = self.chol.dim();
+        let mut inv = self.chol.solve_mat(&Mat::identity(n));
+        for i in 0..n {
+            for j in 0..i {
+                let m = 0.5 * (inv.get(i, j) + inv.get(j, i));
+                inv.set(i, j, m);
+                inv.set(j, i, m);
+            }
+        }
+        inv
+    }
+
     /// `x` in the coordinates where `metric`'s inner product is the plain dot product
     /// (L⁻¹x for [`Metric::Covariance`], with C = L Lᵀ).
     pub fn to_metric(&self, x: &[f64], metric: Metric) -> Vec<f64> {
