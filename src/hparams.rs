@@ -259,3 +259,36 @@ impl Hparams {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Hparams {
+        serde_json::from_value(serde_json::json!({
+            "layer": 1, "context_templates": 2, "template_length": 4, "v_steps": 5, "v_lr": 0.5,
+            "kl_weight": 0.0625, "weight_decay": 0.001, "clamp_norm_factor": 4.0, "stop_loss": 0.05,
+            "cov_tokens": 100, "cov_regularization": 0.01
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn method_sections_default_and_bad_values_are_named() {
+        let hp = base();
+        assert_eq!(hp.oedit_soft.lambda, 3_000.0);
+        hp.validate(4).unwrap();
+        let cases: [(&str, fn(&mut Hparams)); 4] = [
+            ("oedit_soft.lambda", |h| h.oedit_soft.lambda = 0.0),
+            ("oedit_soft.lambda", |h| h.oedit_soft.lambda = f64::NAN),
+            ("alphaedit.l2", |h| h.alphaedit.l2 = -1.0),
+            ("layer 7 out of range", |h| h.layer = 7),
+        ];
+        for (want, tweak) in cases {
+            let mut h = base();
+            tweak(&mut h);
+            let e = h.validate(4).unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} does not name {want}");
+        }
+    }
+}

@@ -190,3 +190,71 @@ fn re_editing_a_fact_releases_only_its_own_direction() {
         assert_eq!(outcome.basis_size, 2, "floor {floor}");
     }
 }
+
+/// (λC_reg + Σ k_p k_pᵀ over `past` + k kᵀ) u − k, max-abs, relative to max |k|.
+fn soft_normal_equation_error(c_reg: &Mat, lambda: f64, past: &[Vec<f64>], k: &[f64], u: &[f64]) -> f64 {
+    let mut lhs: Vec<f64> = c_reg.matvec(u).iter().map(|x| lambda * x).collect();
+    for kp in past.iter().chain(std::iter::once(&k.to_vec())) {
+        let c: f64 = kp.iter().zip(u).map(|(a, b)| a * b).sum();
+        lhs.iter_mut().zip(kp).for_each(|(l, x)| *l += c * x);
+    }
+    let err = lhs.iter().zip(k).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    err / k.iter().map(|x| x.abs()).fold(0.0, f64::max)
+}
+
+#[test]
+fn oedit_soft_solves_its_normal_equation_with_the_memory_of_earlier_keys() {
+    let lambda = 2.0;
+    let (mut lm, mut editor, stats) = setup(Method::OeditSoft, |hp| hp.oedit_soft.lambda = lambda);
+    let s = &stats[0];
+    let mut c = c_matrix(s);
+    let mean_diag = (0..s.dim).map(|i| c.get(i, i)).sum::<f64>() / s.dim as f64;
+    c.add_diagonal(0.01 * mean_diag);
+    let mut past: Vec<Vec<f64>> = Vec::new();
+    for line in minimal_lines(4) {
+        let rec = parse_record(&line).unwrap();
+        let (outcome, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        let (k, u) = (f64s(&applied[0].key), f64s(&applied[0].u));
+        let err = soft_normal_equation_error(&c, lambda, &past, &k, &u);
+        assert!(err < 1e-6, "edit {}: normal equation residual {err}", past.len());
+        // Without the earlier keys the equation does not hold (the test can fail).
+        if !past.is_empty() {
+            let without = soft_normal_equation_error(&c, lambda, &[], &k, &u);
+            assert!(without > 1e-5, "edit {}: earlier keys made no difference ({without})", past.len());
+        }
+        // It lands part of the edit: kᵀu = kᵀA⁻¹k / (1 + kᵀA⁻¹k), logged as `retained`.
+        let uk: f64 = u.iter().zip(&k).map(|(a, b)| a * b).sum();
+        assert!(uk > 0.0 && uk < 1.0, "landed share {uk}");
+        assert!((outcome.retained - uk).abs() < 1e-4, "logged {} vs {uk}", outcome.retained);
+        assert_eq!(outcome.basis_size, 0);
+        past.push(k);
+    }
+}
+
+#[test]
+fn oedit_soft_with_a_vanishing_lambda_becomes_exact_orthogonal_editing() {
+    // λ → 0: the edit lands whole (uᵀk* = 1) and earlier keys are left alone (uᵀk_p = 0), the
+    // hard O-Edit limit; with a large λ the same edits land only partly and touch earlier keys.
+    for (lambda, hard) in [(1e-4, true), (1e3, false)] {
+        let (mut lm, mut editor, _) = setup(Method::OeditSoft, |hp| hp.oedit_soft.lambda = lambda);
+        let mut earlier: Vec<Vec<f64>> = Vec::new();
+        let (mut worst_land, mut worst_touch) = (0.0f64, 0.0f64);
+        for line in minimal_lines(3) {
+            let rec = parse_record(&line).unwrap();
+            let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+            let (k, u) = (f64s(&applied[0].key), f64s(&applied[0].u));
+            let uk: f64 = u.iter().zip(&k).map(|(a, b)| a * b).sum();
+            worst_land = worst_land.max((1.0 - uk).abs());
+            for kp in &earlier {
+                let c: f64 = u.iter().zip(kp).map(|(a, b)| a * b).sum();
+                worst_touch = worst_touch.max(c.abs());
+            }
+            earlier.push(k);
+        }
+        if hard {
+            assert!(worst_land < 1e-3 && worst_touch < 1e-3, "λ={lambda}: {worst_land} {worst_touch}");
+        } else {
+            assert!(worst_land > 1e-2 && worst_touch > 1e-4, "λ={lambda}: {worst_land} {worst_touch}");
+        }
+    }
+}
