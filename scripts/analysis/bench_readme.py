@@ -9,7 +9,7 @@ def row(path, keys=("efficacy", "generalization", "locality", "locality_agreemen
 cf_table = open(f"{B}/counterfact/table.md").read()
 zs_table = open(f"{B}/zsre/table.md").read() if os.path.exists(f"{B}/zsre/table.md") else "(not run)\n"
 oldest = []
-for m in ["rome", "memit", "alphaedit", "oedit", "oedit-plus-legacy", "oedit-plus"]:
+for m in ["rome", "memit", "alphaedit", "oedit", "oedit-plus-legacy", "oedit-plus", "oedit-soft"]:
     p = f"{B}/counterfact/oldest/{m}-1000-first100.json"
     if os.path.exists(p):
         at100 = row(f"{B}/counterfact/{m}-100.json", ("efficacy", "generalization", "locality", "locality_agreement"))
@@ -29,7 +29,7 @@ def norm_table():
     not committed, so the table is kept in analysis/update-norms.md and refreshed when they exist."""
     import statistics as st
     saved = f"{B}/analysis/update-norms.md"
-    logs = {m: log_rows(m) for m in ["oedit", "oedit-plus-legacy", "rome", "alphaedit"]}
+    logs = {m: log_rows(m) for m in ["oedit", "oedit-plus-legacy", "rome", "alphaedit", "oedit-soft"]}
     if any(v is None or len(v) < 1000 for v in logs.values()):
         return open(saved).read().rstrip("\n")
     lines = []
@@ -43,8 +43,9 @@ def norm_table():
             cols += [f"{r[0]:.2f} / {r[1]:.2f}", f"{n[0]:.1f} / {n[1]:,.0f}"]
         n = cell("rome", "update_norm")
         cols.append(f"{n[0]:.1f} / {n[1]:,.0f}")
-        n, r = cell("alphaedit", "update_norm"), cell("alphaedit", "retained")
-        cols.append(f"{n[0]:.1f} / {n[1]:,.0f} ({r[0]:.2f})")
+        for m in ["alphaedit", "oedit-soft"]:
+            n, r = cell(m, "update_norm"), cell(m, "retained")
+            cols.append(f"{n[0]:.1f} / {n[1]:,.0f} ({r[0]:.2f})")
         lines.append(f"| {a + 1}–{b} | " + " | ".join(cols) + " |")
     open(saved, "w").write("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -64,6 +65,11 @@ REPLAY_ROWS = [
     ("oedit-plus landing part of each edit (ridge γ = 0.03)", "update-rules-variants-rome1000.json", "oedit-plus-ridge0.03"),
     ("oedit-plus, ridge γ = 0.1", "update-rules-variants-rome1000.json", "oedit-plus-ridge0.1"),
     ("oedit-plus, ridge γ = 0.3", "update-rules-variants-rome1000.json", "oedit-plus-ridge0.3"),
+    ("oedit-soft, λ = 100", "update-rules-soft-rome1000.json", "soft100"),
+    ("oedit-soft, λ = 300", "update-rules-soft-rome1000.json", "soft300"),
+    ("oedit-soft, λ = 1,000", "update-rules-soft-rome1000.json", "soft1000"),
+    ("oedit-soft, λ = 3,000 (default)", "update-rules-soft-rome1000.json", "soft3000"),
+    ("oedit-soft, λ = 10,000", "update-rules-soft-rome1000.json", "soft10000"),
 ]
 
 
