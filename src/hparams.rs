@@ -273,12 +273,15 @@ mod tests {
         .unwrap()
     }
 
+    /// A field the message must name, and the change that makes the value bad.
+    type BadCase = (&'static str, fn(&mut Hparams));
+
     #[test]
     fn method_sections_default_and_bad_values_are_named() {
         let hp = base();
         assert_eq!(hp.oedit_soft.lambda, 3_000.0);
         hp.validate(4).unwrap();
-        let cases: [(&str, fn(&mut Hparams)); 4] = [
+        let cases: [BadCase; 4] = [
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = 0.0),
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = f64::NAN),
             ("alphaedit.l2", |h| h.alphaedit.l2 = -1.0),
