@@ -146,24 +146,24 @@ impl LayerState {
                 }
             }
             Method::Alphaedit => {
-                let a = self.alpha.as_mut().ok_or_else(|| anyhow::anyhow!("AlphaEdit state missing"))?;
+                let a = self.alpha.as_ref().ok_or_else(|| anyhow::anyhow!("AlphaEdit state missing"))?;
                 let u = alphaedit_direction(a, k, hp.alphaedit.l2)?;
-                let upd = RankOne { r: r.to_vec(), retained: dot(&u, k), u };
-                a.add_past(key32);
-                Ok(upd)
+                self.remember_key(key32);
+                Ok(RankOne { r: r.to_vec(), retained: dot(&u, k), u })
             }
             Method::OeditSoft => {
-                let s = self.soft.as_mut().ok_or_else(|| anyhow::anyhow!("soft O-Edit state missing"))?;
+                let s = self.soft.as_ref().ok_or_else(|| anyhow::anyhow!("soft O-Edit state missing"))?;
                 let (u, retained) = s.direction(k)?;
-                s.add_past(key32);
+                self.remember_key(key32);
                 Ok(RankOne { r: r.to_vec(), u, retained })
             }
             Method::Memit => bail!("MEMIT updates go through memit_update"),
         }
     }
 
-    /// Adds a stored edit's key to the memory of past keys (AlphaEdit, soft O-Edit); used when a
-    /// run is resumed, in the order the edits were made.
+    /// Adds an edit's key (f32, as stored) to the memory of past keys (AlphaEdit, soft O-Edit):
+    /// after each live update, and for every stored edit in order when a run is resumed, so both
+    /// paths build the same state.
     pub fn remember_key(&mut self, key32: &[f32]) {
         if let Some(a) = self.alpha.as_mut() {
             a.add_past(key32);

@@ -42,6 +42,14 @@ fn c_matrix(s: &KeyStats) -> Mat {
     Mat::from_vec(s.dim, s.dim, s.second_moment.clone())
 }
 
+/// C + 0.01·mean(diag C)·I: the regularised statistics of the tiny hyper-parameters.
+fn c_reg_matrix(s: &KeyStats) -> Mat {
+    let mut c = c_matrix(s);
+    let mean_diag = (0..s.dim).map(|i| c.get(i, i)).sum::<f64>() / s.dim as f64;
+    c.add_diagonal(0.01 * mean_diag);
+    c
+}
+
 #[test]
 fn memit_touches_only_its_layers_and_solves_its_normal_equation() {
     let (mut lm, mut editor, stats) = setup(Method::Memit, |hp| {
@@ -61,10 +69,7 @@ fn memit_touches_only_its_layers_and_solves_its_normal_equation() {
     }
     // u = (λC + k kᵀ)⁻¹ k for each layer: check (λC_reg + k kᵀ) u = k.
     for a in &applied {
-        let s = stats.iter().find(|s| s.layer == a.layer).unwrap();
-        let mut c = c_matrix(s);
-        let mean_diag = (0..s.dim).map(|i| c.get(i, i)).sum::<f64>() / s.dim as f64;
-        c.add_diagonal(0.01 * mean_diag);
+        let c = c_reg_matrix(stats.iter().find(|s| s.layer == a.layer).unwrap());
         let (k, u) = (f64s(&a.key), f64s(&a.u));
         let cu = c.matvec(&u);
         let ku: f64 = k.iter().zip(&u).map(|(x, y)| x * y).sum();
@@ -206,10 +211,7 @@ fn soft_normal_equation_error(c_reg: &Mat, lambda: f64, past: &[Vec<f64>], k: &[
 fn oedit_soft_solves_its_normal_equation_with_the_memory_of_earlier_keys() {
     let lambda = 2.0;
     let (mut lm, mut editor, stats) = setup(Method::OeditSoft, |hp| hp.oedit_soft.lambda = lambda);
-    let s = &stats[0];
-    let mut c = c_matrix(s);
-    let mean_diag = (0..s.dim).map(|i| c.get(i, i)).sum::<f64>() / s.dim as f64;
-    c.add_diagonal(0.01 * mean_diag);
+    let c = c_reg_matrix(&stats[0]);
     let mut past: Vec<Vec<f64>> = Vec::new();
     for line in minimal_lines(4) {
         let rec = parse_record(&line).unwrap();
