@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
 
         // Edits.
         let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
-        let mut editor = Editor::new(Method::OeditPlus, hp.clone(), templates.clone(), std::slice::from_ref(&stats))?;
+        let mut editor = Editor::new(Method::named("oedit-plus").unwrap(), hp.clone(), templates.clone(), std::slice::from_ref(&stats))?;
         let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/counterfact-sample.jsonl");
         let records: Vec<_> = EditReader::open(&data)?.filter_map(Result::ok).map(|(_, r)| r).take(n_edits).collect();
         let (mut total, mut key, mut value, mut update, mut step, mut gflops, mut steps, mut ckpt) =
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
             let tc = Instant::now();
             state.updates.extend(applied);
             state.n_edits += 1;
-            state.subspaces.insert(hp.layer, editor.layers[&hp.layer].subspace.clone());
+            state.subspaces.insert(hp.layer, editor.subspace(hp.layer).unwrap().clone());
             rd.commit(&mut state)?;
             ckpt.push(tc.elapsed().as_secs_f64());
             total.push(t.elapsed().as_secs_f64());

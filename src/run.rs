@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::edit::methods::REGISTRY;
 use crate::edit::{apply_rank_one, subspace::Subspace, AppliedUpdate, Method};
 use crate::errors::InputError;
 use crate::fingerprint::Fnv;
@@ -124,17 +125,10 @@ impl Manifest {
 fn hparams_used_by(hp: &Hparams, method: Method) -> Option<serde_json::Value> {
     let mut v = serde_json::to_value(hp).ok()?;
     let obj = v.as_object_mut()?;
-    let keep: &[&str] = match method {
-        Method::Rome => &[],
-        Method::Memit => &["memit"],
-        Method::Alphaedit => &["alphaedit"],
-        Method::Oedit => &["subspace"],
-        Method::OeditPlus => &["subspace", "oedit_plus"],
-        Method::OeditSoft => &["oedit_soft"],
-    };
-    for section in ["subspace", "memit", "alphaedit", "oedit_plus", "oedit_soft"] {
-        if !keep.contains(&section) {
-            obj.remove(section);
+    let keep = method.hparam_sections();
+    for section in REGISTRY.iter().flat_map(|m| m.hparam_sections()) {
+        if !keep.contains(section) {
+            obj.remove(*section);
         }
     }
     Some(v)

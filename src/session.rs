@@ -117,7 +117,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     )?;
     let edited_layers = opts.method.layers(&hp);
     let mut editor = Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)?;
-    restore(&mut editor, &state)?;
+    editor.restore(&state.subspaces, &state.updates)?;
     replay(&mut lm.model, &state.updates)?;
     let resumed_from = state.n_edits;
 
@@ -174,9 +174,9 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         state.updates.extend(applied);
         state.n_edits += 1;
         state.last_line = line;
-        for (l, ls) in &editor.layers {
-            if !ls.subspace.is_empty() {
-                state.subspaces.insert(*l, ls.subspace.clone());
+        for (l, s) in editor.subspaces() {
+            if !s.is_empty() {
+                state.subspaces.insert(l, s.clone());
             }
         }
         if let Some(before) = &before {
@@ -245,23 +245,6 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         target_wins_rate: if state.n_edits > 0 { wins as f64 / state.n_edits as f64 } else { 0.0 },
         seconds: t_start.elapsed().as_secs_f64(),
     })
-}
-
-/// Brings a fresh editor to the committed state: stored subspaces, and the memory of past keys
-/// (AlphaEdit, soft O-Edit) rebuilt from the stored updates in order.
-fn restore(editor: &mut Editor, state: &crate::run::State) -> Result<()> {
-    for (l, ls) in editor.layers.iter_mut() {
-        if let Some(s) = state.subspaces.get(l) {
-            if s.basis.dim() != ls.subspace.basis.dim() {
-                anyhow::bail!("checkpoint subspace of layer {l} has the wrong width");
-            }
-            ls.subspace = s.clone();
-        }
-        for u in state.updates.iter().filter(|u| u.layer == *l) {
-            ls.remember_key(&u.key);
-        }
-    }
-    Ok(())
 }
 
 fn new_manifest(

@@ -264,7 +264,9 @@ fn library_run(model_dir: &Path, method: Method, n: usize) -> LibraryRun {
         out.basis_sizes.push(outcome.basis_size);
     }
     out.w_final = rows_f64(&lm.model.down_proj(hp.layer).to_dtype(DType::F64).unwrap());
-    out.subspace = editor.layers[&hp.layer].subspace.clone();
+    if let Some(s) = editor.subspace(hp.layer) {
+        out.subspace = s.clone();
+    }
     out
 }
 
@@ -297,7 +299,7 @@ fn oedit_updates_are_orthogonal_to_earlier_edits_and_rome_are_not() {
     let tmp = TempDir::new().unwrap();
     let dir = tiny_model(&tmp.path().join("m"), TinyOpts::default());
     let n = 6;
-    let o = library_run(&dir, Method::Oedit, n);
+    let o = library_run(&dir, Method::named("oedit").unwrap(), n);
     // One direction per edit, orthonormal.
     assert_eq!(o.basis_sizes, (1..=n).collect::<Vec<_>>());
     assert_eq!(o.subspace.len(), n);
@@ -326,7 +328,7 @@ fn oedit_updates_are_orthogonal_to_earlier_edits_and_rome_are_not() {
     assert!(keep < 1e-4, "O-Edit: an earlier edit was overwritten (relative error {keep:e})");
 
     // Plain ROME: no basis, updates overlap earlier keys, earlier edits drift.
-    let r = library_run(&dir, Method::Rome, n);
+    let r = library_run(&dir, Method::named("rome").unwrap(), n);
     assert!(r.subspace.is_empty());
     assert!(r.basis_sizes.iter().all(|&b| b == 0));
     // Identical first edit (empty subspace), different afterwards.

@@ -7,6 +7,7 @@ mod common;
 mod cli;
 mod edit;
 mod eval;
+mod fluency;
 mod forward;
 mod loaders;
 mod methods;

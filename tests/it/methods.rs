@@ -52,7 +52,7 @@ fn c_reg_matrix(s: &KeyStats) -> Mat {
 
 #[test]
 fn memit_touches_only_its_layers_and_solves_its_normal_equation() {
-    let (mut lm, mut editor, stats) = setup(Method::Memit, |hp| {
+    let (mut lm, mut editor, stats) = setup(Method::named("memit").unwrap(), |hp| {
         hp.memit.layers = vec![0, 1];
         hp.memit.mom2_weight = 2.0;
     });
@@ -82,7 +82,7 @@ fn memit_touches_only_its_layers_and_solves_its_normal_equation() {
 
 #[test]
 fn alphaedit_update_annihilates_the_preserved_key_subspace() {
-    let (mut lm, mut editor, stats) = setup(Method::Alphaedit, |hp| {
+    let (mut lm, mut editor, stats) = setup(Method::named("alphaedit").unwrap(), |hp| {
         hp.alphaedit.min_nullspace_dim = 16;
         hp.alphaedit.l2 = 1.0;
     });
@@ -118,24 +118,95 @@ fn alphaedit_update_annihilates_the_preserved_key_subspace() {
 
 #[test]
 fn rome_lands_each_edit_exactly_at_its_key() {
-    let (mut lm, mut editor, _) = setup(Method::Rome, |_| {});
+    let (mut lm, mut editor, stats) = setup(Method::named("rome").unwrap(), |_| {});
+    let c = c_reg_matrix(&stats[0]);
     for line in minimal_lines(3) {
         let rec = parse_record(&line).unwrap();
         let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
         let a = &applied[0];
-        let uk: f64 = f64s(&a.u).iter().zip(f64s(&a.key)).map(|(x, y)| x * y).sum();
+        let (u, k) = (f64s(&a.u), f64s(&a.key));
+        let uk: f64 = u.iter().zip(&k).map(|(x, y)| x * y).sum();
         assert!((uk - 1.0).abs() < 1e-4, "uᵀk = {uk}");
-        assert!(editor.layers[&1].subspace.is_empty(), "rome keeps no subspace");
+        // u is C⁻¹k scaled to uᵀk = 1: C_reg u = k / (kᵀC⁻¹k) = (uᵀC_reg u) k.
+        let cu = c.matvec(&u);
+        let scale: f64 = u.iter().zip(&cu).map(|(x, y)| x * y).sum();
+        let err = cu.iter().zip(&k).map(|(a, b)| (a - scale * b).abs()).fold(0.0, f64::max);
+        let kmax = k.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        assert!(err < 1e-4 * scale * kmax, "C u is not parallel to k: {err}");
+        // A vector with uᵀk = 1 but not along C⁻¹k fails the same check (the check can fail).
+        let mut v = u.clone();
+        let j = (0..k.len()).max_by(|&a, &b| k[a].abs().total_cmp(&k[b].abs())).unwrap();
+        let i = (j + 1) % k.len();
+        v[i] += 0.1 * u.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        v[j] -= (v[i] - u[i]) * k[i] / k[j];
+        let cv = c.matvec(&v);
+        let sv: f64 = v.iter().zip(&cv).map(|(x, y)| x * y).sum();
+        let errv = cv.iter().zip(&k).map(|(a, b)| (a - sv * b).abs()).fold(0.0, f64::max);
+        assert!(errv > 1e-3 * sv * kmax, "perturbed direction passed: {errv}");
+        assert!(editor.subspace(1).is_none_or(|s| s.is_empty()), "rome keeps no subspace");
+    }
+}
+
+#[test]
+fn alphaedit_solves_its_ridge_normal_equation_with_the_memory_of_earlier_keys() {
+    let (threshold, min_dim, l2) = (1e-2, 16, 0.5);
+    let (mut lm, mut editor, stats) = setup(Method::named("alphaedit").unwrap(), |hp| {
+        hp.alphaedit.nullspace_threshold = threshold;
+        hp.alphaedit.min_nullspace_dim = min_dim;
+        hp.alphaedit.l2 = l2;
+    });
+    let s = &stats[0];
+    let f = s.dim;
+    let eig = sym_eigen(&c_matrix(s));
+    let n0 = eig.values.iter().filter(|&&v| v < threshold).count().max(min_dim);
+    let null: Vec<Vec<f64>> = (0..n0).map(|j| eig.vectors.col(j)).collect();
+    let project = |x: &[f64]| -> Vec<f64> {
+        let mut out = vec![0.0; f];
+        for b in &null {
+            let c: f64 = b.iter().zip(x).map(|(p, q)| p * q).sum();
+            out.iter_mut().zip(b).for_each(|(o, bi)| *o += c * bi);
+        }
+        out
+    };
+    // (P₀ M P₀ + αI) u − P₀ k with M = k kᵀ + Σ past k_p k_pᵀ, relative to |P₀ k|.
+    let residual = |past: &[Vec<f64>], k: &[f64], u: &[f64]| -> f64 {
+        let pu = project(u);
+        let mut m_pu = vec![0.0; f];
+        for kp in past.iter().chain(std::iter::once(&k.to_vec())) {
+            let c: f64 = kp.iter().zip(&pu).map(|(a, b)| a * b).sum();
+            m_pu.iter_mut().zip(kp).for_each(|(o, x)| *o += c * x);
+        }
+        let lhs: Vec<f64> = project(&m_pu).iter().zip(u).map(|(a, b)| a + l2 * b).collect();
+        let pk = project(k);
+        let err = lhs.iter().zip(&pk).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        err / pk.iter().map(|x| x.abs()).fold(0.0, f64::max)
+    };
+    let mut past: Vec<Vec<f64>> = Vec::new();
+    for line in minimal_lines(4) {
+        let rec = parse_record(&line).unwrap();
+        let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        let (k, u) = (f64s(&applied[0].key), f64s(&applied[0].u));
+        let err = residual(&past, &k, &u);
+        assert!(err < 1e-5, "edit {}: normal equation residual {err}", past.len());
+        // u lies in the null space.
+        let out_of_null: Vec<f64> = u.iter().zip(project(&u)).map(|(a, b)| a - b).collect();
+        let un = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(out_of_null.iter().map(|x| x * x).sum::<f64>().sqrt() < 1e-6 * un);
+        if !past.is_empty() {
+            let without = residual(&[], &k, &u);
+            assert!(without > 1e-4, "edit {}: earlier keys made no difference ({without})", past.len());
+        }
+        past.push(k);
     }
 }
 
 #[test]
 fn oedit_plus_spares_earlier_keys_and_seeded_core_directions() {
-    let (mut lm, mut editor, stats) = setup(Method::OeditPlus, |hp| {
+    let (mut lm, mut editor, stats) = setup(Method::named("oedit-plus").unwrap(), |hp| {
         hp.oedit_plus.core_energy = 0.5;
         hp.oedit_plus.max_core_fraction = 0.25;
     });
-    let seeded = editor.layers[&1].subspace.len();
+    let seeded = editor.subspace(1).unwrap().len();
     assert!(seeded > 0 && seeded <= 16, "seeded {seeded}");
     let eig = sym_eigen(&c_matrix(&stats[0]));
     let top = eig.vectors.col(stats[0].dim - 1);
@@ -161,7 +232,7 @@ fn oedit_plus_spares_earlier_keys_and_seeded_core_directions() {
         earlier.push(k);
     }
     // Seeds are never compressed away.
-    let sub = &mut editor.layers.get_mut(&1).unwrap().subspace;
+    let mut sub = editor.subspace(1).unwrap().clone();
     let n = sub.len();
     sub.compress(seeded);
     assert_eq!(sub.len(), seeded);
@@ -174,7 +245,8 @@ fn re_editing_a_fact_releases_only_its_own_direction() {
     // projection; the conflict policy releases that one direction, whatever the floor, and the
     // edit stored before it stays exactly protected.
     for floor in [0.1, 1e-6] {
-        let (mut lm, mut editor, _) = setup(Method::OeditPlus, |hp| hp.subspace.min_retained = floor);
+        let (mut lm, mut editor, _) =
+            setup(Method::named("oedit-plus").unwrap(), |hp| hp.subspace.min_retained = floor);
         let lines = minimal_lines(2);
         let (first, other) = (parse_record(&lines[0]).unwrap(), parse_record(&lines[1]).unwrap());
         let (_, other_applied) = editor.edit(&mut lm.model, &lm.tok, &other).unwrap();
@@ -210,7 +282,8 @@ fn soft_normal_equation_error(c_reg: &Mat, lambda: f64, past: &[Vec<f64>], k: &[
 #[test]
 fn oedit_soft_solves_its_normal_equation_with_the_memory_of_earlier_keys() {
     let lambda = 2.0;
-    let (mut lm, mut editor, stats) = setup(Method::OeditSoft, |hp| hp.oedit_soft.lambda = lambda);
+    let (mut lm, mut editor, stats) =
+        setup(Method::named("oedit-soft").unwrap(), |hp| hp.oedit_soft.lambda = lambda);
     let c = c_reg_matrix(&stats[0]);
     let mut past: Vec<Vec<f64>> = Vec::new();
     for line in minimal_lines(4) {
@@ -238,7 +311,8 @@ fn oedit_soft_with_a_vanishing_lambda_becomes_exact_orthogonal_editing() {
     // λ → 0: the edit lands whole (uᵀk* = 1) and earlier keys are left alone (uᵀk_p = 0), the
     // hard O-Edit limit; with a large λ the same edits land only partly and touch earlier keys.
     for (lambda, hard) in [(1e-4, true), (1e3, false)] {
-        let (mut lm, mut editor, _) = setup(Method::OeditSoft, |hp| hp.oedit_soft.lambda = lambda);
+        let (mut lm, mut editor, _) =
+            setup(Method::named("oedit-soft").unwrap(), |hp| hp.oedit_soft.lambda = lambda);
         let mut earlier: Vec<Vec<f64>> = Vec::new();
         let (mut worst_land, mut worst_touch) = (0.0f64, 0.0f64);
         for line in minimal_lines(3) {
@@ -259,4 +333,78 @@ fn oedit_soft_with_a_vanishing_lambda_becomes_exact_orthogonal_editing() {
             assert!(worst_land > 1e-2 && worst_touch > 1e-4, "λ={lambda}: {worst_land} {worst_touch}");
         }
     }
+}
+
+/// A method the registry does not know, defined in this one place: ΔW = r kᵀ / (kᵀk), the
+/// Euclidean minimum-norm update that lands the edit. Nothing else in the crate changes for it.
+mod toy {
+    use std::collections::HashMap;
+
+    use oedit::edit::methods::{single_layer, EditContext, MethodSpec, RuleReport, UpdateRule};
+    use oedit::edit::subspace::Subspace;
+    use oedit::edit::update::RankOne;
+    use oedit::edit::AppliedUpdate;
+    use oedit::hparams::Hparams;
+    use oedit::stats::KeyStats;
+
+    pub static SPEC: MethodSpec = MethodSpec {
+        name: "toy-euclid",
+        about: "a test method: the Euclidean minimum-norm rank-one update",
+        hparam_sections: &[],
+        layers: single_layer,
+        build,
+    };
+
+    pub struct Toy {
+        layer: usize,
+        /// Edits made or restored (what this rule remembers).
+        pub edits: usize,
+    }
+
+    fn build(hp: &Hparams, _: &[KeyStats]) -> anyhow::Result<Box<dyn UpdateRule>> {
+        Ok(Box::new(Toy { layer: hp.layer, edits: 0 }))
+    }
+
+    impl UpdateRule for Toy {
+        fn edit(&mut self, ctx: &mut EditContext<'_>) -> anyhow::Result<RuleReport> {
+            let r = ctx.residual()?;
+            let kv = ctx.kv;
+            let k = &kv.k_star;
+            let kk: f64 = k.iter().map(|x| x * x).sum();
+            let u = k.iter().map(|x| x / kk).collect();
+            ctx.apply(self.layer, &RankOne { r, u, retained: 1.0 }, k)?;
+            self.edits += 1;
+            Ok(RuleReport::default())
+        }
+
+        fn restore(&mut self, _: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> anyhow::Result<()> {
+            self.edits = updates.len();
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn a_method_outside_the_registry_runs_through_the_editor() {
+    let method = Method::from_spec(&toy::SPEC);
+    assert_eq!(method.name(), "toy-euclid");
+    assert!(Method::named("toy-euclid").is_none(), "the toy is not registered");
+    let (mut lm, mut editor, _) = setup(method, |_| {});
+    let w0 = lm.model.down_proj(1).to_dtype(DType::F64).unwrap();
+    for line in minimal_lines(2) {
+        let rec = parse_record(&line).unwrap();
+        let (outcome, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        assert_eq!(applied.len(), 1);
+        assert_eq!(applied[0].layer, 1);
+        let (u, k) = (f64s(&applied[0].u), f64s(&applied[0].key));
+        // u = k / kᵀk exactly as the toy says: parallel to k with uᵀk = 1.
+        let kk: f64 = k.iter().map(|x| x * x).sum();
+        let err = u.iter().zip(&k).map(|(a, b)| (a - b / kk).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-6 * k.iter().map(|x| x.abs()).fold(0.0, f64::max) / kk, "u is not k/kᵀk: {err}");
+        assert_eq!(outcome.basis_size, 0);
+        assert!(outcome.update_norm > 0.0);
+    }
+    // The weights changed only at the toy's layer, by the applied factors.
+    let w1 = lm.model.down_proj(1).to_dtype(DType::F64).unwrap();
+    assert!(max_abs_diff(&w0, &w1) > 0.0);
 }

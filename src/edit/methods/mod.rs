@@ -1,0 +1,250 @@
+//! The update rules, one module each, behind one trait ([`UpdateRule`]) and one registry
+//! ([`REGISTRY`]).
+//!
+//! An update rule turns an edit's key k\* and target value v\* (computed by the shared
+//! machinery in [`super::target`]) into weight updates, and keeps whatever it must remember
+//! between edits (an O-Edit subspace, the keys of earlier edits). The editor, the session, the
+//! run directory and the evaluation only see a [`Method`] (a registry entry) and a boxed
+//! [`UpdateRule`]; none of them names a method. A new method is one new module here plus one
+//! line in [`REGISTRY`].
+
+pub mod alphaedit;
+pub mod memit;
+pub mod oedit;
+pub mod oedit_plus;
+pub mod oedit_soft;
+pub mod rome;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+
+use super::prompts::EditPrompts;
+use super::subspace::{AppendReport, Subspace};
+use super::target::KeyValue;
+use super::update::RankOne;
+use super::{apply_rank_one, to_f32, AppliedUpdate};
+use crate::hparams::Hparams;
+use crate::model::Llama;
+use crate::stats::KeyStats;
+
+/// Every method oedit knows, in the order `--help` lists them. One line per method.
+pub static REGISTRY: &[Method] = &[
+    Method(&oedit_plus::SPEC),
+    Method(&oedit_soft::SPEC),
+    Method(&oedit::SPEC),
+    Method(&rome::SPEC),
+    Method(&memit::SPEC),
+    Method(&alphaedit::SPEC),
+];
+
+/// What the registry knows about one method: its name, the hyper-parameter sections it reads,
+/// the layers it edits and how to build its state.
+pub struct MethodSpec {
+    /// The name used on the command line and in manifests (`--method NAME`).
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    /// The sections of the hyper-parameters the method reads besides the common fields; a run
+    /// directory refuses a change in these and ignores changes in the others.
+    pub hparam_sections: &'static [&'static str],
+    /// The layers the method edits (ascending; v\* is optimised at the last one).
+    pub layers: fn(&Hparams) -> Vec<usize>,
+    /// Builds the method's state before the first edit from the key statistics of its layers.
+    pub build: fn(&Hparams, &[KeyStats]) -> Result<Box<dyn UpdateRule>>,
+}
+
+/// An editing method: a handle on a registry entry (compared, printed and serialised by name).
+#[derive(Clone, Copy)]
+pub struct Method(&'static MethodSpec);
+
+impl Method {
+    /// The registered method called `name`.
+    pub fn named(name: &str) -> Option<Method> {
+        REGISTRY.iter().copied().find(|m| m.0.name == name)
+    }
+
+    /// A method from a specification outside the registry (a method under test).
+    pub fn from_spec(spec: &'static MethodSpec) -> Method {
+        Method(spec)
+    }
+
+    /// The name used on the command line and in manifests.
+    pub fn name(self) -> &'static str {
+        self.0.name
+    }
+
+    /// The layers this method edits (ascending).
+    pub fn layers(self, hp: &Hparams) -> Vec<usize> {
+        (self.0.layers)(hp)
+    }
+
+    /// The hyper-parameter sections this method reads.
+    pub fn hparam_sections(self) -> &'static [&'static str] {
+        self.0.hparam_sections
+    }
+
+    /// The method's fresh state, from the key statistics of (at least) its layers.
+    pub fn build(self, hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
+        (self.0.build)(hp, stats)
+    }
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+impl Eq for Method {}
+
+impl fmt::Debug for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
+fn known_names() -> String {
+    REGISTRY.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Method::named(s).ok_or_else(|| format!("unknown method `{s}` (known: {})", known_names()))
+    }
+}
+
+impl serde::Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Method {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl clap::ValueEnum for Method {
+    fn value_variants<'a>() -> &'a [Self] {
+        REGISTRY
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.name).help(self.0.about))
+    }
+}
+
+/// What an update rule reports about one edit (besides the factors it applied).
+#[derive(Debug, Clone, Copy)]
+pub struct RuleReport {
+    /// How much of the key's update direction survived the method's constraints (see the
+    /// `retained` log field; 1 when the method has none).
+    pub retained: f64,
+    /// What the edit did to the stored subspace (O-Edit family).
+    pub subspace: AppendReport,
+}
+
+impl Default for RuleReport {
+    fn default() -> Self {
+        Self { retained: 1.0, subspace: AppendReport::default() }
+    }
+}
+
+/// The update rule of a method: its state across edits, and the update of each edit.
+pub trait UpdateRule: Send {
+    /// Computes this edit's update(s) from `ctx` (k\*, v\*, the prompts, the live model),
+    /// applies each through [`EditContext::apply`] and updates the rule's own memory.
+    fn edit(&mut self, ctx: &mut EditContext<'_>) -> Result<RuleReport>;
+
+    /// The subspaces the rule keeps per layer, written to the checkpoint after every edit.
+    fn subspaces(&self) -> Vec<(usize, &Subspace)> {
+        Vec::new()
+    }
+
+    /// Brings a fresh rule to a committed state on resume: the checkpointed subspaces, and the
+    /// stored updates of every earlier edit in order (from which a rule that remembers past
+    /// keys rebuilds that memory, exactly as the live edits built it).
+    fn restore(&mut self, subspaces: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()>;
+}
+
+/// Everything an update rule may use for one edit, and the record of what it applied.
+pub struct EditContext<'a> {
+    model: &'a mut Llama,
+    /// The edit's prompts (rewrite rows and KL rows), for rules that re-read hidden states.
+    pub prompts: &'a EditPrompts,
+    /// k\*, v\* and the template keys, computed at [`Self::target_layer`].
+    pub kv: &'a KeyValue,
+    /// The layer v\* was optimised at (the last layer the method edits).
+    pub target_layer: usize,
+    applied: Vec<AppliedUpdate>,
+    norm_sq: f64,
+}
+
+impl<'a> EditContext<'a> {
+    /// A context for one edit.
+    pub fn new(
+        model: &'a mut Llama,
+        prompts: &'a EditPrompts,
+        kv: &'a KeyValue,
+        target_layer: usize,
+    ) -> Self {
+        Self { model, prompts, kv, target_layer, applied: Vec::new(), norm_sq: 0.0 }
+    }
+
+    /// The model as it stands (with this edit's updates applied so far).
+    pub fn model(&self) -> &Llama {
+        self.model
+    }
+
+    /// v\* − W k\* at the target layer: what the target layer's update must add at k\*.
+    pub fn residual(&self) -> Result<Vec<f64>> {
+        let w = self.model.down_proj(self.target_layer).to_dtype(DType::F64)?;
+        let k = &self.kv.k_star;
+        let kt = Tensor::from_slice(k, (k.len(), 1), w.device())?;
+        let wk: Vec<f64> = w.matmul(&kt)?.flatten_all()?.to_vec1()?;
+        Ok(self.kv.v_star.iter().zip(&wk).map(|(a, b)| a - b).collect())
+    }
+
+    /// Applies ΔW = r uᵀ to `layer` and records it (with the key it was computed for) for the
+    /// checkpoint.
+    pub fn apply(&mut self, layer: usize, update: &RankOne, key: &[f64]) -> Result<()> {
+        let a = AppliedUpdate { layer, r: to_f32(&update.r), u: to_f32(&update.u), key: to_f32(key) };
+        apply_rank_one(self.model, layer, &a.r, &a.u)?;
+        self.norm_sq += update.norm().powi(2);
+        self.applied.push(a);
+        Ok(())
+    }
+
+    /// The updates applied so far and ‖ΔW‖_F over all of them.
+    pub fn finish(self) -> (Vec<AppliedUpdate>, f64) {
+        (self.applied, self.norm_sq.sqrt())
+    }
+}
+
+/// The layer this single-layer method edits: `hp.layer`.
+pub fn single_layer(hp: &Hparams) -> Vec<usize> {
+    vec![hp.layer]
+}
+
+/// The key statistics of `layer` among `stats`.
+pub fn stats_of(stats: &[KeyStats], layer: usize) -> Result<&KeyStats> {
+    stats.iter().find(|s| s.layer == layer).with_context(|| format!("no key statistics for layer {layer}"))
+}
+
+/// Checks that a checkpointed subspace fits a layer of width `dim`.
+pub fn check_width(layer: usize, saved: &Subspace, dim: usize) -> Result<()> {
+    if saved.basis.dim() != dim {
+        bail!("checkpoint subspace of layer {layer} has width {}, the layer has {dim}", saved.basis.dim());
+    }
+    Ok(())
+}

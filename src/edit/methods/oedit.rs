@@ -1,0 +1,95 @@
+//! O-Edit as published: ROME's update projected onto the orthogonal complement of the stored
+//! key directions of earlier edits (plain key space), the edit's key appended afterwards.
+//! [`HardProjection`] is the state it shares with O-Edit+ (which keeps it in whitened space).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+
+use super::{check_width, single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use crate::edit::subspace::Subspace;
+use crate::edit::update::{rank_one_in, retention_gains, Metric, Preconditioner};
+use crate::edit::AppliedUpdate;
+use crate::hparams::{Hparams, SubspacePolicy};
+use crate::stats::KeyStats;
+
+/// Registry entry.
+pub const SPEC: MethodSpec = MethodSpec {
+    name: "oedit",
+    about: "O-Edit as published: ROME's update projected off earlier edits' key directions",
+    hparam_sections: &["subspace"],
+    layers: single_layer,
+    build,
+};
+
+fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
+    Ok(Box::new(HardProjection::new(hp, stats_of(stats, hp.layer)?, Metric::Euclidean)?))
+}
+
+/// The hard O-Edit constraint on one layer: the update must vanish on every stored direction
+/// (kept orthonormal in `metric`), and each edit's key is appended after its update.
+pub struct HardProjection {
+    layer: usize,
+    /// Cholesky of the regularised C.
+    pub pre: Preconditioner,
+    /// The directions of earlier edits (and, for O-Edit+, of C's core directions).
+    pub subspace: Subspace,
+    /// The inner product the subspace is kept in.
+    pub metric: Metric,
+    policy: SubspacePolicy,
+}
+
+impl HardProjection {
+    /// An empty subspace over the layer's key statistics.
+    pub fn new(hp: &Hparams, stats: &KeyStats, metric: Metric) -> Result<Self> {
+        Ok(Self {
+            layer: hp.layer,
+            pre: Preconditioner::new(stats, hp.cov_regularization)?,
+            subspace: Subspace::new(stats.dim),
+            metric,
+            policy: hp.subspace.clone(),
+        })
+    }
+}
+
+impl UpdateRule for HardProjection {
+    fn edit(&mut self, ctx: &mut EditContext<'_>) -> Result<RuleReport> {
+        let r = ctx.residual()?;
+        let kv = ctx.kv;
+        let k = &kv.k_star;
+        // The conflict policy first: a key mostly inside the subspace (the same fact edited
+        // again) releases the directions that hold it instead of being squeezed.
+        let (gains, retained) = retention_gains(self.metric, &self.pre, &self.subspace, k);
+        let released = self.subspace.release_conflicts(&gains, retained, self.policy.min_retained);
+        let mut compressed = 0;
+        let upd = match rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, &r) {
+            Ok(u) => u,
+            Err(_) => {
+                // Saturation: the key lies inside the stored subspace; halve it and retry.
+                let keep = self.subspace.len() / 2;
+                compressed = self.subspace.compress(keep);
+                rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, &r)?
+            }
+        };
+        ctx.apply(self.layer, &upd, k)?;
+        let key = self.pre.to_metric(k, self.metric);
+        let templates: Vec<Vec<f64>> =
+            kv.template_keys.iter().map(|x| self.pre.to_metric(x, self.metric)).collect();
+        let mut report = self.subspace.append(&key, &templates, &self.policy);
+        report.released = released;
+        report.compressed_away += compressed;
+        Ok(RuleReport { retained: upd.retained, subspace: report })
+    }
+
+    fn subspaces(&self) -> Vec<(usize, &Subspace)> {
+        vec![(self.layer, &self.subspace)]
+    }
+
+    fn restore(&mut self, subspaces: &HashMap<usize, Subspace>, _: &[AppliedUpdate]) -> Result<()> {
+        if let Some(s) = subspaces.get(&self.layer) {
+            check_width(self.layer, s, self.subspace.basis.dim())?;
+            self.subspace = s.clone();
+        }
+        Ok(())
+    }
+}

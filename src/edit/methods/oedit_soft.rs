@@ -1,0 +1,88 @@
+//! Soft O-Edit: the orthogonality made soft in C's metric, u = (λC + Σ past k kᵀ + k kᵀ)⁻¹ k.
+//! A direction that earlier edits used is shrunk by the energy they stored there instead of
+//! being projected out; λ → 0 gives O-Edit+ (without a floor).
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+
+use super::{single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use crate::edit::subspace::Subspace;
+use crate::edit::update::{Preconditioner, RankOne};
+use crate::edit::{to_f32, AppliedUpdate};
+use crate::hparams::Hparams;
+use crate::linalg::{dot, Mat};
+use crate::stats::KeyStats;
+
+/// Registry entry.
+pub const SPEC: MethodSpec = MethodSpec {
+    name: "oedit-soft",
+    about: "soft O-Edit: earlier edits' directions shrunk by their stored energy, not cut out",
+    hparam_sections: &["oedit_soft"],
+    layers: single_layer,
+    build,
+};
+
+/// Soft O-Edit's state: A⁻¹ with A = λ·C + Σ k_p k_pᵀ over the keys of earlier edits.
+///
+/// The update u = (A + k kᵀ)⁻¹ k minimises λ·E‖ΔW k₀‖² over the corpus keys + Σ ‖ΔW k_p‖² +
+/// ‖ΔW k − r‖²: it lands the share kᵀA⁻¹k / (1 + kᵀA⁻¹k) of the edit.
+pub struct SoftOedit {
+    layer: usize,
+    /// A⁻¹ (row-major f×f), kept by Sherman–Morrison as keys are added.
+    pub inverse: Mat,
+}
+
+fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
+    let pre = Preconditioner::new(stats_of(stats, hp.layer)?, hp.cov_regularization)?;
+    // A⁻¹ = (λ·C_reg)⁻¹ before any edit.
+    let mut inverse = pre.inverse();
+    let lambda = hp.oedit_soft.lambda;
+    inverse.data.iter_mut().for_each(|x| *x /= lambda);
+    Ok(Box::new(SoftOedit { layer: hp.layer, inverse }))
+}
+
+impl SoftOedit {
+    /// u = (A + k kᵀ)⁻¹ k = A⁻¹k / (1 + kᵀA⁻¹k), and the landed share kᵀu.
+    fn direction(&self, k: &[f64]) -> Result<(Vec<f64>, f64)> {
+        let z = self.inverse.matvec(k);
+        let q = dot(k, &z);
+        if !(q.is_finite() && q > 0.0) {
+            bail!("soft O-Edit: kᵀA⁻¹k is not positive ({q}); the key statistics are degenerate");
+        }
+        let u: Vec<f64> = z.iter().map(|x| x / (1.0 + q)).collect();
+        Ok((u, q / (1.0 + q)))
+    }
+
+    /// A ← A + k kᵀ (of the f32 key, as stored), by Sherman–Morrison on A⁻¹.
+    fn add_past(&mut self, key32: &[f32]) {
+        let k: Vec<f64> = key32.iter().map(|&x| x as f64).collect();
+        let z = self.inverse.matvec(&k);
+        let s = 1.0 / (1.0 + dot(&k, &z));
+        let f = k.len();
+        for (i, &zi) in z.iter().enumerate() {
+            let row = &mut self.inverse.data[i * f..(i + 1) * f];
+            row.iter_mut().zip(&z).for_each(|(a, &zj)| *a -= s * zi * zj);
+        }
+    }
+}
+
+impl UpdateRule for SoftOedit {
+    fn edit(&mut self, ctx: &mut EditContext<'_>) -> Result<RuleReport> {
+        let r = ctx.residual()?;
+        let kv = ctx.kv;
+        let k = &kv.k_star;
+        let (u, retained) = self.direction(k)?;
+        ctx.apply(self.layer, &RankOne { r, u, retained }, k)?;
+        self.add_past(&to_f32(k));
+        Ok(RuleReport { retained, ..RuleReport::default() })
+    }
+
+    fn restore(&mut self, _: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()> {
+        let layer = self.layer;
+        for u in updates.iter().filter(|u| u.layer == layer) {
+            self.add_past(&u.key);
+        }
+        Ok(())
+    }
+}
