@@ -53,8 +53,11 @@ pub struct MethodSpec {
     /// The layers the method edits (ascending; v\* is optimised at the last one).
     pub layers: fn(&Hparams) -> Vec<usize>,
     /// Builds the method's state before the first edit from the key statistics of its layers.
-    pub build: fn(&Hparams, &[KeyStats]) -> Result<Box<dyn UpdateRule>>,
+    pub build: BuildRule,
 }
+
+/// Builds a method's update rule from the hyper-parameters and the key statistics.
+pub type BuildRule = fn(&Hparams, &[KeyStats]) -> Result<Box<dyn UpdateRule>>;
 
 /// An editing method: a handle on a registry entry (compared, printed and serialised by name).
 #[derive(Clone, Copy)]
