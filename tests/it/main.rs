@@ -4,6 +4,7 @@
 
 mod common;
 
+mod chunks;
 mod cli;
 mod edit;
 mod eval;
