@@ -1,7 +1,8 @@
-//! Inference helpers: teacher-forced scoring and greedy generation.
+//! Inference helpers: teacher-forced scoring, greedy and sampled generation.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
+use candle_transformers::generation::LogitsProcessor;
 
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
 use crate::tokenizer::Tok;
@@ -43,14 +44,26 @@ pub fn score_text(model: &Llama, tok: &Tok, text: &str) -> Result<TextScore> {
 
 /// Greedy continuation of each prompt, up to `max_tokens` new tokens (stops at EOS).
 /// Returns the generated token ids per prompt.
-///
-/// Incremental decoding: one full pass over the (left-padded) prompts, then one token per row
-/// and step against the cached keys/values of every layer.
 pub fn greedy_ids(
     model: &Llama,
     tok: &Tok,
     prompts: &[Vec<u32>],
     max_tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    decode_ids(model, tok, prompts, max_tokens, &mut |logits| Ok(logits.argmax(D::Minus1)?.to_vec1()?))
+}
+
+/// Continuation of each prompt, up to `max_tokens` new tokens (stops at EOS), with the next
+/// token of every row chosen by `pick` from the rows' last logits `[rows, vocab]`.
+///
+/// Incremental decoding: one full pass over the (left-padded) prompts, then one token per row
+/// and step against the cached keys/values of every layer.
+pub fn decode_ids(
+    model: &Llama,
+    tok: &Tok,
+    prompts: &[Vec<u32>],
+    max_tokens: usize,
+    pick: &mut dyn FnMut(&Tensor) -> Result<Vec<u32>>,
 ) -> Result<Vec<Vec<u32>>> {
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
     let mut out = vec![Vec::new(); prompts.len()];
@@ -67,8 +80,7 @@ pub fn greedy_ids(
     let mut cache = std::mem::take(&mut cap.kv);
     let mut last = h.narrow(1, batch.seq_len() - 1, 1)?;
     for step in 0..max_tokens {
-        let next: Vec<u32> =
-            model.logits(&last, Mode::Inference)?.squeeze(1)?.argmax(D::Minus1)?.to_vec1()?;
+        let next = pick(&model.logits(&last, Mode::Inference)?.squeeze(1)?)?;
         for (i, &t) in next.iter().enumerate() {
             if !done[i] && Some(t) == tok.eos_id {
                 done[i] = true;
@@ -109,10 +121,31 @@ pub fn greedy_ids(
 
 /// Greedy continuation of one text prompt, decoded.
 pub fn generate(model: &Llama, tok: &Tok, prompt: &str, max_tokens: usize) -> Result<String> {
+    let ids = prompt_ids(tok, prompt)?;
+    let gen = greedy_ids(model, tok, &[ids], max_tokens)?;
+    tok.decode(&gen[0])
+}
+
+/// Sampled continuation of one text prompt, decoded: each token drawn by `sampler`
+/// (candle-transformers' temperature / top-k / top-p sampler; the same seed gives the same text).
+pub fn generate_sampled(
+    model: &Llama,
+    tok: &Tok,
+    prompt: &str,
+    max_tokens: usize,
+    sampler: &mut LogitsProcessor,
+) -> Result<String> {
+    let ids = prompt_ids(tok, prompt)?;
+    let gen = decode_ids(model, tok, &[ids], max_tokens, &mut |logits| {
+        (0..logits.dim(0)?).map(|i| Ok(sampler.sample(&logits.get(i)?)?)).collect()
+    })?;
+    tok.decode(&gen[0])
+}
+
+fn prompt_ids(tok: &Tok, prompt: &str) -> Result<Vec<u32>> {
     let ids = tok.encode_prompt(prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let gen = greedy_ids(model, tok, &[ids], max_tokens)?;
-    tok.decode(&gen[0])
+    Ok(ids)
 }

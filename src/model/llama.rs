@@ -258,13 +258,9 @@ impl Attention {
         Ok((proj(&out, &self.o_proj, mode)?, own))
     }
 
+    /// Grouped-query attention: each key/value head serves `n_head / n_kv` query heads.
     fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        let rep = self.n_head / self.n_kv;
-        if rep == 1 {
-            return Ok(x);
-        }
-        let (b, n, t, hd) = x.dims4()?;
-        x.unsqueeze(2)?.expand((b, n, rep, t, hd))?.reshape((b, n * rep, t, hd))
+        candle_transformers::utils::repeat_kv(x, self.n_head / self.n_kv)
     }
 }
 

@@ -10,6 +10,7 @@ mod edit;
 mod eval;
 mod fluency;
 mod forward;
+mod generate;
 mod loaders;
 mod methods;
 mod resume;
