@@ -27,7 +27,8 @@ pub fn export_hf(model: &Llama, tok: &Tok, out: &Path) -> Result<()> {
     let tensors: HashMap<String, candle_core::Tensor> = model
         .named_weights()
         .into_iter()
-        .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
+        // Edited layers hold f32 master weights; the file is written in the model's one dtype.
+        .map(|(n, t)| Ok((n, t.to_dtype(model.dtype())?.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     atomic_write_with(&out.join("model.safetensors"), |path| {

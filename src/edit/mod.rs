@@ -26,8 +26,10 @@ pub use methods::Method;
 use methods::{EditContext, UpdateRule};
 use subspace::{AppendReport, Subspace};
 
-/// Adds ΔW = r uᵀ to the down-projection of `layer` (computed in f32). The same function is used
-/// live and when a run is replayed on resume, so both give identical bytes.
+/// Adds ΔW = r uᵀ to the down-projection of `layer` in f32; the layer keeps the f32 sum as its
+/// master weight whatever the model's dtype (see [`Llama::set_down_proj`]), so updates are never
+/// rounded to bf16/f16. The same function is used live and when a run is replayed on resume, so
+/// both give identical bytes.
 pub fn apply_rank_one(model: &mut Llama, layer: usize, r: &[f32], u: &[f32]) -> Result<()> {
     let w = model.down_proj(layer);
     let dev = w.device().clone();

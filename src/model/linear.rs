@@ -112,7 +112,14 @@ impl Linear {
     }
 
     /// `x · Wᵀ`; `input_grad_only` makes the backward skip the weight gradient.
+    ///
+    /// When `x` and the weight differ in dtype (an edited layer's f32 master weight in a bf16 or
+    /// f16 model), the product runs in the weight's dtype and the result is cast back to `x`'s.
     pub fn forward(&self, x: &Tensor, input_grad_only: bool) -> Result<Tensor> {
+        if x.dtype() != self.w.dtype() {
+            let y = self.forward(&x.to_dtype(self.w.dtype())?, input_grad_only)?;
+            return y.to_dtype(x.dtype());
+        }
         let Some(wt) = &self.wt else {
             return if input_grad_only { linear_const_grad(x, &self.w) } else { linear(x, &self.w) };
         };

@@ -364,14 +364,21 @@ impl Llama {
         self.layers[layer].mlp.down_proj.weight()
     }
 
-    /// Replaces the down-projection weight of `layer` (same shape, dtype and device).
+    /// Replaces the down-projection weight of `layer` (same shape and device).
+    ///
+    /// An f32 weight stays f32 whatever the model's dtype: it is the master copy of an edited
+    /// layer, so that every update is added in f32 and never rounded to bf16/f16 (a dense rounding
+    /// error would not be orthogonal to earlier edits' keys). The layer's product then runs in
+    /// f32 and its output is cast back to the model's dtype. Other dtypes are converted to the
+    /// current weight's.
     pub fn set_down_proj(&mut self, layer: usize, w: Tensor) -> Result<()> {
         let old = &self.layers[layer].mlp.down_proj;
         let ow = old.weight();
         if ow.dims() != w.dims() {
             candle_core::bail!("down_proj shape {:?} does not match {:?}", w.dims(), ow.dims());
         }
-        let w = w.to_dtype(ow.dtype())?.to_device(ow.device())?;
+        let dtype = if w.dtype() == DType::F32 { DType::F32 } else { ow.dtype() };
+        let w = w.to_dtype(dtype)?.to_device(ow.device())?;
         let transposed = old.has_transposed_copy();
         self.layers[layer].mlp.down_proj = Linear::new(w, transposed)?;
         Ok(())

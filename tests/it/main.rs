@@ -4,6 +4,7 @@
 
 mod common;
 
+mod bf16;
 mod chunks;
 mod cli;
 mod edit;
