@@ -130,7 +130,7 @@ pub enum PreSplit {
     Gpt2,
     /// Single digits, then GPT-2's `ByteLevel` regex: `Digits(individual)` + `ByteLevel`, as
     /// SmolLM2's and StarCoder's `tokenizer.json` (llama.cpp's `smollm`/`starcoder`). Also the
-    /// behaviour when `tokenizer.ggml.pre` is absent or unknown.
+    /// behaviour when `tokenizer.ggml.pre` is absent, `default` or unknown.
     DigitsGpt2,
     /// Llama-3: `Split(LLAMA3_SPLIT_REGEX, Isolated)` + `ByteLevel` without its regex, and BPE
     /// with `ignore_merges` (a pre-token that is itself in the vocabulary is one token).
@@ -146,25 +146,25 @@ impl PreSplit {
     /// - `llama-bpe`, `llama3`, `llama-v3`: [`PreSplit::Llama3`]
     /// - `qwen2`: [`PreSplit::Qwen2`]
     /// - `gpt-2`, `gpt2`, `phi-2`: [`PreSplit::Gpt2`]
-    /// - `smollm`, `starcoder`, `default`: [`PreSplit::DigitsGpt2`]
+    /// - `smollm`, `starcoder`: [`PreSplit::DigitsGpt2`]
     pub fn from_pre(pre: &str) -> Option<Self> {
         Some(match pre {
             "llama-bpe" | "llama3" | "llama-v3" => Self::Llama3,
             "qwen2" => Self::Qwen2,
             "gpt-2" | "gpt2" | "phi-2" => Self::Gpt2,
-            "smollm" | "starcoder" | "default" => Self::DigitsGpt2,
+            "smollm" | "starcoder" => Self::DigitsGpt2,
             _ => return None,
         })
     }
 
-    /// The split for a GGUF's optional `tokenizer.ggml.pre`. An absent value gives
-    /// [`PreSplit::DigitsGpt2`] (this crate's behaviour before it read `pre`, and right for
-    /// SmolLM2). An unknown value falls back to the same with a warning on stderr naming it,
+    /// The split for a GGUF's optional `tokenizer.ggml.pre`. An absent value, or `default` (what
+    /// llama.cpp calls a missing value), gives [`PreSplit::DigitsGpt2`] silently: this crate's
+    /// behaviour before it read `pre` (not llama.cpp's own `default` rules). An unknown value falls back to the same with a warning on stderr naming it,
     /// rather than refusing: the file still loads, and most byte-level BPE families differ only
     /// in how they group digits and punctuation.
     pub fn from_gguf_pre(pre: Option<&str>) -> Self {
         match pre {
-            None => Self::DigitsGpt2,
+            None | Some("default") => Self::DigitsGpt2,
             Some(p) => Self::from_pre(p).unwrap_or_else(|| {
                 eprintln!(
                     "warning: GGUF tokenizer.ggml.pre `{p}` is not known to oedit; splitting text \
@@ -322,6 +322,7 @@ mod tests {
         }
         assert_eq!(PreSplit::from_pre("tekken"), None);
         assert_eq!(PreSplit::from_gguf_pre(None), PreSplit::DigitsGpt2);
+        assert_eq!(PreSplit::from_gguf_pre(Some("default")), PreSplit::DigitsGpt2);
         assert_eq!(PreSplit::from_gguf_pre(Some("no-such-pre")), PreSplit::DigitsGpt2);
     }
 
