@@ -7,11 +7,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 /// A tokenizer plus the special ids the model uses.
 #[derive(Clone)]
@@ -113,19 +115,126 @@ fn meta_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Llama-3's split regex: the `Split` pre-tokenizer pattern of Meta-Llama-3's `tokenizer.json`
+/// (also llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`). Numbers go in runs of up to three digits.
+pub const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's split regex: the `Split` pattern of Qwen2's `tokenizer.json` (llama.cpp's
+/// `LLAMA_VOCAB_PRE_TYPE_QWEN2`): Llama-3's pattern with single digits (`\p{N}`).
+pub const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How a byte-level BPE GGUF splits text before BPE, chosen from `tokenizer.ggml.pre`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreSplit {
+    /// GPT-2: `ByteLevel` with its built-in regex, digits grouped (GPT-2's `tokenizer.json`).
+    Gpt2,
+    /// Single digits, then GPT-2's `ByteLevel` regex: `Digits(individual)` + `ByteLevel`, as
+    /// SmolLM2's and StarCoder's `tokenizer.json` (llama.cpp's `smollm`/`starcoder`). Also the
+    /// behaviour when `tokenizer.ggml.pre` is absent, `default` or unknown.
+    DigitsGpt2,
+    /// Llama-3: `Split(LLAMA3_SPLIT_REGEX, Isolated)` + `ByteLevel` without its regex, and BPE
+    /// with `ignore_merges` (a pre-token that is itself in the vocabulary is one token).
+    Llama3,
+    /// Qwen2: NFC, `Split(QWEN2_SPLIT_REGEX, Isolated)` + `ByteLevel` without its regex.
+    Qwen2,
+}
+
+impl PreSplit {
+    /// The split for a `tokenizer.ggml.pre` value (llama.cpp's names), or `None` when the value
+    /// is not one of those this crate knows the exact rules of.
+    ///
+    /// - `llama-bpe`, `llama3`, `llama-v3`: [`PreSplit::Llama3`]
+    /// - `qwen2`: [`PreSplit::Qwen2`]
+    /// - `gpt-2`, `gpt2`, `phi-2`: [`PreSplit::Gpt2`]
+    /// - `smollm`, `starcoder`: [`PreSplit::DigitsGpt2`]
+    pub fn from_pre(pre: &str) -> Option<Self> {
+        Some(match pre {
+            "llama-bpe" | "llama3" | "llama-v3" => Self::Llama3,
+            "qwen2" => Self::Qwen2,
+            "gpt-2" | "gpt2" | "phi-2" => Self::Gpt2,
+            "smollm" | "starcoder" => Self::DigitsGpt2,
+            _ => return None,
+        })
+    }
+
+    /// The split for a GGUF's optional `tokenizer.ggml.pre`. An absent value, or `default` (what
+    /// llama.cpp calls a missing value), gives [`PreSplit::DigitsGpt2`] silently: this crate's
+    /// behaviour before it read `pre` (not llama.cpp's own `default` rules). An unknown value falls back to the same with a warning on stderr naming it,
+    /// rather than refusing: the file still loads, and most byte-level BPE families differ only
+    /// in how they group digits and punctuation.
+    pub fn from_gguf_pre(pre: Option<&str>) -> Self {
+        match pre {
+            None | Some("default") => Self::DigitsGpt2,
+            Some(p) => Self::from_pre(p).unwrap_or_else(|| {
+                eprintln!(
+                    "warning: GGUF tokenizer.ggml.pre `{p}` is not known to oedit; splitting text \
+                     like SmolLM2 (single digits, GPT-2 regex), which may differ from the model's \
+                     own tokenizer"
+                );
+                Self::DigitsGpt2
+            }),
+        }
+    }
+
+    /// Whether BPE looks a whole pre-token up in the vocabulary before merging.
+    fn ignore_merges(self) -> bool {
+        matches!(self, Self::Llama3)
+    }
+
+    /// Installs this split's normalizer and pre-tokenizer on `tk`.
+    fn install(self, tk: &mut Tokenizer, add_prefix_space: bool) -> Result<()> {
+        let split = |re: &str| -> Result<PreTokenizerWrapper> {
+            let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow!("pre-tokenizer regex: {e}"))?;
+            Ok(PreTokenizerWrapper::Split(s))
+        };
+        let byte_level =
+            |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(add_prefix_space, true, use_regex));
+        let seq = match self {
+            Self::Gpt2 => vec![byte_level(true)],
+            Self::DigitsGpt2 => vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level(true)],
+            Self::Llama3 => vec![split(LLAMA3_SPLIT_REGEX)?, byte_level(false)],
+            Self::Qwen2 => {
+                tk.with_normalizer(Some(NFC)).map_err(tk_err)?;
+                vec![split(QWEN2_SPLIT_REGEX)?, byte_level(false)]
+            }
+        };
+        tk.with_pre_tokenizer(Some(Sequence::new(seq)));
+        Ok(())
+    }
+}
+
 /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
 ///
-/// Supports byte-level BPE (`tokenizer.ggml.model = "gpt2"`, as SmolLM2, Llama-3 and most
-/// recent models use). The pipeline honours `add_space_prefix` and `add_bos_token` (candle's
-/// built-in GGUF tokenizer prepends a space and gets SmolLM2 wrong).
+/// Supports byte-level BPE (`tokenizer.ggml.model = "gpt2"`, as SmolLM2, Llama-3, Qwen2 and most
+/// recent models use), splitting text as `tokenizer.ggml.pre` says (see [`PreSplit`]). The
+/// pipeline honours `add_space_prefix` and `add_bos_token` (candle's built-in GGUF tokenizer
+/// prepends a space and gets SmolLM2 wrong).
+///
+/// SentencePiece vocabularies (`tokenizer.ggml.model = "llama"`: Llama-2, Mistral v0.1–v0.3,
+/// with `▁` word prefixes, `<0x..>` byte-fallback tokens and scores instead of merges) and the
+/// other llama.cpp models (`bert`, `t5`, `rwkv`, ...) are refused with an error naming the model.
 pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tok> {
     let model = meta(ct, "tokenizer.ggml.model")?.to_string().map_err(|e| anyhow!("{e}"))?.clone();
-    if model != "gpt2" {
-        bail!(
+    match model.as_str() {
+        "gpt2" => {}
+        "llama" => bail!(
+            "GGUF tokenizer model `llama` (SentencePiece, as in Llama-2 and Mistral GGUFs) is not \
+             supported; only byte-level BPE (`gpt2`) is. Use a Hugging Face model folder with \
+             tokenizer.json instead"
+        ),
+        _ => bail!(
             "GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
              use a Hugging Face model folder with tokenizer.json instead"
-        );
+        ),
     }
+    let pre = match ct.metadata.get("tokenizer.ggml.pre") {
+        Some(v) => {
+            Some(v.to_string().map_err(|e| anyhow!("GGUF metadata `tokenizer.ggml.pre`: {e}"))?.clone())
+        }
+        None => None,
+    };
+    let split = PreSplit::from_gguf_pre(pre.as_deref());
     let tokens = meta_strings(ct, "tokenizer.ggml.tokens")?;
     let merges_raw = meta_strings(ct, "tokenizer.ggml.merges")?;
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
@@ -138,16 +247,13 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tok> {
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(split.ignore_merges())
         .build()
         .map_err(|e| anyhow!("building BPE from GGUF: {e}"))?;
     let add_prefix_space =
         ct.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(false);
     let mut tk = Tokenizer::new(bpe);
-    let pre = Sequence::new(vec![
-        PreTokenizerWrapper::Digits(Digits::new(true)),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(add_prefix_space, true, true)),
-    ]);
-    tk.with_pre_tokenizer(Some(pre));
+    split.install(&mut tk, add_prefix_space)?;
     tk.with_decoder(Some(ByteLevelDecoder::default()));
 
     if let Ok(types) =
@@ -184,4 +290,48 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tok> {
         t.pad_id = p;
     }
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    fn pieces(split: PreSplit, text: &str) -> Vec<String> {
+        let mut tk = Tokenizer::new(BPE::default());
+        split.install(&mut tk, false).unwrap();
+        let mut p = PreTokenizedString::from(text);
+        tk.get_pre_tokenizer().unwrap().pre_tokenize(&mut p).unwrap();
+        p.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn pre_values_map_to_their_split() {
+        for (pre, want) in [
+            ("llama-bpe", PreSplit::Llama3),
+            ("llama3", PreSplit::Llama3),
+            ("qwen2", PreSplit::Qwen2),
+            ("gpt-2", PreSplit::Gpt2),
+            ("smollm", PreSplit::DigitsGpt2),
+            ("starcoder", PreSplit::DigitsGpt2),
+        ] {
+            assert_eq!(PreSplit::from_pre(pre), Some(want), "{pre}");
+        }
+        assert_eq!(PreSplit::from_pre("tekken"), None);
+        assert_eq!(PreSplit::from_gguf_pre(None), PreSplit::DigitsGpt2);
+        assert_eq!(PreSplit::from_gguf_pre(Some("default")), PreSplit::DigitsGpt2);
+        assert_eq!(PreSplit::from_gguf_pre(Some("no-such-pre")), PreSplit::DigitsGpt2);
+    }
+
+    #[test]
+    fn llama3_groups_digits_by_three_and_others_do_not() {
+        assert_eq!(pieces(PreSplit::Llama3, "x=1234567"), ["x", "=", "123", "456", "7"]);
+        assert_eq!(pieces(PreSplit::Llama3, "I'M ok\n\n"), ["I", "'M", "Ġok", "ĊĊ"]);
+        assert_eq!(pieces(PreSplit::Qwen2, "x=123"), ["x", "=", "1", "2", "3"]);
+        assert_eq!(pieces(PreSplit::DigitsGpt2, " 123"), ["Ġ", "1", "2", "3"]);
+        assert_eq!(pieces(PreSplit::Gpt2, "x=123"), ["x", "=", "123"]);
+    }
 }

@@ -12,6 +12,7 @@ mod eval;
 mod fluency;
 mod forward;
 mod generate;
+mod gguf_tokenizer;
 mod loaders;
 mod methods;
 mod resume;

@@ -263,6 +263,17 @@ pub fn gguf_name(hf: &str) -> String {
 /// `permute_qk` false the Q/K rows are left in the Hugging Face order (a wrong file, for
 /// checking that the comparison notices).
 pub fn write_tiny_gguf(path: &Path, weights: &[(String, Tensor)], permute_qk: bool) {
+    write_tiny_gguf_with(path, weights, permute_qk, Vec::new());
+}
+
+/// [`write_tiny_gguf`] with metadata `overrides`: an entry replaces the tiny file's entry of the
+/// same key (e.g. `tokenizer.ggml.tokens`) or is added (e.g. `tokenizer.ggml.pre`).
+pub fn write_tiny_gguf_with(
+    path: &Path,
+    weights: &[(String, Tensor)],
+    permute_qk: bool,
+    overrides: Vec<(&str, gguf_file::Value)>,
+) {
     use gguf_file::Value;
     let tokens = tiny_tokens();
     let n = tokens.len();
@@ -290,6 +301,13 @@ pub fn write_tiny_gguf(path: &Path, weights: &[(String, Tensor)], permute_qk: bo
         ("tokenizer.ggml.eos_token_id", Value::U32(eos_id())),
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
     ];
+    let mut md = md;
+    for (k, v) in overrides {
+        match md.iter_mut().find(|(key, _)| *key == k) {
+            Some(slot) => slot.1 = v,
+            None => md.push((k, v)),
+        }
+    }
     let mut qts = Vec::new();
     for (name, t) in weights {
         let t = if permute_qk && name.ends_with("q_proj.weight") {
