@@ -1,5 +1,6 @@
 //! AlphaEdit (single layer): the update confined to the null space of the preserved keys'
-//! statistics, solving (P₀(k kᵀ + Σ past k kᵀ) + αI) x = P₀ k.
+//! statistics, solving (P₀(k kᵀ + Σ past k kᵀ) + αI) x = P₀ k incrementally in null-space
+//! coordinates.
 
 use std::collections::HashMap;
 
@@ -10,7 +11,7 @@ use crate::edit::subspace::Subspace;
 use crate::edit::update::RankOne;
 use crate::edit::{to_f32, AppliedUpdate};
 use crate::hparams::Hparams;
-use crate::linalg::{dot, sym_eigen, Cholesky, Mat};
+use crate::linalg::{dot, sym_eigen, Mat};
 use crate::stats::KeyStats;
 
 /// Registry entry.
@@ -22,15 +23,18 @@ pub const SPEC: MethodSpec = MethodSpec {
     build,
 };
 
-/// AlphaEdit's state: the null-space basis of C and the sum of k kᵀ over past edits.
+/// AlphaEdit's state, kept in null-space coordinates: the basis U (n0×f) of the null space of
+/// the key statistics, and A⁻¹ with A = αI + Σ (U k_p)(U k_p)ᵀ over the keys of earlier edits.
+///
+/// Per edit this costs O(n0·f + n0²) time and no f×f memory: the normal equation
+/// (U M Uᵀ + αI) y = U k with M = k kᵀ + Σ past k kᵀ is (A + (Uk)(Uk)ᵀ) y = Uk, solved by
+/// Sherman–Morrison on A⁻¹, which is itself grown the same way after each edit.
 pub struct AlphaEdit {
     layer: usize,
-    /// Orthonormal basis (rows) of the null space of the preserved keys' statistics.
-    pub null_basis: Vec<Vec<f64>>,
-    /// Σ k kᵀ over the keys of earlier edits (row-major f×f).
-    pub past: Mat,
-    /// The ridge α (`alphaedit.l2`).
-    l2: f64,
+    /// Orthonormal basis (rows, n0×f) of the null space of the preserved keys' statistics.
+    pub null_basis: Mat,
+    /// A⁻¹ (n0×n0), A = αI + Σ (U k_p)(U k_p)ᵀ.
+    pub inverse: Mat,
 }
 
 fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
@@ -39,63 +43,49 @@ fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
     let e = sym_eigen(&Mat::from_vec(f, f, s.second_moment.clone()));
     let below = e.values.iter().filter(|&&v| v < hp.alphaedit.nullspace_threshold).count();
     let n0 = below.max(hp.alphaedit.min_nullspace_dim).min(f);
+    if n0 == 0 {
+        bail!(
+            "AlphaEdit: the null space is empty (raise alphaedit.nullspace_threshold or min_nullspace_dim)"
+        );
+    }
     // Eigenvalues ascend: the first n0 eigenvectors span the null space.
-    let null_basis = (0..n0).map(|j| e.vectors.col(j)).collect();
-    Ok(Box::new(AlphaEdit { layer: hp.layer, null_basis, past: Mat::zeros(f, f), l2: hp.alphaedit.l2 }))
+    let null_basis = Mat::from_vec(n0, f, (0..n0).flat_map(|j| e.vectors.col(j)).collect());
+    let mut inverse = Mat::identity(n0);
+    inverse.data.iter_mut().for_each(|x| *x /= hp.alphaedit.l2);
+    Ok(Box::new(AlphaEdit { layer: hp.layer, null_basis, inverse }))
 }
 
 impl AlphaEdit {
-    /// Projects onto the null space: P₀ x.
+    /// Projects onto the null space: P₀ x = Uᵀ U x.
     pub fn project(&self, x: &[f64]) -> Vec<f64> {
-        let mut out = vec![0.0; x.len()];
-        for b in &self.null_basis {
-            let c = dot(b, x);
-            out.iter_mut().zip(b).for_each(|(o, bi)| *o += c * bi);
-        }
-        out
+        self.null_basis.matvec_t(&self.null_basis.matvec(x))
     }
 
-    /// Adds k kᵀ (of the f32 key, as stored) to the memory of past edits.
+    /// A ← A + (U k)(U k)ᵀ for an earlier edit's key (f32, as stored), by Sherman–Morrison.
     fn add_past(&mut self, key32: &[f32]) {
-        let f = key32.len();
-        for i in 0..f {
-            let ki = key32[i] as f64;
-            let row = &mut self.past.data[i * f..(i + 1) * f];
-            row.iter_mut().zip(key32).for_each(|(p, &kj)| *p += ki * kj as f64);
+        let k: Vec<f64> = key32.iter().map(|&x| x as f64).collect();
+        let y = self.null_basis.matvec(&k);
+        let z = self.inverse.matvec(&y);
+        let s = 1.0 / (1.0 + dot(&y, &z));
+        let n = z.len();
+        for (i, &zi) in z.iter().enumerate() {
+            let row = &mut self.inverse.data[i * n..(i + 1) * n];
+            row.iter_mut().zip(&z).for_each(|(a, &zj)| *a -= s * zi * zj);
         }
     }
 
-    /// The direction for one key: x = (P₀ M P₀ + αI)⁻¹ P₀ k with M = k kᵀ + Σ past k kᵀ.
-    /// (The solution of (P₀M + αI) x = P₀k lies in range(P₀), where this symmetric system is
-    /// equivalent.) Then ΔW = r xᵀ, and ΔW k₀ = 0 for every preserved key direction k₀ ⟂ the
-    /// null space.
+    /// The direction for one key: x = Uᵀ (U M Uᵀ + αI)⁻¹ U k with M = k kᵀ + Σ past k kᵀ, i.e.
+    /// the solution of (P₀M + αI) x = P₀k (it lies in range(P₀), where the two systems agree).
+    /// Then ΔW = r xᵀ, and ΔW k₀ = 0 for every preserved key direction k₀ ⟂ the null space.
     fn direction(&self, k: &[f64]) -> Result<Vec<f64>> {
-        let f = k.len();
-        if self.null_basis.is_empty() {
-            bail!(
-                "AlphaEdit: the null space is empty (raise alphaedit.nullspace_threshold or min_nullspace_dim)"
-            );
+        let y = self.null_basis.matvec(k);
+        let z = self.inverse.matvec(&y);
+        let q = dot(&y, &z);
+        if !(q.is_finite() && q >= 0.0) {
+            bail!("AlphaEdit solve failed: (Uk)ᵀA⁻¹(Uk) = {q}");
         }
-        // Null-space coordinates: U (n0×f) rows; x = Uᵀ y with (U M Uᵀ + αI) y = U k.
-        let u = &self.null_basis;
-        let n0 = u.len();
-        let mut m = self.past.clone();
-        for i in 0..f {
-            for j in 0..f {
-                m.data[i * f + j] += k[i] * k[j];
-            }
-        }
-        let um = Mat::from_vec(n0, f, u.iter().flatten().copied().collect());
-        let mut sys = um.matmul(&m).matmul(&um.transpose());
-        sys.add_diagonal(self.l2);
-        let chol = Cholesky::new(&sys).map_err(|e| anyhow::anyhow!("AlphaEdit solve failed: {e}"))?;
-        let uk: Vec<f64> = u.iter().map(|b| dot(b, k)).collect();
-        let y = chol.solve(&uk);
-        let mut x = vec![0.0; f];
-        for (b, yi) in u.iter().zip(&y) {
-            x.iter_mut().zip(b).for_each(|(xi, bi)| *xi += yi * bi);
-        }
-        Ok(x)
+        let c: Vec<f64> = z.iter().map(|x| x / (1.0 + q)).collect();
+        Ok(self.null_basis.matvec_t(&c))
     }
 }
 
