@@ -1,0 +1,202 @@
+//! The report of `oedit eval` (README's report schema), its summaries and thresholds.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::{metric_columns, summarize, RecordScores, Summary};
+use crate::data::RecordError;
+use crate::errors::InputError;
+
+/// When each record is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Timing {
+    /// Every record on the model after all edits (the sequential-editing setting).
+    AfterAll,
+    /// Every record right after its own edit (read from the run's log; needs `oedit edit --eval-each`).
+    AfterEach,
+}
+
+impl Timing {
+    /// The name used in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Timing::AfterAll => "after-all",
+            Timing::AfterEach => "after-each",
+        }
+    }
+}
+
+/// Metric summaries of one model, by metric name.
+pub type Summaries = BTreeMap<String, Summary>;
+
+/// The JSON report of `oedit eval`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub oedit_version: String,
+    pub model: ModelInfo,
+    /// The evaluated run (null without `--run`).
+    pub run: Option<RunInfo>,
+    pub edits_file: String,
+    pub records: RecordsInfo,
+    pub protocol: Protocol,
+    pub metrics: Metrics,
+    /// Wall time of the whole command.
+    pub seconds: f64,
+    /// With `--per-record`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_record: Option<Vec<PerRecord>>,
+}
+
+/// The evaluated model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// The `--model` argument.
+    pub arg: String,
+    /// Fingerprint of its configuration and weights.
+    pub fingerprint: String,
+}
+
+/// The evaluated run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub dir: String,
+    /// Edits on the evaluated model (`--at`, else all committed; after-each: records evaluated).
+    pub n_edits: Option<usize>,
+    pub method: Option<String>,
+    pub layer: Option<usize>,
+}
+
+/// How many records were evaluated and which were skipped.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordsInfo {
+    pub evaluated: usize,
+    pub skipped: Vec<Skipped>,
+}
+
+/// An input line that is not a valid record (e.g. an empty ZsRE target).
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub line: usize,
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl From<&RecordError> for Skipped {
+    fn from(e: &RecordError) -> Self {
+        Self { line: e.line, field: e.field.clone(), reason: e.reason.clone() }
+    }
+}
+
+/// The definitions the metrics were computed with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Protocol {
+    pub timing: &'static str,
+    pub efficacy: &'static str,
+    pub efficacy_token_acc: &'static str,
+    pub generalization: &'static str,
+    pub generalization_token_acc: &'static str,
+    pub locality: &'static str,
+    pub locality_agreement: &'static str,
+    pub fluency: String,
+    pub prompt_form: PromptForm,
+}
+
+/// How prompts and answers are tokenised.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptForm {
+    /// Whether prompts start with the model's BOS token.
+    pub bos: bool,
+    pub answer_leading_space: &'static str,
+}
+
+impl Protocol {
+    /// The protocol of this implementation, for `timing`, `gen_tokens` generated tokens and
+    /// prompts with or without BOS.
+    pub fn new(timing: Timing, gen_tokens: usize, bos: bool) -> Self {
+        Self {
+            timing: timing.name(),
+            efficacy: "binary: mean NLL(target_new) < mean NLL(ground_truth) on the edit prompt (length-normalised log-probabilities, CounterFact efficacy score)",
+            efficacy_token_acc: "fraction of target_new tokens that are the argmax under teacher forcing (ZsRE/EasyEdit reliability)",
+            generalization: "as efficacy, averaged over the paraphrase prompts",
+            generalization_token_acc: "as efficacy_token_acc, averaged over the paraphrase prompts",
+            locality: "binary: mean NLL(true answer) < mean NLL(target_new) on neighbourhood prompts (neighbourhood score)",
+            locality_agreement: "fraction of the locality answer's tokens whose teacher-forced argmax is unchanged from the unedited model",
+            fluency: format!("generation entropy: mean of (2/3)H2 and (4/3)H3 of word n-grams (bits) of {gen_tokens} greedy tokens per generation prompt (edit prompt when none)"),
+            prompt_form: PromptForm {
+                bos,
+                answer_leading_space: "a space is inserted between prompt and answer unless the prompt ends with whitespace; answer tokens are the suffix of the joint tokenisation",
+            },
+        }
+    }
+}
+
+/// Metric summaries of the edited model and of the unedited one (null without one).
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    pub edited: Summaries,
+    pub unedited: Option<Summaries>,
+}
+
+/// One record's scores on both models.
+#[derive(Debug, Clone, Serialize)]
+pub struct PerRecord {
+    pub line: usize,
+    pub case_id: Option<u64>,
+    pub edited: RecordScores,
+    pub unedited: Option<RecordScores>,
+}
+
+/// The summary of every metric measured on `scores`.
+pub fn summaries(scores: &[RecordScores]) -> Summaries {
+    metric_columns()
+        .into_iter()
+        .filter_map(|(name, get)| summarize(scores.iter().map(get)).map(|s| (name.to_string(), s)))
+        .collect()
+}
+
+/// A `--fail-under` threshold: the edited model's `metric` must be at least `min`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    pub metric: String,
+    pub min: f64,
+}
+
+/// Parses `efficacy=0.9,locality=0.5` (an [`InputError`] for an unknown metric or a bad value).
+pub fn parse_thresholds(s: &str) -> Result<Vec<Threshold>> {
+    let known: Vec<&str> = metric_columns().iter().map(|(n, _)| *n).collect();
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| InputError(format!("--fail-under: `{p}` is not METRIC=VALUE")))?;
+            let k = k.trim();
+            if !known.contains(&k) {
+                return Err(InputError(format!(
+                    "--fail-under: unknown metric `{k}` (known: {})",
+                    known.join(", ")
+                ))
+                .into());
+            }
+            let min: f64 =
+                v.trim().parse().map_err(|_| InputError(format!("--fail-under: `{v}` is not a number")))?;
+            Ok(Threshold { metric: k.to_string(), min })
+        })
+        .collect()
+}
+
+impl Report {
+    /// The thresholds the edited model misses, described (`efficacy = 0.8000 < 0.9`).
+    pub fn failures(&self, thresholds: &[Threshold]) -> Vec<String> {
+        thresholds
+            .iter()
+            .filter_map(|t| match self.metrics.edited.get(&t.metric).map(|s| s.mean) {
+                Some(g) if g >= t.min => None,
+                Some(g) => Some(format!("{} = {g:.4} < {}", t.metric, t.min)),
+                None => Some(format!("{} was not measured", t.metric)),
+            })
+            .collect()
+    }
+}
