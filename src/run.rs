@@ -168,7 +168,7 @@ pub struct State {
 /// What a run directory has committed, read from the checkpoint's header alone (no tensors, no
 /// model): enough to check an edits file against the run before the model loads.
 #[derive(Debug, Clone)]
-pub struct Progress {
+pub struct Committed {
     /// Edits committed.
     pub n_edits: usize,
     /// Last input line consumed (edited or rejected).
@@ -512,7 +512,7 @@ impl RunDir {
     /// What the run has committed, from the checkpoint's header and the log, without loading
     /// tensors or a model; None when the directory holds no run yet. Errors only for a damaged
     /// checkpoint header or log.
-    pub fn progress(&self) -> Result<Option<Progress>> {
+    pub fn committed(&self) -> Result<Option<Committed>> {
         let path = self.state_path();
         if !path.is_file() {
             return Ok(None);
@@ -522,7 +522,7 @@ impl RunDir {
         let last_line = meta_usize(&meta, "last_line", &path)?;
         let last = parse_last_log(&meta, &path)?;
         let log = log::committed(log::read_jsonl(&self.log_path())?, n_edits, last.as_ref());
-        Ok(Some(Progress { n_edits, last_line, log: log.into_iter().map(|(e, _)| e).collect() }))
+        Ok(Some(Committed { n_edits, last_line, log: log.into_iter().map(|(e, _)| e).collect() }))
     }
 
     /// Makes log.jsonl and rejected.jsonl agree with the committed state: drops lines written

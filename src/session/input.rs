@@ -29,7 +29,7 @@ pub struct EditInput {
     ahead: VecDeque<Item>,
     /// Lines up to here were already read, checked against the run's log and dropped.
     checked_through: usize,
-    /// Line of the last item yielded (or dropped).
+    /// Line of the last item read from the input.
     last_seen: usize,
     exhausted: bool,
 }
@@ -57,7 +57,7 @@ impl EditInput {
     pub fn prepare(path: &Path, run_dir: &Path, limit: Option<usize>, on_invalid: OnInvalid) -> Result<Self> {
         let mut input = Self::open(path)?;
         let progress = RunDir { path: run_dir.to_path_buf() }
-            .progress()
+            .committed()
             .with_context(|| format!("resuming {}", run_dir.display()))?;
         let (n_edits, last_line, log) = match progress {
             Some(p) => (p.n_edits, p.last_line, p.log),
@@ -74,7 +74,7 @@ impl EditInput {
         }
         let logged = by_line(&log);
         let mut good = 0usize;
-        while let Some(item) = input.next_raw() {
+        while let Some(item) = input.read() {
             let line = item_line(&item);
             if line <= last_line {
                 input.check_consumed(&logged, &item)?;
@@ -90,7 +90,7 @@ impl EditInput {
                 Err(e) => {
                     let kept = match n_edits {
                         0 => "nothing was edited".to_string(),
-                        n => format!("the {n} edits checkpointed in {} are kept", run_dir.display()),
+                        n => format!("{n} edits are checkpointed in {}", run_dir.display()),
                     };
                     return Err(InputError(format!("{e} (stopped before loading the model; {kept})")).into());
                 }
@@ -128,8 +128,17 @@ impl EditInput {
         self.checked_through
     }
 
+    /// The next item read ahead, else from the input.
     fn next_raw(&mut self) -> Option<Item> {
-        let item = self.ahead.pop_front().or_else(|| self.reader.next());
+        match self.ahead.pop_front() {
+            Some(item) => Some(item),
+            None => self.read(),
+        }
+    }
+
+    /// The next item from the input itself (past the items read ahead).
+    fn read(&mut self) -> Option<Item> {
+        let item = self.reader.next();
         match &item {
             Some(i) => self.last_seen = item_line(i),
             None => self.exhausted = true,

@@ -11,4 +11,5 @@ mod forward;
 mod loaders;
 mod methods;
 mod resume;
+mod runlog;
 mod smollm2;
