@@ -34,13 +34,19 @@ pub type Summaries = BTreeMap<String, Summary>;
 /// The JSON report of `oedit eval`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The version of oedit that wrote the report.
     pub oedit_version: String,
+    /// The evaluated model.
     pub model: ModelInfo,
     /// The evaluated run (null without `--run`).
     pub run: Option<RunInfo>,
+    /// The edits file as given.
     pub edits_file: String,
+    /// Records evaluated and skipped.
     pub records: RecordsInfo,
+    /// The definitions used.
     pub protocol: Protocol,
+    /// The summaries, edited and unedited side by side.
     pub metrics: Metrics,
     /// Wall time of the whole command.
     pub seconds: f64,
@@ -61,25 +67,33 @@ pub struct ModelInfo {
 /// The evaluated run.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunInfo {
+    /// The run directory as given.
     pub dir: String,
     /// Edits on the evaluated model (`--at`, else all committed; after-each: records evaluated).
     pub n_edits: Option<usize>,
+    /// The run's method.
     pub method: Option<String>,
+    /// The run's edited layer (hyper-parameter `layer`).
     pub layer: Option<usize>,
 }
 
 /// How many records were evaluated and which were skipped.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecordsInfo {
+    /// Records scored.
     pub evaluated: usize,
+    /// Invalid input lines, not scored.
     pub skipped: Vec<Skipped>,
 }
 
 /// An input line that is not a valid record (e.g. an empty ZsRE target).
 #[derive(Debug, Clone, Serialize)]
 pub struct Skipped {
+    /// 1-based input line.
     pub line: usize,
+    /// The offending field, when one applies.
     pub field: Option<String>,
+    /// What is wrong.
     pub reason: String,
 }
 
@@ -92,14 +106,23 @@ impl From<&RecordError> for Skipped {
 /// The definitions the metrics were computed with.
 #[derive(Debug, Clone, Serialize)]
 pub struct Protocol {
+    /// `after-all` or `after-each`.
     pub timing: &'static str,
+    /// Definition of `efficacy`.
     pub efficacy: &'static str,
+    /// Definition of `efficacy_token_acc`.
     pub efficacy_token_acc: &'static str,
+    /// Definition of `generalization`.
     pub generalization: &'static str,
+    /// Definition of `generalization_token_acc`.
     pub generalization_token_acc: &'static str,
+    /// Definition of `locality`.
     pub locality: &'static str,
+    /// Definition of `locality_agreement`.
     pub locality_agreement: &'static str,
+    /// Definition of `fluency` (with the generated token count).
     pub fluency: String,
+    /// How prompts and answers are tokenised.
     pub prompt_form: PromptForm,
 }
 
@@ -108,6 +131,7 @@ pub struct Protocol {
 pub struct PromptForm {
     /// Whether prompts start with the model's BOS token.
     pub bos: bool,
+    /// How answers are joined to prompts.
     pub answer_leading_space: &'static str,
 }
 
@@ -135,16 +159,22 @@ impl Protocol {
 /// Metric summaries of the edited model and of the unedited one (null without one).
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
+    /// The edited model (without a run: the model as it stands).
     pub edited: Summaries,
+    /// The unedited model, when there is one.
     pub unedited: Option<Summaries>,
 }
 
 /// One record's scores on both models.
 #[derive(Debug, Clone, Serialize)]
 pub struct PerRecord {
+    /// 1-based input line.
     pub line: usize,
+    /// The record's case id.
     pub case_id: Option<u64>,
+    /// Scores on the edited model.
     pub edited: RecordScores,
+    /// Scores on the unedited model, when there is one.
     pub unedited: Option<RecordScores>,
 }
 
@@ -159,7 +189,9 @@ pub fn summaries(scores: &[RecordScores]) -> Summaries {
 /// A `--fail-under` threshold: the edited model's `metric` must be at least `min`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Threshold {
+    /// A metric name of the report.
     pub metric: String,
+    /// The smallest acceptable mean.
     pub min: f64,
 }
 

@@ -27,9 +27,11 @@ const EVAL_HINT: &str = "evaluate the run with the edits file it was made from";
 /// The records to evaluate, with their input lines, and the invalid lines skipped.
 #[derive(Debug, Clone)]
 pub struct EvalRecords {
+    /// The records, in file order.
     pub records: Vec<EditRecord>,
     /// 1-based input line of each record.
     pub lines: Vec<usize>,
+    /// Invalid lines (not edited by the run).
     pub skipped: Vec<Skipped>,
 }
 
@@ -141,8 +143,11 @@ pub fn after_each_scores(rd: &RunDir, log: &[LogEntry], lines: &[usize]) -> Resu
 
 /// A run to evaluate: its directory, manifest and log.
 pub struct EvalRun<'a> {
+    /// The run directory.
     pub dir: &'a RunDir,
+    /// Its manifest, when it has one.
     pub manifest: Option<&'a Manifest>,
+    /// Its log.
     pub log: &'a [LogEntry],
 }
 
@@ -152,14 +157,19 @@ pub struct EvalOptions<'a> {
     pub model_arg: &'a str,
     /// The edits file as given.
     pub edits_file: &'a Path,
+    /// The run whose edits are evaluated.
     pub run: Option<EvalRun<'a>>,
+    /// The metrics to compute.
     pub which: MetricSet,
+    /// After all edits, or each record after its own edit.
     pub timing: Timing,
+    /// Tokens generated per prompt for fluency.
     pub gen_tokens: usize,
     /// Evaluate the run after its first N edits.
     pub at: Option<usize>,
     /// Read and write the cache of unedited scores.
     pub use_cache: bool,
+    /// Add per-record scores to the report.
     pub per_record: bool,
     /// When the command started (the report's `seconds`).
     pub started: Instant,
