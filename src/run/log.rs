@@ -242,3 +242,73 @@ pub fn committed(log: Lines<LogEntry>, n_edits: usize, last: Option<&LogEntry>) 
 pub fn by_line(log: &[LogEntry]) -> HashMap<usize, &LogEntry> {
     log.iter().map(|e| (e.line, e)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: usize) -> LogEntry {
+        LogEntry {
+            index,
+            line: index + 1,
+            case_id: None,
+            subject: "Bob".into(),
+            target_new: "piano".into(),
+            ground_truth: None,
+            method: "rome".into(),
+            layer: Some(1),
+            layers: vec![1],
+            seconds: 0.5,
+            phases: Phases::default(),
+            steps: 3,
+            loss_first: 2.0,
+            loss_last: 0.1,
+            basis_size: 0,
+            update_norm: 1.0,
+            retained: 1.0,
+            p_target_before: 0.1,
+            p_target_after: 0.9,
+            target_wins: true,
+            subspace_added: 0,
+            subspace_compressed_away: 0,
+            subspace_released: 0,
+            peak_rss_mb: None,
+            eval: None,
+        }
+    }
+
+    fn read(text: &str) -> Result<Lines<LogEntry>> {
+        let dir = std::env::temp_dir().join(format!("oedit-log-test-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.jsonl");
+        std::fs::write(&path, text).unwrap();
+        let out = read_jsonl(&path);
+        std::fs::remove_dir_all(&dir).ok();
+        out
+    }
+
+    #[test]
+    fn one_error_policy_with_a_torn_tail() {
+        let (a, b) = (entry(0).to_line(), entry(1).to_line());
+        // Complete lines, blank lines skipped.
+        let l = read(&format!("{a}\n\n{b}\n")).unwrap();
+        assert_eq!((l.items.len(), l.torn_tail), (2, false));
+        assert_eq!(l.raw, vec![a.clone(), b.clone()]);
+        // An unterminated last line that parses is complete; one that does not is torn.
+        let l = read(&format!("{a}\n{b}")).unwrap();
+        assert_eq!((l.items.len(), l.torn_tail), (2, false));
+        let l = read(&format!("{a}\n{}", &b[..b.len() / 2])).unwrap();
+        assert_eq!((l.items.len(), l.torn_tail), (1, true));
+        // A terminated bad line, last or not, is corrupt, named by its line.
+        for text in [format!("{a}\n{{\"index\": 1}}\n"), format!("not json\n{a}\n")] {
+            let err = format!("{:#}", read(&text).unwrap_err());
+            let n = if text.starts_with("not") { 1 } else { 2 };
+            assert!(err.contains(&format!("log.jsonl:{n}: corrupt log line")), "{err}");
+        }
+        // The committed entries: lines past the commit dropped, the checkpoint's copy restored.
+        let lines = read(&format!("{a}\n{b}\n")).unwrap();
+        assert_eq!(committed(lines.clone(), 1, None).len(), 1);
+        let c = committed(read(&format!("{a}\n")).unwrap(), 2, Some(&entry(1)));
+        assert_eq!(c.iter().map(|(e, l)| (e.index, l.clone())).collect::<Vec<_>>(), vec![(0, a), (1, b)]);
+    }
+}
