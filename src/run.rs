@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +30,10 @@ use crate::hparams::Hparams;
 use crate::linalg::OrthoBasis;
 use crate::loader::hf::check_safetensors;
 use crate::model::Llama;
+
+pub mod log;
+
+pub use log::{read_log, LogEntry, Phases, RejectedLine};
 
 /// Version of the run-directory layout.
 pub const FORMAT_VERSION: u32 = 1;
@@ -65,6 +69,10 @@ pub struct Manifest {
     pub hparams: Hparams,
     pub templates: Vec<String>,
     pub stats: StatsIdentity,
+    /// The edits file the run was started with, as given (`-` for standard input); informative
+    /// only: resuming checks the records at the edited lines, not the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edits: Option<String>,
 }
 
 impl Manifest {
@@ -147,8 +155,20 @@ pub struct State {
     pub updates: Vec<AppliedUpdate>,
     /// How many of `updates` are already on disk.
     pub persisted_updates: usize,
-    /// The log line of the last committed edit.
-    pub last_log: Option<String>,
+    /// The log entry of the last committed edit (also kept in the checkpoint's metadata).
+    pub last_log: Option<LogEntry>,
+}
+
+/// What a run directory has committed, read from the checkpoint's header alone (no tensors, no
+/// model): enough to check an edits file against the run before the model loads.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Edits committed.
+    pub n_edits: usize,
+    /// Last input line consumed (edited or rejected).
+    pub last_line: usize,
+    /// The log entries of the committed edits.
+    pub log: Vec<LogEntry>,
 }
 
 /// A run directory.
@@ -185,6 +205,35 @@ fn meta_usize(meta: &HashMap<String, String>, key: &str, file: &Path) -> Result<
     meta.get(key)
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{}: corrupt checkpoint (metadata `{key}` missing)", file.display()))
+}
+
+fn parse_last_log(meta: &HashMap<String, String>, file: &Path) -> Result<Option<LogEntry>> {
+    meta.get("last_log").map(|l| LogEntry::from_line(l)).transpose().with_context(|| {
+        format!("{}: corrupt checkpoint (metadata `last_log` is not a log entry)", file.display())
+    })
+}
+
+/// The `__metadata__` of a safetensors file, read from its header only.
+fn read_header_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(|| format!("{}: corrupt checkpoint header", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata()?.len();
+    if n > size.saturating_sub(8) || n > 100 << 20 {
+        bail!("{}: corrupt checkpoint header", path.display());
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).with_context(|| format!("{}: corrupt checkpoint header", path.display()))?;
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
+    }
+    let h: Header = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: corrupt checkpoint header", path.display()))?;
+    Ok(h.metadata)
 }
 
 fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
@@ -277,7 +326,7 @@ impl RunDir {
         let (tensors, meta) = read_safetensors(&path)?;
         state.n_edits = meta_usize(&meta, "n_edits", &path)?;
         state.last_line = meta_usize(&meta, "last_line", &path)?;
-        state.last_log = meta.get("last_log").cloned();
+        state.last_log = parse_last_log(&meta, &path)?;
         let n_updates = meta_usize(&meta, "n_updates", &path)?;
         let mut h = Fnv::new();
         hash_counters(&mut h, state.n_edits, state.last_line, n_updates);
@@ -424,7 +473,7 @@ impl RunDir {
             ("hash".to_string(), format!("{:016x}", h.finish())),
         ]);
         if let Some(l) = &state.last_log {
-            meta.insert("last_log".to_string(), l.clone());
+            meta.insert("last_log".to_string(), l.to_line());
         }
         if tensors.is_empty() {
             // safetensors needs at least one tensor to carry metadata portably.
@@ -440,55 +489,56 @@ impl RunDir {
             .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open for appending", path.display()))?;
-        writeln!(f, "{line}")?;
+        // One write of the whole line, so that a crash leaves at most one torn last line.
+        let mut buf = String::with_capacity(line.len() + 1);
+        buf.push_str(line);
+        buf.push('\n');
+        f.write_all(buf.as_bytes()).with_context(|| format!("{}: cannot append", path.display()))?;
         f.sync_data()?;
         Ok(())
     }
 
+    /// Reads `log.jsonl` (see [`log::read_jsonl`] for the error policy).
+    pub fn read_log(&self) -> Result<Vec<LogEntry>> {
+        read_log(&self.log_path())
+    }
+
+    /// What the run has committed, from the checkpoint's header and the log, without loading
+    /// tensors or a model; None when the directory holds no run yet. Errors only for a damaged
+    /// checkpoint header or log.
+    pub fn committed(&self) -> Result<Option<Committed>> {
+        let path = self.state_path();
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let meta = read_header_metadata(&path)?;
+        let n_edits = meta_usize(&meta, "n_edits", &path)?;
+        let last_line = meta_usize(&meta, "last_line", &path)?;
+        let last = parse_last_log(&meta, &path)?;
+        let log = log::committed(log::read_jsonl(&self.log_path())?, n_edits, last.as_ref());
+        Ok(Some(Committed { n_edits, last_line, log: log.into_iter().map(|(e, _)| e).collect() }))
+    }
+
     /// Makes log.jsonl and rejected.jsonl agree with the committed state: drops lines written
-    /// after the last commit and restores the last committed log line if it is missing.
-    pub fn reconcile(&self, state: &State) -> Result<()> {
-        let keep = |path: &Path, pred: &dyn Fn(&serde_json::Value) -> bool| -> Result<Vec<String>> {
-            if !path.is_file() {
-                return Ok(Vec::new());
-            }
-            let f = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-            let mut out = Vec::new();
-            for line in std::io::BufReader::new(f).lines() {
-                let line = line?;
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if pred(&v) {
-                        out.push(line);
-                    }
-                }
-            }
-            Ok(out)
-        };
-        let n = state.n_edits as u64;
-        let mut log =
-            keep(&self.log_path(), &|v| v.get("index").and_then(|i| i.as_u64()).is_some_and(|i| i < n))?;
-        if log.len() + 1 == state.n_edits {
-            if let Some(last) = &state.last_log {
-                log.push(last.clone());
-            }
-        }
-        let mut text = log.join("\n");
-        if !text.is_empty() {
-            text.push('\n');
-        }
+    /// after the last commit (and a torn last line, see [`log::read_jsonl`]), restores the last
+    /// committed log line if it is missing, and returns the committed log entries. A line that
+    /// does not parse (other than a torn last one) is a corrupt-log error naming file and line.
+    pub fn reconcile(&self, state: &State) -> Result<Vec<LogEntry>> {
+        let log = log::committed(log::read_jsonl(&self.log_path())?, state.n_edits, state.last_log.as_ref());
+        let text: String = log.iter().map(|(_, l)| format!("{l}\n")).collect();
         atomic_write(&self.log_path(), text.as_bytes())?;
-        let last_line = state.last_line as u64;
-        let rej = keep(&self.rejected_path(), &|v| {
-            v.get("line").and_then(|i| i.as_u64()).is_some_and(|i| i <= last_line)
-        })?;
         if self.rejected_path().is_file() {
-            let mut text = rej.join("\n");
-            if !text.is_empty() {
-                text.push('\n');
-            }
+            let rej = log::read_jsonl::<RejectedLine>(&self.rejected_path())?;
+            let text: String = rej
+                .items
+                .iter()
+                .zip(&rej.raw)
+                .filter(|(r, _)| r.line <= state.last_line)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect();
             atomic_write(&self.rejected_path(), text.as_bytes())?;
         }
-        Ok(())
+        Ok(log.into_iter().map(|(e, _)| e).collect())
     }
 }
 

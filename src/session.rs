@@ -1,15 +1,15 @@
 //! A sequential editing session: opens or resumes a run directory, streams edit records, applies
 //! them one by one and checkpoints after every edit.
 
-use std::collections::HashMap;
+mod input;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde_json::json;
 
-use crate::data::{EditReader, RecordError};
+use crate::data::RecordError;
 use crate::edit::{templates::context_templates, Editor, Method};
 use crate::errors::InputError;
 use crate::eval::{locality_agreement, score_records, MetricSet};
@@ -17,7 +17,10 @@ use crate::fingerprint::model_fingerprint;
 use crate::hparams::Hparams;
 use crate::loader::LoadedModel;
 use crate::progress::Progress;
-use crate::run::{replay, Manifest, ModelIdentity, RunDir, StatsIdentity, FORMAT_VERSION};
+use crate::run::log::by_line;
+use crate::run::{
+    replay, LogEntry, Manifest, ModelIdentity, Phases, RejectedLine, RunDir, StatsIdentity, FORMAT_VERSION,
+};
 use crate::stats::{load_or_compute, Corpus};
 
 /// What to do with a bad input line.
@@ -29,10 +32,16 @@ pub enum OnInvalid {
     Skip,
 }
 
+pub use input::{EditInput, STDIN_AHEAD};
+
 /// Options of a session.
 pub struct SessionOptions {
     pub run_dir: PathBuf,
+    /// The edits file as given (`-`: standard input).
     pub edits: PathBuf,
+    /// The edits, already opened, checked and validated ahead by [`EditInput::prepare`]; the
+    /// session opens `edits` itself when None.
+    pub input: Option<EditInput>,
     pub method: Method,
     pub hparams: Hparams,
     pub corpus: Corpus,
@@ -59,8 +68,8 @@ pub struct SessionSummary {
 }
 
 fn reject_line(rd: &RunDir, e: &RecordError) -> Result<()> {
-    let line = json!({ "line": e.line, "source": e.source, "field": e.field, "reason": e.reason });
-    rd.append_line(&rd.rejected_path(), &line.to_string())
+    let line = serde_json::to_string(&RejectedLine::from(e))?;
+    rd.append_line(&rd.rejected_path(), &line)
 }
 
 /// Runs (or resumes) the session on `lm`.
@@ -68,7 +77,10 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let t_start = Instant::now();
     let hp = opts.hparams.clone();
     hp.validate(lm.model.num_layers()).map_err(|e| InputError(format!("invalid hyper-parameters: {e:#}")))?;
-    let reader = EditReader::open(&opts.edits)?;
+    let mut input = match opts.input {
+        Some(i) => i,
+        None => EditInput::open(&opts.edits)?,
+    };
     let fingerprint = model_fingerprint(&lm.model)?;
     let rd = RunDir::create(&opts.run_dir)?;
     let existing = rd.read_manifest()?;
@@ -86,7 +98,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         Some(m) => {
             let probe = Manifest {
                 templates: m.templates.clone(),
-                ..new_manifest(identity, opts.method, &hp, vec![], stats_id)
+                ..new_manifest(identity, opts.method, &hp, vec![], stats_id, &opts.edits)
             };
             if let Some(why) = m.incompatibility(&probe) {
                 return Err(InputError(format!(
@@ -99,14 +111,23 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         }
         None => {
             let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
-            let m = new_manifest(identity, opts.method, &hp, templates, stats_id);
+            let m = new_manifest(identity, opts.method, &hp, templates, stats_id, &opts.edits);
             rd.write_manifest(&m)?;
             m
         }
     };
     let f = lm.config().intermediate_size;
     let mut state = rd.read_state(f).with_context(|| format!("resuming {}", opts.run_dir.display()))?;
-    rd.reconcile(&state)?;
+    let log = rd.reconcile(&state)?;
+    if input.checked_through() > state.last_line {
+        anyhow::bail!(
+            "{}: the run changed while this session started (it now ends at input line {}, not {}); run the command again",
+            opts.run_dir.display(),
+            state.last_line,
+            input.checked_through()
+        );
+    }
+    let logged = by_line(&log);
     let stats = load_or_compute(
         &lm.model,
         &lm.tok,
@@ -131,18 +152,27 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let bar = Progress::new(total_hint, "editing", "edits");
     bar.set_position(state.n_edits as u64);
     let json_lines = opts.json_lines || !std::io::stdout().is_terminal();
-    let mut wins = count_wins(&rd)?;
+    let mut wins = log.iter().filter(|e| e.target_wins).count();
     let mut rejected = 0usize;
     let mut this_session = 0usize;
-    let mut eval_entry: Option<serde_json::Value> = None;
-    for item in reader {
+    let mut stopped_by_limit = false;
+    while let Some(item) = input.next() {
         if opts.limit.is_some_and(|l| state.n_edits >= l) {
+            stopped_by_limit = true;
             break;
         }
+        // Lines an earlier session consumed: skipped, after checking that they are the facts
+        // the run edited there.
+        let consumed = match &item {
+            Ok((line, _)) => *line <= state.last_line,
+            Err(e) => e.line <= state.last_line,
+        };
+        if consumed {
+            input.check_consumed(&logged, &item)?;
+            continue;
+        }
         let (line, rec) = match item {
-            Ok((line, _)) if line <= state.last_line => continue,
             Ok(x) => x,
-            Err(e) if e.line <= state.last_line => continue,
             Err(e) => match opts.on_invalid {
                 OnInvalid::Stop => {
                     return Err(InputError(format!(
@@ -179,50 +209,56 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
                 state.subspaces.insert(l, s.clone());
             }
         }
-        if let Some(before) = &before {
-            let mut after = score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?;
-            locality_agreement(&mut after, before);
-            eval_entry = Some(serde_json::to_value(&after[0])?);
-        }
-        let before_ckpt = t.elapsed().as_secs_f64();
-        let mut entry = json!({
-            "index": index,
-            "line": line,
-            "case_id": rec.case_id,
-            "subject": rec.subject,
-            "target_new": rec.target_new,
-            "method": opts.method.name(),
-            "layer": edited_layers.last(),
-            "layers": edited_layers,
-            "steps": outcome.steps,
-            "loss_first": outcome.loss_first,
-            "loss_last": outcome.loss_last,
-            "basis_size": outcome.basis_size,
-            "update_norm": outcome.update_norm,
-            "retained": outcome.retained,
-            "p_target_before": outcome.p_target_before,
-            "p_target_after": outcome.p_target_after,
-            "target_wins": outcome.target_wins,
-            "subspace_added": outcome.subspace.added,
-            "subspace_compressed_away": outcome.subspace.compressed_away,
-            "subspace_released": outcome.subspace.released,
-            "peak_rss_mb": peak_rss_mb(),
-        });
-        let phases = |ckpt: f64| json!({ "key": outcome.key_seconds, "value": outcome.value_seconds, "update": outcome.update_seconds, "checkpoint": ckpt });
-        if let Some(ev) = eval_entry.take() {
-            entry["eval"] = ev;
-        }
-        entry["phases"] = phases(0.0);
-        entry["seconds"] = json!(before_ckpt);
-        state.last_log = Some(entry.to_string());
+        let eval = match &before {
+            Some(before) => {
+                let mut after = score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?;
+                locality_agreement(&mut after, before);
+                after.into_iter().next()
+            }
+            None => None,
+        };
+        let mut entry = LogEntry {
+            index,
+            line,
+            case_id: rec.case_id,
+            subject: rec.subject.clone(),
+            target_new: rec.target_new.clone(),
+            ground_truth: rec.ground_truth.clone(),
+            method: opts.method.name().to_string(),
+            layer: edited_layers.last().copied(),
+            layers: edited_layers.clone(),
+            seconds: t.elapsed().as_secs_f64(),
+            phases: Phases {
+                key: outcome.key_seconds,
+                value: outcome.value_seconds,
+                update: outcome.update_seconds,
+                checkpoint: 0.0,
+            },
+            steps: outcome.steps,
+            loss_first: outcome.loss_first,
+            loss_last: outcome.loss_last,
+            basis_size: outcome.basis_size,
+            update_norm: outcome.update_norm,
+            retained: outcome.retained,
+            p_target_before: outcome.p_target_before,
+            p_target_after: outcome.p_target_after,
+            target_wins: outcome.target_wins,
+            subspace_added: outcome.subspace.added,
+            subspace_compressed_away: outcome.subspace.compressed_away,
+            subspace_released: outcome.subspace.released,
+            peak_rss_mb: peak_rss_mb(),
+            eval,
+        };
+        // The checkpoint keeps this edit's entry (timed up to the commit), so that a crash
+        // between the commit and the append below loses no log line.
+        state.last_log = Some(entry.clone());
         let tc = Instant::now();
         rd.commit(&mut state)?;
-        let ckpt = tc.elapsed().as_secs_f64();
-        entry["phases"] = phases(ckpt);
-        entry["seconds"] = json!(t.elapsed().as_secs_f64());
-        let line_text = entry.to_string();
+        entry.phases.checkpoint = tc.elapsed().as_secs_f64();
+        entry.seconds = t.elapsed().as_secs_f64();
+        let line_text = entry.to_line();
         rd.append_line(&rd.log_path(), &line_text)?;
-        state.last_log = Some(line_text.clone());
+        state.last_log = Some(entry);
         if json_lines {
             println!("{line_text}");
         }
@@ -232,6 +268,9 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         bar.set_message(format!("target wins {:.1}%", 100.0 * wins as f64 / state.n_edits as f64));
     }
     bar.finish();
+    if !stopped_by_limit {
+        input.check_complete(&logged)?;
+    }
     // Persist a trailing run of rejected lines as consumed.
     if rejected > 0 {
         rd.commit(&mut state)?;
@@ -253,6 +292,7 @@ fn new_manifest(
     hp: &Hparams,
     templates: Vec<String>,
     stats: StatsIdentity,
+    edits: &std::path::Path,
 ) -> Manifest {
     Manifest {
         format_version: FORMAT_VERSION,
@@ -262,6 +302,7 @@ fn new_manifest(
         hparams: hp.clone(),
         templates,
         stats,
+        edits: Some(edits.display().to_string()),
     }
 }
 
@@ -281,17 +322,4 @@ fn count_lines(path: &std::path::Path) -> u64 {
                 as u64
         })
         .unwrap_or(0)
-}
-
-fn count_wins(rd: &RunDir) -> Result<usize> {
-    let path = rd.log_path();
-    if !path.is_file() {
-        return Ok(0);
-    }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<HashMap<String, serde_json::Value>>(l).ok())
-        .filter(|m| m.get("target_wins").and_then(|v| v.as_bool()) == Some(true))
-        .count())
 }

@@ -79,8 +79,7 @@ impl Corpus {
         let mut windows = Vec::new();
         let mut total = 0;
         let mut current: Vec<u32> = Vec::new();
-        let bos =
-            tok.bos_id.filter(|b| tok.encode_prompt("a").ok().and_then(|v| v.first().copied()) == Some(*b));
+        let bos = tok.bos_id.filter(|_| tok.prompt_starts_with_bos());
         for text in &self.texts {
             for para in text.split("\n\n").map(str::trim).filter(|p| p.len() > 40) {
                 let para = para.split_whitespace().collect::<Vec<_>>().join(" ");

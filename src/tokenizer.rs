@@ -64,6 +64,12 @@ impl Tok {
         Ok(self.inner.encode(text, true).map_err(tk_err)?.get_ids().to_vec())
     }
 
+    /// Whether [`Tok::encode_prompt`] puts the model's BOS token first (prompts are scored with
+    /// it; text without it). The one place this is decided.
+    pub fn prompt_starts_with_bos(&self) -> bool {
+        self.bos_id.is_some_and(|b| self.encode_prompt("a").ok().and_then(|v| v.first().copied()) == Some(b))
+    }
+
     /// Encodes text with no special tokens.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.inner.encode(text, false).map_err(tk_err)?.get_ids().to_vec())

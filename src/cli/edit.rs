@@ -6,11 +6,10 @@ use anyhow::Result;
 use clap::Args;
 
 use super::ModelArgs;
-use crate::data::EditReader;
 use crate::edit::Method;
 use crate::errors::InputError;
 use crate::hparams::Hparams;
-use crate::session::{run, OnInvalid, SessionOptions};
+use crate::session::{run, EditInput, OnInvalid, SessionOptions};
 use crate::stats::Corpus;
 
 /// Arguments of `oedit edit`.
@@ -61,7 +60,9 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         .map(Hparams::from_file)
         .transpose()
         .map_err(|e| InputError(format!("{e:#}")))?;
-    EditReader::open(&args.edits)?;
+    // The edits too: checked against the run they continue, and validated up to --limit (the
+    // first records of standard input, kept for the session) when bad lines stop the run.
+    let input = EditInput::prepare(&args.edits, &args.run, args.limit, args.on_invalid)?;
     let mut lm = args.model.load()?;
     let mut hp = match (from_file, &lm.spec.preset) {
         (Some(hp), _) => hp,
@@ -86,6 +87,7 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         SessionOptions {
             run_dir: args.run.clone(),
             edits: args.edits.clone(),
+            input: Some(input),
             method: args.method,
             hparams: hp,
             corpus,

@@ -3,6 +3,8 @@
 
 pub mod baseline_cache;
 pub mod metrics;
+pub mod report;
+pub mod run_eval;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -14,6 +16,8 @@ use crate::progress::Progress;
 use crate::tokenizer::Tok;
 pub use baseline_cache::score_unedited;
 pub use metrics::{locality_agreement, ngram_entropy, score_records, MetricSet, RecordScores};
+pub use report::{parse_thresholds, summaries, Report, Threshold, Timing};
+pub use run_eval::{evaluate, read_records, EvalOptions, EvalRecords, EvalRun};
 
 /// Records per scoring batch.
 const RECORDS_PER_BATCH: usize = 16;

@@ -615,6 +615,9 @@ fn bad_input_stops_after_checkpointing_and_resumes_when_fixed() {
         let lines = vec![good[0].clone(), good[1].clone(), bad, good[3].clone()];
         let edits = fx.edits(&format!("{name}.jsonl"), &lines);
         let dir = fx.path(&format!("run-{name}"));
+        // A bad line is found before the model loads (nothing edited, see runlog.rs); the good
+        // lines before it are edited first here, with a limit that never reads the bad line.
+        fx.edit_ok(&edits, &dir, &["--limit", "2"]);
         let o = fx.edit(&edits, &dir, &[]);
         let line = assert_clean_failure(&o);
         assert_eq!(o.status.code(), Some(2), "{name}: {line}");

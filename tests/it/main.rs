@@ -16,4 +16,5 @@ mod gguf_tokenizer;
 mod loaders;
 mod methods;
 mod resume;
+mod runlog;
 mod smollm2;
