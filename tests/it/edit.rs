@@ -3,7 +3,7 @@
 //! bad input (stop / skip), run-directory guards, and export of the edited model.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
 use candle_core::{DType, Tensor};
@@ -15,6 +15,7 @@ use oedit::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
 use oedit::stats::{compute, Corpus};
 use tempfile::TempDir;
 
+use crate::common::EditFx as Fx;
 use crate::common::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -345,44 +346,6 @@ fn oedit_updates_are_orthogonal_to_earlier_edits_and_rome_are_not() {
 // ---------------------------------------------------------------------------------------------
 // CLI fixtures
 // ---------------------------------------------------------------------------------------------
-
-/// A temp folder with the tiny model, the tiny hyper-parameters and a statistics cache.
-struct Fx {
-    tmp: TempDir,
-    model: PathBuf,
-    hparams: PathBuf,
-    cache: PathBuf,
-}
-
-impl Fx {
-    fn new() -> Self {
-        let tmp = TempDir::new().unwrap();
-        let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
-        let hparams = write_json(&tmp.path().join("hparams.json"), &tiny_hparams());
-        let cache = tmp.path().join("cache");
-        Self { tmp, model, hparams, cache }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn edits(&self, name: &str, lines: &[String]) -> PathBuf {
-        write_lines(&self.path(name), lines)
-    }
-
-    fn edit(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> std::process::Output {
-        let mut c = edit_cmd(&self.model, &self.hparams, edits, run_dir, &self.cache);
-        c.args(extra);
-        run(c)
-    }
-
-    fn edit_ok(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> serde_json::Value {
-        let o = self.edit(edits, run_dir, extra);
-        assert_ok(&o);
-        edit_summary(&o)
-    }
-}
 
 fn log_indexes(run_dir: &Path) -> Vec<u64> {
     read_jsonl(&run_dir.join("log.jsonl")).iter().map(|v| v["index"].as_u64().unwrap()).collect()

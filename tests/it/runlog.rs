@@ -2,80 +2,13 @@
 //! corrupt log line named with its file and line, a torn last line dropped, resume and eval
 //! refusing an edits file that is not the run's, and bad edit lines found before the model loads.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
 
 use oedit::eval::RecordScores;
 use oedit::run::{LogEntry, Phases};
-use tempfile::TempDir;
 
+use crate::common::EditFx as Fx;
 use crate::common::*;
-
-struct Fx {
-    tmp: TempDir,
-    model: PathBuf,
-    hparams: PathBuf,
-    cache: PathBuf,
-}
-
-impl Fx {
-    fn new() -> Self {
-        let tmp = TempDir::new().unwrap();
-        let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
-        let hparams = write_json(&tmp.path().join("hparams.json"), &tiny_hparams());
-        let cache = tmp.path().join("cache");
-        Self { tmp, model, hparams, cache }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn edits(&self, name: &str, lines: &[String]) -> PathBuf {
-        write_lines(&self.path(name), lines)
-    }
-
-    fn cmd(&self, model: &Path, edits: &Path, run_dir: &Path, extra: &[&str]) -> Command {
-        let mut c = edit_cmd(model, &self.hparams, edits, run_dir, &self.cache);
-        c.args(extra);
-        c
-    }
-
-    fn edit(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> Output {
-        run(self.cmd(&self.model, edits, run_dir, extra))
-    }
-
-    fn edit_ok(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> serde_json::Value {
-        let o = self.edit(edits, run_dir, extra);
-        assert_ok(&o);
-        edit_summary(&o)
-    }
-
-    /// `oedit edit --edits -` with `lines` on standard input.
-    fn edit_stdin(&self, model: &Path, lines: &[String], run_dir: &Path, extra: &[&str]) -> Output {
-        let mut c = self.cmd(model, Path::new("-"), run_dir, extra);
-        let mut child =
-            c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        {
-            let mut stdin = child.stdin.take().unwrap();
-            for l in lines {
-                // The process may stop reading early (an error); a closed pipe is fine then.
-                if writeln!(stdin, "{l}").is_err() {
-                    break;
-                }
-            }
-        }
-        child.wait_with_output().unwrap()
-    }
-
-    fn eval(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> Output {
-        let mut c = oedit_cmd();
-        c.env("OEDIT_CACHE", &self.cache).args(["eval", "--model"]).arg(&self.model);
-        c.arg("--edits").arg(edits).arg("--run").arg(run_dir).args(extra);
-        run(c)
-    }
-}
 
 fn log_lines(run_dir: &Path) -> Vec<serde_json::Value> {
     read_jsonl(&run_dir.join("log.jsonl"))

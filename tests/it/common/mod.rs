@@ -578,3 +578,77 @@ pub fn export_run(run_dir: &Path, out: &Path) -> PathBuf {
     assert_ok(&run(c));
     out.to_path_buf()
 }
+
+/// A temp folder with the tiny model, the tiny hyper-parameters and a statistics cache, and the
+/// `oedit edit` / `oedit eval` invocations on it.
+pub struct EditFx {
+    pub tmp: tempfile::TempDir,
+    pub model: PathBuf,
+    pub hparams: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl EditFx {
+    pub fn new() -> Self {
+        let tmp = tempfile::TempDir::new().unwrap();
+        let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
+        let hparams = write_json(&tmp.path().join("hparams.json"), &tiny_hparams());
+        let cache = tmp.path().join("cache");
+        Self { tmp, model, hparams, cache }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    pub fn edits(&self, name: &str, lines: &[String]) -> PathBuf {
+        write_lines(&self.path(name), lines)
+    }
+
+    /// `oedit edit` on `model` (not necessarily the fixture's) with the fixture's hyper-parameters.
+    pub fn cmd(&self, model: &Path, edits: &Path, run_dir: &Path, extra: &[&str]) -> Command {
+        let mut c = edit_cmd(model, &self.hparams, edits, run_dir, &self.cache);
+        c.args(extra);
+        c
+    }
+
+    pub fn edit(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+        run(self.cmd(&self.model, edits, run_dir, extra))
+    }
+
+    pub fn edit_ok(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> serde_json::Value {
+        let o = self.edit(edits, run_dir, extra);
+        assert_ok(&o);
+        edit_summary(&o)
+    }
+
+    /// `oedit edit --edits -` with `lines` on standard input.
+    pub fn edit_stdin(&self, model: &Path, lines: &[String], run_dir: &Path, extra: &[&str]) -> Output {
+        use std::io::Write;
+        let mut c = self.cmd(model, Path::new("-"), run_dir, extra);
+        let mut child = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            let mut stdin = child.stdin.take().unwrap();
+            for l in lines {
+                // The process may stop reading early (an error); a closed pipe is fine then.
+                if writeln!(stdin, "{l}").is_err() {
+                    break;
+                }
+            }
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// `oedit eval --model M --edits E --run D` with the fixture's cache.
+    pub fn eval(&self, edits: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+        let mut c = oedit_cmd();
+        c.env("OEDIT_CACHE", &self.cache).args(["eval", "--model"]).arg(&self.model);
+        c.arg("--edits").arg(edits).arg("--run").arg(run_dir).args(extra);
+        run(c)
+    }
+}
