@@ -463,7 +463,8 @@ pub fn sym_eigen(a: &Mat) -> SymEigen {
     if res.is_err() {
         return SymEigen::nan(n);
     }
-    // faer returns them ascending already; a stable sort keeps that guarantee explicit.
+    // Ascending order is part of this function's contract; faer's order is not documented as such, so
+    // sort (stable, and in practice a no-op that skips the column permutation below).
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&x, &y| s[x].total_cmp(&s[y]));
     let values: Vec<f64> = order.iter().map(|&k| s[k] * scale).collect();
