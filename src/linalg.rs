@@ -1,308 +1,32 @@
-//! Dense `f64` linear algebra in pure Rust: row-major matrices, blocked matrix products, a blocked
-//! Cholesky factorisation with triangular solves, a symmetric eigendecomposition (Householder
-//! tridiagonalisation + implicit QL), an incrementally grown orthonormal basis, and the dominant
-//! singular directions of a small set of vectors.
+//! Dense `f64` linear algebra: a row-major matrix type, and thin wrappers over the `faer` crate for
+//! matrix products, the Cholesky factorisation `A = L Lᵀ` with its triangular solves, and the
+//! symmetric eigendecomposition; plus what faer does not offer: an incrementally grown orthonormal
+//! basis ([`OrthoBasis`]) and the dominant singular directions of a few vectors
+//! ([`core_directions`]).
 //!
-//! The O(n³) kernels are cache-blocked and parallelised with rayon. Hot inner loops are compiled
-//! twice, once for the baseline target and once with AVX2 enabled, and the AVX2 version is picked at
-//! run time when the CPU supports it. Both versions perform the same floating-point operations in
-//! the same order (no fused multiply-add contraction), so results do not depend on the CPU, nor on
-//! the number of threads.
+//! # Determinism
+//!
+//! Every faer call runs with [`Par::Seq`] (one thread). faer's kernels are chosen once per process
+//! from the CPU's features and then perform the same operations in the same order on every call,
+//! so the same input gives bit-identical output on the same machine whatever the rayon pool
+//! holds — which is what resume relies on (a run is compared against itself). Parallel faer
+//! (`Par::rayon`) was not used: its divide-and-conquer eigensolver and blocked factorisations
+//! split work by thread count, and nothing in faer documents the reduction order as fixed, so
+//! bit-exactness could not be shown. Results can differ in the last bits between CPUs with
+//! different SIMD features (faer uses fused multiply-add where available).
 
 use std::fmt;
 
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch, LltError};
+use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+use faer::linalg::matmul::matmul;
+use faer::linalg::triangular_solve::{solve_lower_triangular_in_place, solve_upper_triangular_in_place};
+use faer::{Accum, ColMut, ColRef, MatMut, MatRef, Par, RowRef};
 use rayon::prelude::*;
 
-// ---------------------------------------------------------------------------------------------
-// Runtime SIMD dispatch
-// ---------------------------------------------------------------------------------------------
-
-/// Whether the running CPU supports AVX2 (cached by the standard library after the first query).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn has_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-}
-
-/// Defines `$name` as a function that runs `$body` compiled with AVX2 enabled when the CPU has it,
-/// and the baseline compilation of `$body` otherwise. `$body` must be `#[inline(always)]` so that it
-/// is compiled inside each wrapper with that wrapper's target features.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:expr;) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                fn with_avx2($($arg: $ty),*) $(-> $ret)? {
-                    ($body)($($arg),*)
-                }
-                if has_avx2() {
-                    // SAFETY: `with_avx2` only requires AVX2, which the running CPU was just
-                    // checked to support.
-                    return unsafe { with_avx2($($arg),*) };
-                }
-            }
-            ($body)($($arg),*)
-        }
-    };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kernels (bodies)
-// ---------------------------------------------------------------------------------------------
-
-/// Number of independent accumulators in reductions (lets the compiler vectorise them).
-const LANES: usize = 8;
-
-#[inline(always)]
-fn dot_body(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f64; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for k in 0..LANES {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut tail = 0.0;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    let s01 = (acc[0] + acc[4]) + (acc[1] + acc[5]);
-    let s23 = (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    (s01 + s23) + tail
-}
-
-/// `y += alpha * x` over the common length.
-#[inline(always)]
-fn axpy_body(y: &mut [f64], alpha: f64, x: &[f64]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
-    }
-}
-
-/// `c[j] ±= Σ_p coef[p] · b[p·ldb + off + j]` for `j < c.len()` (subtracts when `NEG`).
-///
-/// `b` holds `coef.len()` rows of stride `ldb`; the rows are combined four at a time so that each
-/// element of `c` is loaded and stored once per four rows.
-#[inline(always)]
-fn panel_body<const NEG: bool>(c: &mut [f64], coef: &[f64], b: &[f64], ldb: usize, off: usize) {
-    let len = c.len();
-    if len == 0 {
-        return;
-    }
-    let row = |p: usize| &b[p * ldb + off..p * ldb + off + len];
-    let np = coef.len();
-    let mut p = 0;
-    while p + 4 <= np {
-        let (a0, a1, a2, a3) = (coef[p], coef[p + 1], coef[p + 2], coef[p + 3]);
-        let (b0, b1, b2, b3) = (row(p), row(p + 1), row(p + 2), row(p + 3));
-        for j in 0..len {
-            let s = (a0 * b0[j] + a1 * b1[j]) + (a2 * b2[j] + a3 * b3[j]);
-            if NEG {
-                c[j] -= s;
-            } else {
-                c[j] += s;
-            }
-        }
-        p += 4;
-    }
-    while p < np {
-        let a0 = coef[p];
-        let b0 = row(p);
-        for j in 0..len {
-            if NEG {
-                c[j] -= a0 * b0[j];
-            } else {
-                c[j] += a0 * b0[j];
-            }
-        }
-        p += 1;
-    }
-}
-
-/// Width of the column panels of a packed `B` tile in [`Mat::matmul`].
-const PACK_W: usize = 8;
-
-/// Micro-kernel of [`Mat::matmul`]: `c_r[j] += Σ_p a[r·lda + p] · B[p][j]` for the four rows
-/// `r < 4` of `c` (stride `ldc`) and `j < len`, `p < np`, where `(len, np) = dims` and `bt` holds
-/// `B` packed as consecutive panels of [`PACK_W`] columns (`bt[panel·np·PACK_W + p·PACK_W + q]`,
-/// zero-padded). A 4 × [`PACK_W`] tile of `c` is accumulated in registers over all `p`.
-#[inline(always)]
-fn packed4_body(c: &mut [f64], ldc: usize, a: &[f64], lda: usize, bt: &[f64], dims: (usize, usize)) {
-    let (len, np) = dims;
-    if np == 0 {
-        return;
-    }
-    let a = [&a[..np], &a[lda..lda + np], &a[2 * lda..2 * lda + np], &a[3 * lda..3 * lda + np]];
-    for (panel, bp) in bt.chunks_exact(np * PACK_W).enumerate() {
-        let j0 = panel * PACK_W;
-        if j0 >= len {
-            break;
-        }
-        let mut acc = [[0.0f64; PACK_W]; 4];
-        for (p, bq) in bp.chunks_exact(PACK_W).enumerate() {
-            for r in 0..4 {
-                let ar = a[r][p];
-                for q in 0..PACK_W {
-                    acc[r][q] += ar * bq[q];
-                }
-            }
-        }
-        let w = (len - j0).min(PACK_W);
-        for (r, accr) in acc.iter().enumerate() {
-            let cr = &mut c[r * ldc + j0..r * ldc + j0 + w];
-            for q in 0..w {
-                cr[q] += accr[q];
-            }
-        }
-    }
-}
-
-/// One row of the fused tridiagonalisation pass: applies the pending symmetric rank-2 update
-/// `row -= vi·wp + wi·vp` and returns `row · v` (with the updated row).
-#[inline(always)]
-fn fused_body(row: &mut [f64], vp: &[f64], wp: &[f64], vi: f64, wi: f64, v: &[f64]) -> f64 {
-    let n = row.len();
-    let (vp, wp, v) = (&vp[..n], &wp[..n], &v[..n]);
-    let mut acc = [0.0f64; LANES];
-    let full = n - n % LANES;
-    let mut j = 0;
-    while j < full {
-        for k in 0..LANES {
-            let r = row[j + k] - (vi * wp[j + k] + wi * vp[j + k]);
-            row[j + k] = r;
-            acc[k] += r * v[j + k];
-        }
-        j += LANES;
-    }
-    let mut tail = 0.0;
-    for j in full..n {
-        let r = row[j] - (vi * wp[j] + wi * vp[j]);
-        row[j] = r;
-        tail += r * v[j];
-    }
-    let s01 = (acc[0] + acc[4]) + (acc[1] + acc[5]);
-    let s23 = (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    (s01 + s23) + tail
-}
-
-/// Width (in rows of the eigenvector matrix) of the blocks that plane rotations are applied to.
-const ROT_W: usize = 32;
-
-/// Applies recorded QL sweeps to a packed block `buf` (`n × ROT_W`, row `i` holds component `i` of
-/// `ROT_W` rows of the eigenvector matrix). Each sweep `(top, len, start)` rotates the pairs
-/// `(i, i+1)` for `i = top, top-1, …, top-len+1` with `cs[start..start+len]`; the value flowing
-/// from one rotation to the next stays in registers.
-#[inline(always)]
-fn rot_body(buf: &mut [f64], cs: &[(f64, f64)], sweeps: &[(usize, usize, usize)]) {
-    for &(top, len, start) in sweeps {
-        let mut carry = [0.0f64; ROT_W];
-        carry.copy_from_slice(&buf[(top + 1) * ROT_W..(top + 2) * ROT_W]);
-        for t in 0..len {
-            let i = top - t;
-            let (c, s) = cs[start + t];
-            let (lo, hi) = buf.split_at_mut((i + 1) * ROT_W);
-            let zi = &lo[i * ROT_W..];
-            let zn = &mut hi[..ROT_W];
-            for r in 0..ROT_W {
-                let old = zi[r];
-                let f = carry[r];
-                zn[r] = s * old + c * f;
-                carry[r] = c * old - s * f;
-            }
-        }
-        let last = top + 1 - len;
-        buf[last * ROT_W..(last + 1) * ROT_W].copy_from_slice(&carry);
-    }
-}
-
-/// Width (in right-hand sides) of the blocks handled by the triangular matrix solves.
-const SOLVE_W: usize = 32;
-
-/// Solves `L Y = B` in place for a packed block (`n × SOLVE_W`, row-major) with `L` lower
-/// triangular (`n × n`, row-major).
-#[inline(always)]
-fn forward_block_body(buf: &mut [f64], l: &[f64], n: usize) {
-    for i in 0..n {
-        let (prev, cur) = buf.split_at_mut(i * SOLVE_W);
-        let mut acc = [0.0f64; SOLVE_W];
-        acc.copy_from_slice(&cur[..SOLVE_W]);
-        let li = &l[i * n..i * n + i];
-        for (k, &a) in li.iter().enumerate() {
-            let xk = &prev[k * SOLVE_W..(k + 1) * SOLVE_W];
-            for r in 0..SOLVE_W {
-                acc[r] -= a * xk[r];
-            }
-        }
-        let d = l[i * n + i];
-        for r in 0..SOLVE_W {
-            cur[r] = acc[r] / d;
-        }
-    }
-}
-
-/// Solves `Lᵀ X = Y` in place for a packed block (`n × SOLVE_W`) with `L` as in
-/// [`forward_block_body`]; reads `L` by columns, which stay cache-resident across neighbouring `i`.
-#[inline(always)]
-fn backward_block_body(buf: &mut [f64], l: &[f64], n: usize) {
-    for i in (0..n).rev() {
-        let (cur, next) = buf.split_at_mut((i + 1) * SOLVE_W);
-        let cur = &mut cur[i * SOLVE_W..];
-        let mut acc = [0.0f64; SOLVE_W];
-        acc.copy_from_slice(cur);
-        for (t, xk) in next.chunks_exact(SOLVE_W).enumerate() {
-            let a = l[(i + 1 + t) * n + i];
-            for r in 0..SOLVE_W {
-                acc[r] -= a * xk[r];
-            }
-        }
-        let d = l[i * n + i];
-        for r in 0..SOLVE_W {
-            cur[r] = acc[r] / d;
-        }
-    }
-}
-
-multiversion! {
-    /// Dispatching [`dot_body`].
-    fn dot_kernel(a: &[f64], b: &[f64]) -> f64 = dot_body;
-}
-multiversion! {
-    /// Dispatching [`axpy_body`].
-    fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) = axpy_body;
-}
-multiversion! {
-    /// Dispatching [`panel_body`] (adding).
-    fn panel_add(c: &mut [f64], coef: &[f64], b: &[f64], ldb: usize, off: usize) = panel_body::<false>;
-}
-multiversion! {
-    /// Dispatching [`panel_body`] (subtracting).
-    fn panel_sub(c: &mut [f64], coef: &[f64], b: &[f64], ldb: usize, off: usize) = panel_body::<true>;
-}
-multiversion! {
-    /// Dispatching [`packed4_body`].
-    fn packed_add4(c: &mut [f64], ldc: usize, a: &[f64], lda: usize, bt: &[f64], dims: (usize, usize)) = packed4_body;
-}
-multiversion! {
-    /// Dispatching [`fused_body`].
-    fn fused_row(row: &mut [f64], vp: &[f64], wp: &[f64], vi: f64, wi: f64, v: &[f64]) -> f64 = fused_body;
-}
-multiversion! {
-    /// Dispatching [`rot_body`].
-    fn apply_sweeps(buf: &mut [f64], cs: &[(f64, f64)], sweeps: &[(usize, usize, usize)]) = rot_body;
-}
-multiversion! {
-    /// Dispatching [`forward_block_body`].
-    fn forward_block(buf: &mut [f64], l: &[f64], n: usize) = forward_block_body;
-}
-multiversion! {
-    /// Dispatching [`backward_block_body`].
-    fn backward_block(buf: &mut [f64], l: &[f64], n: usize) = backward_block_body;
-}
+/// Parallelism of every faer call (see the module documentation).
+const PAR: Par = Par::Seq;
 
 // ---------------------------------------------------------------------------------------------
 // Vectors
@@ -314,12 +38,25 @@ multiversion! {
 /// If the lengths differ.
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "dot: length mismatch");
-    dot_kernel(a, b)
+    faer::linalg::matmul::dot::inner_prod(
+        RowRef::from_slice(a),
+        faer::Conj::No,
+        ColRef::from_slice(b),
+        faer::Conj::No,
+    )
 }
 
 /// Euclidean norm of a vector.
 pub fn norm(a: &[f64]) -> f64 {
-    dot_kernel(a, a).sqrt()
+    dot(a, a).sqrt()
+}
+
+/// `y += alpha * x` (equal lengths).
+fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) {
+    debug_assert_eq!(y.len(), x.len());
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += alpha * xi;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,9 +73,6 @@ pub struct Mat {
     /// Entries, row after row (`data[r * cols + c]`); `data.len() == rows * cols`.
     pub data: Vec<f64>,
 }
-
-/// Below this many multiply-adds, parallel loops are not worth rayon's overhead.
-const PAR_THRESHOLD: usize = 1 << 15;
 
 impl Mat {
     /// A `rows × cols` matrix of zeros.
@@ -367,6 +101,23 @@ impl Mat {
             data.len()
         );
         Mat { rows, cols, data }
+    }
+
+    /// A faer view of this matrix.
+    fn view(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.data, self.rows, self.cols)
+    }
+
+    /// A mutable faer view of this matrix.
+    fn view_mut(&mut self) -> MatMut<'_, f64> {
+        MatMut::from_row_major_slice_mut(&mut self.data, self.rows, self.cols)
+    }
+
+    /// Copies a faer matrix (any layout) into a new row-major matrix.
+    fn from_faer(m: MatRef<'_, f64>) -> Mat {
+        let mut out = Mat::zeros(m.nrows(), m.ncols());
+        out.view_mut().copy_from(m);
+        out
     }
 
     /// Entry `(r, c)`.
@@ -413,14 +164,16 @@ impl Mat {
     /// If `x.len() != self.cols`.
     pub fn matvec(&self, x: &[f64]) -> Vec<f64> {
         assert_eq!(x.len(), self.cols, "Mat::matvec: dimension mismatch");
-        if self.cols == 0 {
-            return vec![0.0; self.rows];
-        }
-        if self.rows * self.cols >= PAR_THRESHOLD {
-            self.data.par_chunks(self.cols).with_min_len(16).map(|r| dot_kernel(r, x)).collect()
-        } else {
-            self.data.chunks(self.cols).map(|r| dot_kernel(r, x)).collect()
-        }
+        let mut y = vec![0.0; self.rows];
+        matmul(
+            ColMut::from_slice_mut(&mut y).as_mat_mut(),
+            Accum::Replace,
+            self.view(),
+            ColRef::from_slice(x).as_mat(),
+            1.0,
+            PAR,
+        );
+        y
     }
 
     /// `selfᵀ · x`.
@@ -430,45 +183,20 @@ impl Mat {
     pub fn matvec_t(&self, x: &[f64]) -> Vec<f64> {
         assert_eq!(x.len(), self.rows, "Mat::matvec_t: dimension mismatch");
         let mut y = vec![0.0; self.cols];
-        if self.cols == 0 {
-            return y;
-        }
-        for (r, &xr) in self.data.chunks(self.cols).zip(x) {
-            axpy(&mut y, xr, r);
-        }
+        matmul(
+            ColMut::from_slice_mut(&mut y).as_mat_mut(),
+            Accum::Replace,
+            self.view().transpose(),
+            ColRef::from_slice(x).as_mat(),
+            1.0,
+            PAR,
+        );
         y
     }
 
     /// The transpose.
     pub fn transpose(&self) -> Mat {
-        const B: usize = 32;
-        let (m, n) = (self.rows, self.cols);
-        let mut t = Mat::zeros(n, m);
-        if m == 0 || n == 0 {
-            return t;
-        }
-        let src = &self.data;
-        let fill = |(bi, chunk): (usize, &mut [f64])| {
-            // `chunk` holds rows j0..j0+B of the transpose (columns of `self`).
-            let j0 = bi * B;
-            let jn = chunk.len() / m;
-            for i0 in (0..m).step_by(B) {
-                let i1 = (i0 + B).min(m);
-                for jj in 0..jn {
-                    let j = j0 + jj;
-                    let out = &mut chunk[jj * m..(jj + 1) * m];
-                    for i in i0..i1 {
-                        out[i] = src[i * n + j];
-                    }
-                }
-            }
-        };
-        if m * n >= PAR_THRESHOLD {
-            t.data.par_chunks_mut(B * m).enumerate().for_each(fill);
-        } else {
-            t.data.chunks_mut(B * m).enumerate().for_each(fill);
-        }
-        t
+        Mat::from_faer(self.view().transpose())
     }
 
     /// The product `self · other`.
@@ -477,63 +205,8 @@ impl Mat {
     /// If `self.cols != other.rows`.
     pub fn matmul(&self, other: &Mat) -> Mat {
         assert_eq!(self.cols, other.rows, "Mat::matmul: dimension mismatch");
-        let (m, k, n) = (self.rows, self.cols, other.cols);
-        let mut c = Mat::zeros(m, n);
-        if m == 0 || n == 0 || k == 0 {
-            return c;
-        }
-        // Row blocks of C in parallel; inside, tiles of B small enough for the L2 cache, packed
-        // into contiguous column panels (avoids cache-set conflicts between the rows of B).
-        const KB: usize = 256;
-        const NB: usize = 256;
-        // Up to 64 rows per task, fewer when that leaves fewer than two tasks per thread.
-        let mb = m.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(4).clamp(4, 64);
-        let (a, b) = (&self.data, &other.data);
-        let block = |(bi, cc): (usize, &mut [f64])| {
-            let i0 = bi * mb;
-            let rows = cc.len() / n;
-            let mut bt = vec![0.0; KB * NB];
-            for j0 in (0..n).step_by(NB) {
-                let j1 = (j0 + NB).min(n);
-                for k0 in (0..k).step_by(KB) {
-                    let k1 = (k0 + KB).min(k);
-                    let kw = k1 - k0;
-                    let panels = (j1 - j0).div_ceil(PACK_W);
-                    for panel in 0..panels {
-                        let jp = j0 + panel * PACK_W;
-                        let w = (j1 - jp).min(PACK_W);
-                        let dst = &mut bt[panel * kw * PACK_W..(panel + 1) * kw * PACK_W];
-                        for (p, dq) in dst.chunks_exact_mut(PACK_W).enumerate() {
-                            let src = &b[(k0 + p) * n + jp..(k0 + p) * n + jp + w];
-                            dq[..w].copy_from_slice(src);
-                            dq[w..].iter_mut().for_each(|x| *x = 0.0);
-                        }
-                    }
-                    let packed = &bt[..panels * kw * PACK_W];
-                    let mut r = 0;
-                    while r + 4 <= rows {
-                        packed_add4(
-                            &mut cc[r * n + j0..],
-                            n,
-                            &a[(i0 + r) * k + k0..],
-                            k,
-                            packed,
-                            (j1 - j0, kw),
-                        );
-                        r += 4;
-                    }
-                    for r in r..rows {
-                        let ai = &a[(i0 + r) * k + k0..(i0 + r) * k + k1];
-                        panel_add(&mut cc[r * n + j0..r * n + j1], ai, &b[k0 * n..], n, j0);
-                    }
-                }
-            }
-        };
-        if m * n * k >= PAR_THRESHOLD {
-            c.data.par_chunks_mut(mb * n).enumerate().for_each(block);
-        } else {
-            c.data.chunks_mut(mb * n).enumerate().for_each(block);
-        }
+        let mut c = Mat::zeros(self.rows, other.cols);
+        matmul(c.view_mut(), Accum::Replace, self.view(), other.view(), 1.0, PAR);
         c
     }
 
@@ -601,18 +274,13 @@ impl std::error::Error for LinalgError {}
 /// Cholesky factorisation `A = L Lᵀ` of a symmetric positive-definite matrix.
 #[derive(Clone, Debug)]
 pub struct Cholesky {
-    /// The lower-triangular factor (upper triangle zero).
+    /// The lower-triangular factor (upper triangle zero), row-major.
     l: Mat,
 }
 
-/// Block size of the Cholesky factorisation.
-const CHOL_NB: usize = 64;
-
 impl Cholesky {
-    /// Factorises `a`, reading only its lower triangle (the matrix is assumed symmetric).
-    ///
-    /// Blocked right-looking algorithm: factor a diagonal block, solve the panel below it, and
-    /// subtract the panel's outer product from the trailing lower triangle (in parallel).
+    /// Factorises `a`, reading only its lower triangle (the matrix is assumed symmetric), with
+    /// faer's blocked LLᵀ factorisation on a column-major copy.
     ///
     /// # Errors
     /// [`LinalgError::NotSquare`] for a non-square input and
@@ -622,79 +290,24 @@ impl Cholesky {
             return Err(LinalgError::NotSquare { rows: a.rows, cols: a.cols });
         }
         let n = a.rows;
-        let mut l = a.clone();
-        if n == 0 {
-            return Ok(Cholesky { l });
-        }
-        let data = &mut l.data;
-        for k0 in (0..n).step_by(CHOL_NB) {
-            let k1 = (k0 + CHOL_NB).min(n);
-            let nb = k1 - k0;
-            // 1. Diagonal block (unblocked, row by row).
-            for j in k0..k1 {
-                for i in j..k1 {
-                    let (ri, rj) = (i * n, j * n);
-                    let s = data[ri + j] - dot_kernel(&data[ri + k0..ri + j], &data[rj + k0..rj + j]);
-                    if i == j {
-                        if !(s > 0.0 && s.is_finite()) {
-                            return Err(LinalgError::NotPositiveDefinite { pivot: j, value: s });
-                        }
-                        data[ri + j] = s.sqrt();
-                    } else {
-                        data[ri + j] = s / data[rj + j];
-                    }
-                }
-            }
-            if k1 == n {
-                break;
-            }
-            let (head, tail) = data.split_at_mut(k1 * n);
-            let diag = &head[k0 * n..];
-            // 2. Panel: L21 = A21 L11⁻ᵀ, row by row.
-            tail.par_chunks_mut(n).with_min_len(8).for_each(|row| {
-                for j in k0..k1 {
-                    let rj = (j - k0) * n;
-                    let s = row[j] - dot_kernel(&row[k0..j], &diag[rj + k0..rj + j]);
-                    row[j] = s / diag[rj + j];
-                }
-            });
-            // 3. Trailing update A22 -= L21 L21ᵀ, four rows at a time with the matmul micro-kernel
-            //    on -L21ᵀ packed in column panels. Only columns up to the last row of each group
-            //    are updated; the few entries this writes above the diagonal are never read.
-            let m = n - k1;
-            let panels = m.div_ceil(PACK_W);
-            let mut bt = vec![0.0; panels * nb * PACK_W];
-            for (t, row) in tail.chunks(n).enumerate() {
-                let base = (t / PACK_W) * nb * PACK_W + t % PACK_W;
-                for p in 0..nb {
-                    bt[base + p * PACK_W] = -row[k0 + p];
-                }
-            }
-            tail.par_chunks_mut(4 * n).enumerate().for_each(|(g, rows4)| {
-                let nr = rows4.len() / n;
-                let len = (4 * g + nr).min(m);
-                let mut coef = [0.0; 4 * CHOL_NB];
-                for r in 0..nr {
-                    coef[r * nb..(r + 1) * nb].copy_from_slice(&rows4[r * n + k0..r * n + k1]);
-                }
-                if nr == 4 {
-                    packed_add4(&mut rows4[k1..], n, &coef, nb, &bt, (len, nb));
-                } else {
-                    let mut c = vec![0.0; 4 * len];
-                    for r in 0..nr {
-                        c[r * len..(r + 1) * len].copy_from_slice(&rows4[r * n + k1..r * n + k1 + len]);
-                    }
-                    packed_add4(&mut c, len, &coef, nb, &bt, (len, nb));
-                    for r in 0..nr {
-                        rows4[r * n + k1..r * n + k1 + len].copy_from_slice(&c[r * len..(r + 1) * len]);
-                    }
-                }
+        let mut w = faer::Mat::<f64>::zeros(n, n);
+        w.as_mut().copy_from_triangular_lower(a.view());
+        let mut buf = MemBuffer::new(cholesky_in_place_scratch::<f64>(n, PAR, Default::default()));
+        let res = cholesky_in_place(
+            w.as_mut(),
+            Default::default(),
+            PAR,
+            MemStack::new(&mut buf),
+            Default::default(),
+        );
+        if let Err(LltError::NonPositivePivot { index }) = res {
+            return Err(LinalgError::NotPositiveDefinite {
+                pivot: index,
+                value: schur_pivot(a, w.as_ref(), index),
             });
         }
-        // Clear the (untouched) upper triangle.
-        data.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-            row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
-        });
+        let mut l = Mat::zeros(n, n);
+        l.view_mut().copy_from_triangular_lower(w.as_ref());
         Ok(Cholesky { l })
     }
 
@@ -719,7 +332,12 @@ impl Cholesky {
     /// # Panics
     /// If `b.len()` differs from the dimension.
     pub fn solve(&self, b: &[f64]) -> Vec<f64> {
-        self.solve_upper_t(&self.solve_lower(b))
+        assert_eq!(b.len(), self.dim(), "Cholesky::solve: dimension mismatch");
+        let mut x = b.to_vec();
+        let mut xm = ColMut::from_slice_mut(&mut x).as_mat_mut();
+        solve_lower_triangular_in_place(self.l.view(), xm.as_mut(), PAR);
+        solve_upper_triangular_in_place(self.l.view().transpose(), xm, PAR);
+        x
     }
 
     /// Solves `L y = b` (whitening: `yᵀy = bᵀA⁻¹b`).
@@ -727,14 +345,9 @@ impl Cholesky {
     /// # Panics
     /// If `b.len()` differs from the dimension.
     pub fn solve_lower(&self, b: &[f64]) -> Vec<f64> {
-        let n = self.dim();
-        assert_eq!(b.len(), n, "Cholesky::solve_lower: dimension mismatch");
-        let l = &self.l.data;
+        assert_eq!(b.len(), self.dim(), "Cholesky::solve_lower: dimension mismatch");
         let mut x = b.to_vec();
-        for i in 0..n {
-            let s = x[i] - dot_kernel(&l[i * n..i * n + i], &x[..i]);
-            x[i] = s / l[i * n + i];
-        }
+        solve_lower_triangular_in_place(self.l.view(), ColMut::from_slice_mut(&mut x).as_mat_mut(), PAR);
         x
     }
 
@@ -743,60 +356,43 @@ impl Cholesky {
     /// # Panics
     /// If `y.len()` differs from the dimension.
     pub fn solve_upper_t(&self, y: &[f64]) -> Vec<f64> {
-        let n = self.dim();
-        assert_eq!(y.len(), n, "Cholesky::solve_upper_t: dimension mismatch");
-        let l = &self.l.data;
+        assert_eq!(y.len(), self.dim(), "Cholesky::solve_upper_t: dimension mismatch");
         let mut x = y.to_vec();
-        // Column-oriented: row i of L scatters into the earlier unknowns.
-        for i in (0..n).rev() {
-            x[i] /= l[i * n + i];
-            let xi = x[i];
-            let (head, _) = x.split_at_mut(i);
-            axpy(head, -xi, &l[i * n..i * n + i]);
-        }
+        solve_upper_triangular_in_place(
+            self.l.view().transpose(),
+            ColMut::from_slice_mut(&mut x).as_mat_mut(),
+            PAR,
+        );
         x
     }
 
-    /// Solves `A X = B` for every column of `B`.
+    /// Solves `A X = B` for every column of `B` (on a column-major copy of `B`).
     ///
     /// # Panics
     /// If `b.rows` differs from the dimension.
     pub fn solve_mat(&self, b: &Mat) -> Mat {
-        let n = self.dim();
-        assert_eq!(b.rows, n, "Cholesky::solve_mat: dimension mismatch");
-        let m = b.cols;
-        if m == 0 || n == 0 {
-            return b.clone();
+        assert_eq!(b.rows, self.dim(), "Cholesky::solve_mat: dimension mismatch");
+        if b.cols == 1 {
+            return Mat::from_vec(b.rows, 1, self.solve(&b.data));
         }
-        if m == 1 {
-            return Mat::from_vec(n, 1, self.solve(&b.data));
-        }
-        let l = &self.l.data;
-        let nblocks = m.div_ceil(SOLVE_W);
-        let blocks: Vec<Vec<f64>> = (0..nblocks)
-            .into_par_iter()
-            .map(|bi| {
-                let j0 = bi * SOLVE_W;
-                let w = (m - j0).min(SOLVE_W);
-                let mut buf = vec![0.0; n * SOLVE_W];
-                for i in 0..n {
-                    buf[i * SOLVE_W..i * SOLVE_W + w].copy_from_slice(&b.data[i * m + j0..i * m + j0 + w]);
-                }
-                forward_block(&mut buf, l, n);
-                backward_block(&mut buf, l, n);
-                buf
-            })
-            .collect();
-        let mut x = Mat::zeros(n, m);
-        for (bi, buf) in blocks.iter().enumerate() {
-            let j0 = bi * SOLVE_W;
-            let w = (m - j0).min(SOLVE_W);
-            for i in 0..n {
-                x.data[i * m + j0..i * m + j0 + w].copy_from_slice(&buf[i * SOLVE_W..i * SOLVE_W + w]);
-            }
-        }
-        x
+        let mut x = faer::Mat::<f64>::zeros(b.rows, b.cols);
+        x.as_mut().copy_from(b.view());
+        solve_lower_triangular_in_place(self.l.view(), x.as_mut(), PAR);
+        solve_upper_triangular_in_place(self.l.view().transpose(), x.as_mut(), PAR);
+        Mat::from_faer(x.as_ref())
     }
+}
+
+/// The Schur complement pivot `a_pp - ‖y‖²` with `L₁₁ y = a[p, :p]`, from the leading `p × p`
+/// factor `L₁₁` in `partial` (complete when the factorisation fails at pivot `p`).
+fn schur_pivot(a: &Mat, partial: MatRef<'_, f64>, p: usize) -> f64 {
+    let mut y = a.row(p)[..p].to_vec();
+    solve_lower_triangular_in_place(
+        partial.submatrix(0, 0, p, p),
+        ColMut::from_slice_mut(&mut y).as_mat_mut(),
+        PAR,
+    );
+    a.get(p, p) - dot(&y, &y)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -813,20 +409,21 @@ pub struct SymEigen {
     pub vectors: Mat,
 }
 
-/// Number of Householder reflectors combined per blocked (WY) update when forming `Q`.
-const WY_NB: usize = 32;
-/// Rotations buffered before they are applied to the eigenvector matrix.
-const ROT_BUFFER: usize = 1 << 21;
-/// Iteration cap per eigenvalue in the QL algorithm (convergence normally takes 1-3).
-const QL_MAX_ITER: usize = 64;
+impl SymEigen {
+    /// All-NaN values and vectors of dimension `n`.
+    fn nan(n: usize) -> Self {
+        SymEigen { values: vec![f64::NAN; n], vectors: Mat::from_vec(n, n, vec![f64::NAN; n * n]) }
+    }
+}
 
 /// Eigendecomposition of the symmetric matrix `a` (the input is symmetrised as `(A + Aᵀ)/2`).
 ///
-/// Householder tridiagonalisation `A = Q T Qᵀ` (one fused, parallel pass over the trailing matrix
-/// per step), blocked accumulation of `Q`, and implicit QL with Wilkinson shifts on `T`; the QL
-/// plane rotations are recorded and applied to `Q` in cache-sized blocks of rows, in parallel.
+/// faer's self-adjoint eigensolver (Householder tridiagonalisation, then the implicit QR algorithm
+/// below 128 rows and divide and conquer above), on a column-major copy scaled by a power of two
+/// (exact) so that the largest entry is near 1.
 ///
-/// A matrix with a non-finite entry yields NaN eigenvalues and eigenvectors.
+/// A matrix with a non-finite entry yields NaN eigenvalues and eigenvectors, and so does the
+/// (never observed) failure of the QR iteration to converge.
 ///
 /// # Panics
 /// If `a` is not square.
@@ -837,331 +434,50 @@ pub fn sym_eigen(a: &Mat) -> SymEigen {
         return SymEigen { values: Vec::new(), vectors: Mat::zeros(0, 0) };
     }
     if !a.data.iter().all(|x| x.is_finite()) {
-        return SymEigen { values: vec![f64::NAN; n], vectors: Mat::from_vec(n, n, vec![f64::NAN; n * n]) };
+        return SymEigen::nan(n);
     }
-    // Symmetrise, and scale by a power of two (exact) so that the largest entry is near 1: keeps
-    // the Householder norms away from overflow and underflow.
     let amax = a.max_abs();
     let scale = if amax > 0.0 { 2f64.powi((amax.log2().round() as i32).clamp(-1000, 1000)) } else { 1.0 };
     let inv = 1.0 / scale;
-    let mut w = Mat::zeros(n, n);
-    for i in 0..n {
-        for j in 0..=i {
-            let s = (0.5 * (a.data[i * n + j] + a.data[j * n + i])) * inv;
-            w.data[i * n + j] = s;
-            w.data[j * n + i] = s;
-        }
-    }
-    let (mut d, mut e, betas) = tridiagonalize(&mut w);
-    form_q(&mut w, &betas);
-    ql_implicit(&mut d, &mut e, &mut w);
-    d.iter_mut().for_each(|x| *x *= scale);
-
-    // Sort ascending and permute the columns accordingly.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&x, &y| d[x].total_cmp(&d[y]));
-    let values: Vec<f64> = order.iter().map(|&k| d[k]).collect();
-    w.data.par_chunks_mut(n).for_each(|row| {
-        let old = row.to_vec();
-        for (dst, &src) in row.iter_mut().zip(&order) {
-            *dst = old[src];
+    // Lower triangle of (A + Aᵀ)/2 / scale, column by column (faer reads only the lower triangle).
+    let w = faer::Mat::<f64>::from_fn(n, n, |i, j| {
+        if i >= j {
+            (0.5 * (a.data[i * n + j] + a.data[j * n + i])) * inv
+        } else {
+            0.0
         }
     });
-    SymEigen { values, vectors: w }
-}
-
-/// Reduces the symmetric matrix in `a` to tridiagonal form `T = Qᵀ A Q`, `Q = H_0 H_1 ⋯ H_{n-3}`
-/// with `H_k = I - β_k v_k v_kᵀ` acting on indices `k+1..n`.
-///
-/// Returns `(diagonal, off-diagonal, betas)`; `off[k]` couples `k` and `k+1` (`off[n-1] = 0`).
-/// On return, row `k` of `a` holds `v_k` in columns `k+1..n`; the rest of `a` is scratch.
-///
-/// Each step applies the previous step's pending rank-2 update `S -= v wᵀ + w vᵀ` to the trailing
-/// rows and, in the same pass, computes `S v` for the new reflector.
-fn tridiagonalize(a: &mut Mat) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let n = a.rows;
-    let mut d = vec![0.0; n];
-    let mut e = vec![0.0; n];
-    let mut betas = vec![0.0; n];
-    // Pending update (v, w) on indices `k..n` at the start of step k.
-    let mut pending: Option<(Vec<f64>, Vec<f64>)> = None;
-    let data = &mut a.data;
-    for k in 0..n {
-        // Bring row k up to date.
-        if let Some((vp, wp)) = &pending {
-            let row = &mut data[k * n + k..(k + 1) * n];
-            let (v0, w0) = (vp[0], wp[0]);
-            for j in 0..row.len() {
-                row[j] -= v0 * wp[j] + w0 * vp[j];
-            }
-        }
-        d[k] = data[k * n + k];
-        if k + 1 == n {
-            break;
-        }
-        // Householder reflector for x = A[k, k+1..n].
-        let mut v = data[k * n + k + 1..(k + 1) * n].to_vec();
-        let m = v.len();
-        let tail_sq = if m > 1 { dot_kernel(&v[1..], &v[1..]) } else { 0.0 };
-        let beta;
-        if tail_sq == 0.0 {
-            e[k] = v[0];
-            v.iter_mut().for_each(|x| *x = 0.0);
-            beta = 0.0;
-        } else {
-            let x0 = v[0];
-            let xn = (x0 * x0 + tail_sq).sqrt();
-            let alpha = if x0 >= 0.0 { -xn } else { xn };
-            v[0] = x0 - alpha;
-            beta = 1.0 / (-alpha * v[0]);
-            e[k] = alpha;
-        }
-        betas[k] = beta;
-        // Fused pass over rows k+1..n: apply the pending update, compute p = β S v.
-        let (head, tail) = data.split_at_mut((k + 1) * n);
-        let row_job = |(t, row): (usize, &mut [f64])| -> f64 {
-            let seg = &mut row[k + 1..];
-            match &pending {
-                Some((vp, wp)) => fused_row(seg, &vp[1..], &wp[1..], vp[t + 1], wp[t + 1], &v),
-                None => dot_kernel(seg, &v),
-            }
-        };
-        let mut p: Vec<f64> = if m * m >= PAR_THRESHOLD {
-            tail.par_chunks_mut(n).enumerate().with_min_len(8).map(row_job).collect()
-        } else {
-            tail.chunks_mut(n).enumerate().map(row_job).collect()
-        };
-        head[k * n + k + 1..(k + 1) * n].copy_from_slice(&v);
-        if beta == 0.0 {
-            pending = None;
-            continue;
-        }
-        p.iter_mut().for_each(|x| *x *= beta);
-        let kk = 0.5 * beta * dot_kernel(&v, &p);
-        for (pj, vj) in p.iter_mut().zip(&v) {
-            *pj -= kk * vj;
-        }
-        pending = Some((v, p));
+    let mut s = faer::Col::<f64>::zeros(n);
+    let mut u = faer::Mat::<f64>::zeros(n, n);
+    let mut buf =
+        MemBuffer::new(self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, PAR, Default::default()));
+    let res = self_adjoint_evd(
+        w.as_ref(),
+        s.as_diagonal_mut(),
+        Some(u.as_mut()),
+        PAR,
+        MemStack::new(&mut buf),
+        Default::default(),
+    );
+    drop(w);
+    if res.is_err() {
+        return SymEigen::nan(n);
     }
-    (d, e, betas)
-}
-
-/// Overwrites `a` (as left by [`tridiagonalize`]) with `Q = H_0 ⋯ H_{n-3}`, accumulating the
-/// reflectors backwards in blocks of [`WY_NB`] as `I - Y T Yᵀ`.
-fn form_q(a: &mut Mat, betas: &[f64]) {
-    let n = a.rows;
-    let nr = n.saturating_sub(2);
-    let data = &mut a.data;
-    // Q is the identity on indices ≥ nr+1 before any reflector is applied.
-    for i in nr + 1..n {
-        for j in nr + 1..n {
-            data[i * n + j] = if i == j { 1.0 } else { 0.0 };
+    // Ascending order is part of this function's contract; faer's order is not documented as such, so
+    // sort (stable, and in practice a no-op that skips the column permutation below).
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| s[x].total_cmp(&s[y]));
+    let values: Vec<f64> = order.iter().map(|&k| s[k] * scale).collect();
+    let vectors = if order.iter().enumerate().all(|(i, &k)| i == k) {
+        Mat::from_faer(u.as_ref())
+    } else {
+        let mut v = Mat::zeros(n, n);
+        for (dst, &src) in order.iter().enumerate() {
+            v.view_mut().col_mut(dst).copy_from(u.col(src));
         }
-    }
-    let nblocks = nr.div_ceil(WY_NB);
-    for bi in (0..nblocks).rev() {
-        let k0 = bi * WY_NB;
-        let k1 = (k0 + WY_NB).min(nr);
-        let nb = k1 - k0;
-        let s = k0 + 1; // first row/column touched by this block
-        let m = n - s;
-        // Y (m × nb) and Yᵀ: column b is v_{k0+b}, which starts at sub-row b.
-        let mut y = vec![0.0; m * nb];
-        let mut yt = vec![0.0; nb * m];
-        for b in 0..nb {
-            let k = k0 + b;
-            for r in b..m {
-                let val = data[k * n + s + r];
-                y[r * nb + b] = val;
-                yt[b * m + r] = val;
-            }
-        }
-        // T (nb × nb, upper triangular): T_new = [[T, -β T Yᵀv], [0, β]].
-        let mut tmat = vec![0.0; nb * nb];
-        for b in 0..nb {
-            let beta = betas[k0 + b];
-            let z: Vec<f64> =
-                (0..b).map(|c| dot_kernel(&yt[c * m..(c + 1) * m], &yt[b * m..(b + 1) * m])).collect();
-            for r in 0..b {
-                let tz = dot_kernel(&tmat[r * nb + r..r * nb + b], &z[r..b]);
-                tmat[r * nb + b] = -beta * tz;
-            }
-            tmat[b * nb + b] = beta;
-        }
-        // The current Q is the identity on rows s..=k1 and on columns s..=k1.
-        for i in s..n {
-            let row = &mut data[i * n..(i + 1) * n];
-            if i <= k1 {
-                row[s..].iter_mut().for_each(|x| *x = 0.0);
-                row[i] = 1.0;
-            } else {
-                row[s..=k1].iter_mut().for_each(|x| *x = 0.0);
-            }
-        }
-        // W = Yᵀ Q_sub (nb × m), by column chunks in parallel.
-        const CW: usize = 128;
-        const RB: usize = 64;
-        let q: &[f64] = data;
-        let chunks: Vec<Vec<f64>> = (0..m.div_ceil(CW))
-            .into_par_iter()
-            .map(|ci| {
-                let j0 = ci * CW;
-                let w = (m - j0).min(CW);
-                let mut wc = vec![0.0; nb * w];
-                for r0 in (0..m).step_by(RB) {
-                    let r1 = (r0 + RB).min(m);
-                    for b in 0..nb {
-                        // Y[r][b] = 0 for r < b.
-                        let lo = r0.max(b);
-                        if lo >= r1 {
-                            continue;
-                        }
-                        panel_add(
-                            &mut wc[b * w..(b + 1) * w],
-                            &yt[b * m + lo..b * m + r1],
-                            &q[(s + lo) * n..],
-                            n,
-                            s + j0,
-                        );
-                    }
-                }
-                wc
-            })
-            .collect();
-        let mut wm = vec![0.0; nb * m];
-        for (ci, wc) in chunks.iter().enumerate() {
-            let j0 = ci * CW;
-            let w = (m - j0).min(CW);
-            for b in 0..nb {
-                wm[b * m + j0..b * m + j0 + w].copy_from_slice(&wc[b * w..(b + 1) * w]);
-            }
-        }
-        // W ← T W (row b uses rows ≥ b, which are still unmodified when going upwards).
-        let mut tmp = vec![0.0; m];
-        for b in 0..nb {
-            let tbb = tmat[b * nb + b];
-            for (t, x) in tmp.iter_mut().zip(&wm[b * m..(b + 1) * m]) {
-                *t = tbb * x;
-            }
-            panel_add(&mut tmp, &tmat[b * nb + b + 1..(b + 1) * nb], &wm[(b + 1) * m..], m, 0);
-            wm[b * m..(b + 1) * m].copy_from_slice(&tmp);
-        }
-        // Q_sub -= Y W, by rows in parallel.
-        data[s * n..].par_chunks_mut(n).enumerate().with_min_len(8).for_each(|(r, row)| {
-            let nz = (r + 1).min(nb); // Y[r][b] = 0 for b > r
-            panel_sub(&mut row[s..], &y[r * nb..r * nb + nz], &wm, m, 0);
-        });
-    }
-    // Row and column 0 are untouched by every reflector.
-    for j in 0..n {
-        data[j] = if j == 0 { 1.0 } else { 0.0 };
-        data[j * n] = if j == 0 { 1.0 } else { 0.0 };
-    }
-}
-
-/// Buffered QL plane rotations: sweeps `(top, len, start)` into `cs` (see [`rot_body`]).
-struct RotationLog {
-    cs: Vec<(f64, f64)>,
-    sweeps: Vec<(usize, usize, usize)>,
-}
-
-impl RotationLog {
-    /// Applies the buffered rotations to the columns of `z` (`n × n`), then empties the buffer.
-    fn flush(&mut self, z: &mut Mat) {
-        if self.sweeps.is_empty() {
-            return;
-        }
-        let n = z.cols;
-        let (cs, sweeps) = (&self.cs, &self.sweeps);
-        z.data.par_chunks_mut(ROT_W * n).for_each(|block| {
-            let rows = block.len() / n;
-            let mut buf = vec![0.0; n * ROT_W];
-            for r in 0..rows {
-                for i in 0..n {
-                    buf[i * ROT_W + r] = block[r * n + i];
-                }
-            }
-            apply_sweeps(&mut buf, cs, sweeps);
-            for r in 0..rows {
-                for i in 0..n {
-                    block[r * n + i] = buf[i * ROT_W + r];
-                }
-            }
-        });
-        self.cs.clear();
-        self.sweeps.clear();
-    }
-}
-
-/// Implicit QL with Wilkinson shifts on the symmetric tridiagonal `(d, e)`; on return `d` holds the
-/// (unsorted) eigenvalues and the columns of `z` have been rotated into the eigenvectors.
-fn ql_implicit(d: &mut [f64], e: &mut [f64], z: &mut Mat) {
-    let n = d.len();
-    let mut log = RotationLog { cs: Vec::new(), sweeps: Vec::new() };
-    for l in 0..n {
-        let mut iter = 0;
-        loop {
-            // Find the end m of the unreduced block starting at l.
-            let mut m = l;
-            while m + 1 < n {
-                let dd = d[m].abs() + d[m + 1].abs();
-                if e[m].abs() <= f64::EPSILON * dd {
-                    break;
-                }
-                m += 1;
-            }
-            if m == l {
-                break;
-            }
-            iter += 1;
-            if iter > QL_MAX_ITER {
-                break;
-            }
-            // Wilkinson-type shift from the leading 2×2 block.
-            let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-            let mut r = g.hypot(1.0);
-            g = d[m] - d[l] + e[l] / (g + r.copysign(g));
-            let (mut s, mut c, mut p) = (1.0f64, 1.0f64, 0.0f64);
-            let start = log.cs.len();
-            let mut underflow = false;
-            let mut i = m;
-            while i > l {
-                i -= 1;
-                let f = s * e[i];
-                let b = c * e[i];
-                r = f.hypot(g);
-                e[i + 1] = r;
-                if r == 0.0 {
-                    d[i + 1] -= p;
-                    e[m] = 0.0;
-                    underflow = true;
-                    break;
-                }
-                s = f / r;
-                c = g / r;
-                g = d[i + 1] - p;
-                r = (d[i] - g) * s + 2.0 * c * b;
-                p = s * r;
-                d[i + 1] = g + p;
-                g = c * r - b;
-                log.cs.push((c, s));
-            }
-            let len = log.cs.len() - start;
-            if len > 0 {
-                log.sweeps.push((m - 1, len, start));
-            }
-            if log.cs.len() >= ROT_BUFFER {
-                log.flush(z);
-            }
-            if underflow {
-                continue;
-            }
-            d[l] -= p;
-            e[l] = g;
-            e[m] = 0.0;
-        }
-    }
-    log.flush(z);
+        v
+    };
+    SymEigen { values, vectors }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1223,7 +539,7 @@ impl OrthoBasis {
         let mut y = x.to_vec();
         for _ in 0..2 {
             for q in &self.rows {
-                let c = dot_kernel(q, &y);
+                let c = dot(q, &y);
                 axpy(&mut y, -c, q);
             }
         }
@@ -1262,7 +578,7 @@ impl OrthoBasis {
                 (i..k)
                     .map(|j| {
                         let target = if i == j { 1.0 } else { 0.0 };
-                        (dot_kernel(&self.rows[i], &self.rows[j]) - target).abs()
+                        (dot(&self.rows[i], &self.rows[j]) - target).abs()
                     })
                     .fold(0.0f64, f64::max)
             })
@@ -1299,7 +615,7 @@ pub fn core_directions(vectors: &[Vec<f64>], energy_fraction: f64, max_dirs: usi
     let mut gram = Mat::zeros(k, k);
     for i in 0..k {
         for j in 0..=i {
-            let g = dot_kernel(&vectors[i], &vectors[j]);
+            let g = dot(&vectors[i], &vectors[j]);
             gram.data[i * k + j] = g;
             gram.data[j * k + i] = g;
         }
@@ -1328,7 +644,7 @@ pub fn core_directions(vectors: &[Vec<f64>], energy_fraction: f64, max_dirs: usi
         // Re-orthogonalise against the directions already kept (they are nearly orthogonal).
         for _ in 0..2 {
             for q in &out {
-                let c = dot_kernel(q, &v);
+                let c = dot(q, &v);
                 axpy(&mut v, -c, q);
             }
         }
@@ -1667,12 +983,105 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "n = 1536 eigendecomposition takes a few seconds"]
+    #[ignore = "n = 1536 eigendecompositions take several seconds"]
     fn sym_eigen_large_1536() {
+        // Indefinite, and above faer's divide-and-conquer threshold (128).
         let n = 1536;
         let a = random_sym(n, 1536);
         let eig = sym_eigen(&a);
         check_eigen(&a, &eig, 1e-9);
+        let tr: f64 = (0..n).map(|i| a.get(i, i)).sum();
+        assert!((tr - eig.values.iter().sum::<f64>()).abs() < 1e-9 * n as f64);
+        // SPD at the model's width: Σ log λ agrees with the Cholesky log-determinant.
+        let spd = random_spd(n, 1537);
+        let eig = sym_eigen(&spd);
+        check_eigen(&spd, &eig, 1e-9);
+        let logdet: f64 = eig.values.iter().map(|l| l.ln()).sum();
+        let chol = Cholesky::new(&spd).unwrap();
+        assert!((logdet - chol.log_det()).abs() < 1e-9 * logdet.abs(), "{logdet} vs {}", chol.log_det());
+        // Bit-identical on a second call.
+        let again = sym_eigen(&spd);
+        assert_eq!(bits(&again.values), bits(&eig.values));
+        assert_eq!(bits(&again.vectors.data), bits(&eig.vectors.data));
+    }
+
+    fn bits(x: &[f64]) -> Vec<u64> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn results_are_bit_identical_across_calls_and_pools() {
+        // Resume compares a run against itself: the same input must give the same bytes, whatever
+        // rayon pool the call runs in.
+        let n = 300;
+        let a = random_spd(n, 42);
+        let b = Rng(43).mat(n, 16);
+        let v = Rng(44).vec(n);
+        let run = || {
+            let eig = sym_eigen(&a);
+            let chol = Cholesky::new(&a).unwrap();
+            let mut out = eig.values.clone();
+            out.extend(&eig.vectors.data);
+            out.extend(&chol.factor().data);
+            out.extend(chol.solve(&v));
+            out.extend(chol.solve_lower(&v));
+            out.extend(chol.solve_mat(&b).data);
+            out.extend(a.matmul(&b).data);
+            out.extend(a.matvec(&v));
+            out.push(dot(&v, &v));
+            bits(&out)
+        };
+        let first = run();
+        assert_eq!(first, run());
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            assert_eq!(first, pool.install(run), "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn triangular_solves_and_matvec_t() {
+        let n = 97;
+        let a = random_spd(n, 8);
+        let chol = Cholesky::new(&a).unwrap();
+        let l = chol.factor();
+        let b = Rng(12).vec(n);
+        // L y = b and Lᵀ x = y, checked through products with L.
+        let y = chol.solve_lower(&b);
+        let ly = l.matvec(&y);
+        assert!(ly.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-12), "L y ≠ b");
+        let x = chol.solve_upper_t(&y);
+        let ltx = l.matvec_t(&x);
+        assert!(ltx.iter().zip(&y).all(|(p, q)| (p - q).abs() < 1e-12), "Lᵀ x ≠ y");
+        // Whitening: ‖L⁻¹b‖² = bᵀA⁻¹b.
+        let quad = dot(&b, &chol.solve(&b));
+        assert!((dot(&y, &y) - quad).abs() < 1e-12 * quad);
+        // log det against the product of the pivots of a diagonal matrix.
+        let d = Mat::from_vec(3, 3, vec![2.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 5.0]);
+        assert!((Cholesky::new(&d).unwrap().log_det() - 30f64.ln()).abs() < 1e-14);
+        // Only the lower triangle is read.
+        let mut lower_only = a.clone();
+        for i in 0..n {
+            for j in i + 1..n {
+                lower_only.data[i * n + j] = f64::NAN;
+            }
+        }
+        assert_eq!(Cholesky::new(&lower_only).unwrap().factor(), l);
+        // Empty systems.
+        let empty = Cholesky::new(&Mat::zeros(0, 0)).unwrap();
+        assert_eq!(empty.dim(), 0);
+        assert!(empty.solve(&[]).is_empty());
+        assert_eq!(empty.solve_mat(&Mat::zeros(0, 4)), Mat::zeros(0, 4));
+        assert_eq!(Mat::zeros(0, 3).matmul(&Mat::zeros(3, 2)), Mat::zeros(0, 2));
+        assert_eq!(Mat::zeros(2, 0).matmul(&Mat::zeros(0, 2)), Mat::zeros(2, 2));
+        assert_eq!(Mat::zeros(2, 0).matvec(&[]), vec![0.0, 0.0]);
+        // matvec_t against the transpose.
+        let r = Rng(13).mat(40, 70);
+        let z = Rng(14).vec(40);
+        let via_t = r.transpose().matvec(&z);
+        for (p, q) in r.matvec_t(&z).iter().zip(&via_t) {
+            assert!((p - q).abs() < 1e-13);
+        }
     }
 
     #[test]
