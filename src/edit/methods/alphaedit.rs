@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
-use super::{single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use super::{add_outer_to_inverse, single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
 use crate::edit::subspace::Subspace;
 use crate::edit::update::RankOne;
 use crate::edit::{to_f32, AppliedUpdate};
@@ -64,14 +64,7 @@ impl AlphaEdit {
     /// A ← A + (U k)(U k)ᵀ for an earlier edit's key (f32, as stored), by Sherman–Morrison.
     fn add_past(&mut self, key32: &[f32]) {
         let k: Vec<f64> = key32.iter().map(|&x| x as f64).collect();
-        let y = self.null_basis.matvec(&k);
-        let z = self.inverse.matvec(&y);
-        let s = 1.0 / (1.0 + dot(&y, &z));
-        let n = z.len();
-        for (i, &zi) in z.iter().enumerate() {
-            let row = &mut self.inverse.data[i * n..(i + 1) * n];
-            row.iter_mut().zip(&z).for_each(|(a, &zj)| *a -= s * zi * zj);
-        }
+        add_outer_to_inverse(&mut self.inverse, &self.null_basis.matvec(&k));
     }
 
     /// The direction for one key: x = Uᵀ (U M Uᵀ + αI)⁻¹ U k with M = k kᵀ + Σ past k kᵀ, i.e.

@@ -27,6 +27,7 @@ use super::target::KeyValue;
 use super::update::RankOne;
 use super::{apply_rank_one, to_f32, AppliedUpdate};
 use crate::hparams::Hparams;
+use crate::linalg::{dot, Mat};
 use crate::model::Llama;
 use crate::stats::KeyStats;
 
@@ -242,6 +243,18 @@ pub fn single_layer(hp: &Hparams) -> Vec<usize> {
 /// The key statistics of `layer` among `stats`.
 pub fn stats_of(stats: &[KeyStats], layer: usize) -> Result<&KeyStats> {
     stats.iter().find(|s| s.layer == layer).with_context(|| format!("no key statistics for layer {layer}"))
+}
+
+/// A⁻¹ ← (A + y yᵀ)⁻¹ by Sherman–Morrison, for a symmetric positive-definite A kept as its
+/// inverse (row-major n×n): O(n²), and the same bytes every time for the same inputs.
+pub fn add_outer_to_inverse(inverse: &mut Mat, y: &[f64]) {
+    let z = inverse.matvec(y);
+    let s = 1.0 / (1.0 + dot(y, &z));
+    let n = z.len();
+    for (i, &zi) in z.iter().enumerate() {
+        let row = &mut inverse.data[i * n..(i + 1) * n];
+        row.iter_mut().zip(&z).for_each(|(a, &zj)| *a -= s * zi * zj);
+    }
 }
 
 /// Checks that a checkpointed subspace fits a layer of width `dim`.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
-use super::{single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use super::{add_outer_to_inverse, single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
 use crate::edit::subspace::Subspace;
 use crate::edit::update::{Preconditioner, RankOne};
 use crate::edit::{to_f32, AppliedUpdate};
@@ -57,13 +57,7 @@ impl SoftOedit {
     /// A ← A + k kᵀ (of the f32 key, as stored), by Sherman–Morrison on A⁻¹.
     fn add_past(&mut self, key32: &[f32]) {
         let k: Vec<f64> = key32.iter().map(|&x| x as f64).collect();
-        let z = self.inverse.matvec(&k);
-        let s = 1.0 / (1.0 + dot(&k, &z));
-        let f = k.len();
-        for (i, &zi) in z.iter().enumerate() {
-            let row = &mut self.inverse.data[i * f..(i + 1) * f];
-            row.iter_mut().zip(&z).for_each(|(a, &zj)| *a -= s * zi * zj);
-        }
+        add_outer_to_inverse(&mut self.inverse, &k);
     }
 }
 
