@@ -44,6 +44,8 @@ pub struct SessionOptions {
     /// Score each record right before and right after its own edit and record it in the log
     /// (`eval`), for `oedit eval --timing after-each`.
     pub eval_each: bool,
+    /// Limits on input lines and on the tokens of prompts and answers.
+    pub limits: crate::limits::InputLimits,
 }
 
 /// Summary of a session.
@@ -54,7 +56,8 @@ pub struct SessionSummary {
     pub edits_this_session: usize,
     pub resumed_from: usize,
     pub rejected: usize,
-    pub target_wins_rate: f64,
+    /// Share of the run's edits whose target won; `None` when the run holds no edit.
+    pub target_wins_rate: Option<f64>,
     pub seconds: f64,
 }
 
@@ -68,9 +71,10 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let t_start = Instant::now();
     let hp = opts.hparams.clone();
     hp.validate(lm.model.num_layers()).map_err(|e| InputError(format!("invalid hyper-parameters: {e:#}")))?;
-    let reader = EditReader::open(&opts.edits)?;
+    let mut reader = EditReader::open(&opts.edits)?.with_max_line_bytes(opts.limits.max_line_bytes);
     let fingerprint = model_fingerprint(&lm.model)?;
     let rd = RunDir::create(&opts.run_dir)?;
+    crate::fsutil::remove_stale_temps(&rd.path);
     let existing = rd.read_manifest()?;
     let stats_id = StatsIdentity {
         corpus: opts.corpus.name.clone(),
@@ -104,6 +108,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             m
         }
     };
+    reader.set_check(crate::limits::record_check(&lm.tok, lm.config(), &manifest.templates, opts.limits)?);
     let f = lm.config().intermediate_size;
     let mut state = rd.read_state(f).with_context(|| format!("resuming {}", opts.run_dir.display()))?;
     rd.reconcile(&state)?;
@@ -242,7 +247,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         edits_this_session: this_session,
         resumed_from,
         rejected,
-        target_wins_rate: if state.n_edits > 0 { wins as f64 / state.n_edits as f64 } else { 0.0 },
+        target_wins_rate: (state.n_edits > 0).then(|| wins as f64 / state.n_edits as f64),
         seconds: t_start.elapsed().as_secs_f64(),
     })
 }

@@ -1,8 +1,10 @@
 //! `oedit edit`: apply a stream of edits sequentially, checkpointing after every edit.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use super::ModelArgs;
@@ -10,6 +12,7 @@ use crate::data::EditReader;
 use crate::edit::Method;
 use crate::errors::InputError;
 use crate::hparams::Hparams;
+use crate::limits::{InputLimits, DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_PROMPT_TOKENS};
 use crate::session::{run, OnInvalid, SessionOptions};
 use crate::stats::Corpus;
 
@@ -50,6 +53,14 @@ pub struct EditArgs {
     /// and a JSON summary at the end.
     #[arg(long)]
     pub json: bool,
+    /// Longest input line in bytes; a longer line is a bad line (skipped unread with
+    /// `--on-invalid skip`).
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 30))]
+    pub max_line_bytes: usize,
+    /// Most tokens in one prompt or answer of a record (each prompt plus its answer must also fit
+    /// the model's context); a longer one makes the line a bad line. Bounds one edit's memory and time.
+    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
+    pub max_prompt_tokens: usize,
 }
 
 /// Runs `oedit edit`.
@@ -62,6 +73,8 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         .transpose()
         .map_err(|e| InputError(format!("{e:#}")))?;
     EditReader::open(&args.edits)?;
+    // JSON lines and the summary line go to standard output with --json or when it is not a terminal.
+    let json = args.json || !std::io::stdout().is_terminal();
     let mut lm = args.model.load()?;
     let mut hp = match (from_file, &lm.spec.preset) {
         (Some(hp), _) => hp,
@@ -91,20 +104,28 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
             corpus,
             limit: args.limit,
             on_invalid: args.on_invalid,
-            json_lines: args.json,
+            json_lines: json,
             eval_each: args.eval_each,
+            limits: InputLimits {
+                max_line_bytes: args.max_line_bytes,
+                max_prompt_tokens: args.max_prompt_tokens,
+            },
         },
     )?;
-    if args.json {
+    if json {
         println!("{}", serde_json::json!({ "summary": summary }));
-    } else {
+    }
+    if !args.json {
+        let wins = match summary.target_wins_rate {
+            Some(rate) => format!("target wins {:.1}%", 100.0 * rate),
+            None => "no edits made".to_owned(),
+        };
         eprintln!(
-            "{} edits in {} ({} this session, {} rejected); target wins {:.1}%; {:.1} s",
+            "{} edits in {} ({} this session, {} rejected); {wins}; {:.1} s",
             summary.edits_total,
             summary.run_dir,
             summary.edits_this_session,
             summary.rejected,
-            100.0 * summary.target_wins_rate,
             summary.seconds
         );
     }

@@ -8,6 +8,7 @@ mod cli;
 mod edit;
 mod eval;
 mod forward;
+mod limits;
 mod loaders;
 mod methods;
 mod resume;

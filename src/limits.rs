@@ -1,0 +1,160 @@
+//! Limits on the input of `oedit edit`, so that the memory and time of one edit are bounded by
+//! the limits and not by what an input line holds.
+//!
+//! Two limits apply to every input line: its length in bytes (checked while reading; a longer
+//! line is skipped without being held whole, see [`crate::data::EditReader`]) and the length in
+//! tokens of each prompt and answer of the record (checked with the model's tokenizer before
+//! the edit, [`check_record_limits`]). A record over a limit is a bad line: `--on-invalid stop`
+//! stops with exit code 2 after checkpointing, `--on-invalid skip` records it in
+//! `rejected.jsonl`.
+
+use anyhow::Result;
+
+use crate::data::{EditRecord, FieldError, RecordCheck};
+use crate::model::HfConfig;
+use crate::tokenizer::Tok;
+
+pub use crate::data::DEFAULT_MAX_LINE_BYTES;
+
+/// Default cap on the tokens of one prompt or answer.
+///
+/// An edit runs every context template with the prompt and the target (11 rows for SmolLM2's
+/// preset, about 10 template tokens each), so its activations grow with the prompt length
+/// and attention with its square. At 512 tokens one SmolLM2-135M edit stays within a few
+/// seconds and a few hundred MB more than a short prompt, and a 7B model's stays within a few
+/// GiB; 5,000 tokens took 17 minutes and 16.7 GB on SmolLM2. Real edit prompts (CounterFact,
+/// zsRE) are under 40 tokens.
+pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 512;
+
+/// The limits of one session (flags `--max-line-bytes`, `--max-prompt-tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputLimits {
+    /// Longest input line, in bytes (without the newline).
+    pub max_line_bytes: usize,
+    /// Most tokens in one prompt or one answer of a record.
+    pub max_prompt_tokens: usize,
+}
+
+impl Default for InputLimits {
+    fn default() -> Self {
+        Self { max_line_bytes: DEFAULT_MAX_LINE_BYTES, max_prompt_tokens: DEFAULT_MAX_PROMPT_TOKENS }
+    }
+}
+
+/// The token limits of a run on one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLimits {
+    /// Most tokens in one prompt or answer.
+    pub max_prompt_tokens: usize,
+    /// The model's context (`max_position_embeddings`), when it states one.
+    pub context: Option<usize>,
+    /// Tokens the longest context template puts before the edit prompt (BOS included).
+    pub prefix_tokens: usize,
+}
+
+impl TokenLimits {
+    /// The limits for a model with `context` positions whose edits run under `templates`.
+    pub fn new(
+        tok: &Tok,
+        templates: &[String],
+        context: Option<usize>,
+        max_prompt_tokens: usize,
+    ) -> Result<Self> {
+        let mut prefix_tokens = 0;
+        for t in templates {
+            prefix_tokens = prefix_tokens.max(tok.encode_prompt(&t.replacen("{}", "", 1))?.len());
+        }
+        Ok(Self { max_prompt_tokens, context, prefix_tokens })
+    }
+}
+
+/// Checks the token lengths of `rec`: every prompt (edit prompt, paraphrases, neighbourhood and
+/// generation prompts) and every answer (new target, ground truth, locality answers) has at most
+/// `max_prompt_tokens` tokens, and every prompt followed by its longest answer (the edit prompt
+/// also preceded by the longest context template) fits the model's context. The error names the
+/// input's field (as [`crate::data::RecordFormat::fields`] spells it).
+pub fn check_record_limits(tok: &Tok, rec: &EditRecord, limits: &TokenLimits) -> Result<(), FieldError> {
+    let f = rec.format.fields();
+    let count = |text: &str, field: &str, answer: bool| -> Result<usize, FieldError> {
+        let ids =
+            if answer { tok.encode_plain(&format!(" {}", text.trim())) } else { tok.encode_prompt(text) };
+        let n = ids.map_err(|e| (Some(field.to_owned()), format!("cannot tokenize: {e:#}")))?.len();
+        if n > limits.max_prompt_tokens {
+            return Err((
+                Some(field.to_owned()),
+                format!(
+                    "{n} tokens, more than the limit of {} (--max-prompt-tokens)",
+                    limits.max_prompt_tokens
+                ),
+            ));
+        }
+        Ok(n)
+    };
+    let fits = |field: &str, prompt: usize, prefix: usize, answer: usize, answer_field: &str| {
+        let (Some(context), total) = (limits.context, prefix + prompt + answer) else { return Ok(()) };
+        if total <= context {
+            return Ok(());
+        }
+        let before =
+            if prefix > 0 { format!(" after a {prefix}-token context template") } else { String::new() };
+        let after =
+            if answer > 0 { format!(" and `{answer_field}` ({answer} tokens)") } else { String::new() };
+        Err((
+            Some(field.to_owned()),
+            format!(
+                "{prompt} tokens{before}{after}: {total} tokens, more than the model's context of \
+                 {context} (max_position_embeddings)"
+            ),
+        ))
+    };
+
+    let target = count(&rec.target_new, f.target_new, true)?;
+    let truth = match (&rec.ground_truth, f.ground_truth) {
+        (Some(gt), Some(name)) => count(gt, name, true)?,
+        _ => 0,
+    };
+    // The answer that follows each prompt: the longer of the new target and the true answer.
+    let (answer, answer_field) =
+        if truth > target { (truth, f.ground_truth.unwrap_or(f.target_new)) } else { (target, f.target_new) };
+    let prompt = count(&rec.prompt, f.prompt, false)?;
+    fits(f.prompt, prompt, limits.prefix_tokens, target, f.target_new)?;
+    fits(f.prompt, prompt, 0, answer, answer_field)?;
+    if let Some(name) = f.rephrase {
+        let n = rec.rephrase_prompts.len();
+        for (i, p) in rec.rephrase_prompts.iter().enumerate() {
+            let field = f.item(name, i, n);
+            fits(&field, count(p, &field, false)?, 0, answer, answer_field)?;
+        }
+    }
+    if let (Some(pname), Some(aname)) = (f.locality_prompt, f.locality_answer) {
+        let n = rec.locality.len();
+        for (i, l) in rec.locality.iter().enumerate() {
+            let field = f.item(pname, i, n);
+            let own = count(&l.answer, aname, true)?;
+            let (longest, longest_field) = if own > target { (own, aname) } else { (target, f.target_new) };
+            fits(&field, count(&l.prompt, &field, false)?, 0, longest, longest_field)?;
+        }
+    }
+    if let Some(name) = f.generation {
+        let n = rec.generation_prompts.len();
+        for (i, p) in rec.generation_prompts.iter().enumerate() {
+            let field = f.item(name, i, n);
+            fits(&field, count(p, &field, false)?, 0, 0, "")?;
+        }
+    }
+    Ok(())
+}
+
+/// The check an [`crate::data::EditReader`] runs on every record of a run on this model: the
+/// token limits of [`check_record_limits`], with the model's context from `config`.
+pub fn record_check(
+    tok: &Tok,
+    config: &HfConfig,
+    templates: &[String],
+    limits: InputLimits,
+) -> Result<RecordCheck> {
+    let token_limits =
+        TokenLimits::new(tok, templates, config.max_position_embeddings, limits.max_prompt_tokens)?;
+    let tok = tok.clone();
+    Ok(Box::new(move |rec: &EditRecord| check_record_limits(&tok, rec, &token_limits)))
+}
