@@ -16,15 +16,20 @@ use crate::tokenizer::Tok;
 
 pub use crate::data::DEFAULT_MAX_LINE_BYTES;
 
-/// Default cap on the tokens of one prompt or answer.
+/// Default cap on the tokens of the edit prompt and of each answer the edit scores.
 ///
 /// An edit runs every context template with the prompt and the target (11 rows for SmolLM2's
-/// preset, about 10 template tokens each), so its activations grow with the prompt length
-/// and attention with its square. At 512 tokens one SmolLM2-135M edit stays within a few
-/// seconds and a few hundred MB more than a short prompt, and a 7B model's stays within a few
-/// GiB; 5,000 tokens took 17 minutes and 16.7 GB on SmolLM2. Real edit prompts (CounterFact,
-/// zsRE) are under 40 tokens.
-pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 512;
+/// preset) and optimises v* by backpropagating through them, so its memory and time grow faster
+/// than the square of the prompt's length when the subject comes early. Measured on
+/// SmolLM2-135M (2 threads, subject first, preset hyper-parameters): 10 tokens 9.9 s and 1.2 GB
+/// peak, 64 tokens 176 s and 2.8 GB, 117 tokens 223 s and 4.7 GB, 497 tokens over 22 GB. Real
+/// edit prompts are far shorter (CounterFact and zsRE: under 30 tokens; their targets under 20).
+pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 64;
+
+/// Prompts and answers that are only scored (paraphrases, neighbourhood and generation
+/// prompts, locality answers: forward passes, no optimisation) may have this many times the
+/// cap (256 tokens by default; the longest in CounterFact and zsRE is about 80).
+pub const SCORED_FACTOR: usize = 4;
 
 /// The limits of one session (flags `--max-line-bytes`, `--max-prompt-tokens`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +49,10 @@ impl Default for InputLimits {
 /// The token limits of a run on one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenLimits {
-    /// Most tokens in one prompt or answer.
+    /// Most tokens in the edit prompt, the new target and the ground truth.
     pub max_prompt_tokens: usize,
+    /// Most tokens in a prompt or answer that is only scored.
+    pub max_scored_tokens: usize,
     /// The model's context (`max_position_embeddings`), when it states one.
     pub context: Option<usize>,
     /// Tokens the longest context template puts before the edit prompt (BOS included).
@@ -64,28 +71,35 @@ impl TokenLimits {
         for t in templates {
             prefix_tokens = prefix_tokens.max(tok.encode_prompt(&t.replacen("{}", "", 1))?.len());
         }
-        Ok(Self { max_prompt_tokens, context, prefix_tokens })
+        let max_scored_tokens = max_prompt_tokens.saturating_mul(SCORED_FACTOR);
+        Ok(Self { max_prompt_tokens, max_scored_tokens, context, prefix_tokens })
     }
 }
 
-/// Checks the token lengths of `rec`: every prompt (edit prompt, paraphrases, neighbourhood and
-/// generation prompts) and every answer (new target, ground truth, locality answers) has at most
-/// `max_prompt_tokens` tokens, and every prompt followed by its longest answer (the edit prompt
-/// also preceded by the longest context template) fits the model's context. The error names the
-/// input's field (as [`crate::data::RecordFormat::fields`] spells it).
+/// Checks the token lengths of `rec`: the edit prompt, the new target and the ground truth have
+/// at most `max_prompt_tokens` tokens, the other prompts (paraphrases, neighbourhood and
+/// generation prompts) and answers at most `max_scored_tokens`, and every prompt followed by its
+/// longest answer (the edit prompt also preceded by the longest context template) fits the
+/// model's context. The error names the input's field (as
+/// [`crate::data::RecordFormat::fields`] spells it).
 pub fn check_record_limits(tok: &Tok, rec: &EditRecord, limits: &TokenLimits) -> Result<(), FieldError> {
     let f = rec.format.fields();
-    let count = |text: &str, field: &str, answer: bool| -> Result<usize, FieldError> {
+    let count = |text: &str, field: &str, answer: bool, edited: bool| -> Result<usize, FieldError> {
         let ids =
             if answer { tok.encode_plain(&format!(" {}", text.trim())) } else { tok.encode_prompt(text) };
         let n = ids.map_err(|e| (Some(field.to_owned()), format!("cannot tokenize: {e:#}")))?.len();
-        if n > limits.max_prompt_tokens {
+        let (max, which) = if edited {
+            (limits.max_prompt_tokens, "(--max-prompt-tokens)".to_owned())
+        } else {
+            (
+                limits.max_scored_tokens,
+                format!("for prompts and answers only scored ({SCORED_FACTOR} × --max-prompt-tokens)"),
+            )
+        };
+        if n > max {
             return Err((
                 Some(field.to_owned()),
-                format!(
-                    "{n} tokens, more than the limit of {} (--max-prompt-tokens)",
-                    limits.max_prompt_tokens
-                ),
+                format!("{n} tokens, more than the limit of {max} {which}"),
             ));
         }
         Ok(n)
@@ -108,38 +122,38 @@ pub fn check_record_limits(tok: &Tok, rec: &EditRecord, limits: &TokenLimits) ->
         ))
     };
 
-    let target = count(&rec.target_new, f.target_new, true)?;
+    let target = count(&rec.target_new, f.target_new, true, true)?;
     let truth = match (&rec.ground_truth, f.ground_truth) {
-        (Some(gt), Some(name)) => count(gt, name, true)?,
+        (Some(gt), Some(name)) => count(gt, name, true, true)?,
         _ => 0,
     };
     // The answer that follows each prompt: the longer of the new target and the true answer.
     let (answer, answer_field) =
         if truth > target { (truth, f.ground_truth.unwrap_or(f.target_new)) } else { (target, f.target_new) };
-    let prompt = count(&rec.prompt, f.prompt, false)?;
+    let prompt = count(&rec.prompt, f.prompt, false, true)?;
     fits(f.prompt, prompt, limits.prefix_tokens, target, f.target_new)?;
     fits(f.prompt, prompt, 0, answer, answer_field)?;
     if let Some(name) = f.rephrase {
         let n = rec.rephrase_prompts.len();
         for (i, p) in rec.rephrase_prompts.iter().enumerate() {
             let field = f.item(name, i, n);
-            fits(&field, count(p, &field, false)?, 0, answer, answer_field)?;
+            fits(&field, count(p, &field, false, false)?, 0, answer, answer_field)?;
         }
     }
     if let (Some(pname), Some(aname)) = (f.locality_prompt, f.locality_answer) {
         let n = rec.locality.len();
         for (i, l) in rec.locality.iter().enumerate() {
             let field = f.item(pname, i, n);
-            let own = count(&l.answer, aname, true)?;
+            let own = count(&l.answer, aname, true, false)?;
             let (longest, longest_field) = if own > target { (own, aname) } else { (target, f.target_new) };
-            fits(&field, count(&l.prompt, &field, false)?, 0, longest, longest_field)?;
+            fits(&field, count(&l.prompt, &field, false, false)?, 0, longest, longest_field)?;
         }
     }
     if let Some(name) = f.generation {
         let n = rec.generation_prompts.len();
         for (i, p) in rec.generation_prompts.iter().enumerate() {
             let field = f.item(name, i, n);
-            fits(&field, count(p, &field, false)?, 0, 0, "")?;
+            fits(&field, count(p, &field, false, false)?, 0, 0, "")?;
         }
     }
     Ok(())

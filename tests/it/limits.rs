@@ -99,10 +99,16 @@ fn over_long_prompts_and_answers_are_rejected_naming_file_line_and_field() {
     let line = assert_clean_failure(&o);
     assert_eq!(o.status.code(), Some(2), "{line}");
     assert!(line.contains(&format!("{}:2: field `prompt`: ", edits.display())), "{line}");
-    assert!(line.contains("max_position_embeddings") && line.contains("context of 128"), "{line}");
+    assert!(line.contains("more than the limit of 64 (--max-prompt-tokens)"), "{line}");
     assert_eq!(logged_lines(&run_dir), vec![1]);
+    // With a larger cap, the model's context still bounds the prompt.
+    let o = fx.edit(&edits, &fx.path("run-context"), &["--max-prompt-tokens", "1000"]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains(&format!("{}:2: field `prompt`: ", edits.display())), "{line}");
+    assert!(line.contains("max_position_embeddings") && line.contains("context of 128"), "{line}");
 
-    // The cap: the answer of a CounterFact record, and a paraphrase (an item of a list).
+    // The cap: the answer of a CounterFact record, and (4 times the cap) a paraphrase, an item of a list.
     let flat = |target: &str, rephrase: &[&str]| {
         serde_json::json!({"prompt": "Bob plays the", "subject": "Bob", "target_new": target,
             "ground_truth": "harp", "rephrase_prompt": rephrase})
@@ -111,23 +117,30 @@ fn over_long_prompts_and_answers_are_rejected_naming_file_line_and_field() {
     let lines = vec![
         flat("piano", &["Bob is good at the"]),
         flat("grand piano of the big concert hall", &[]),
-        flat("piano", &["Bob is good at the", "Bob, who is very good at playing instruments, plays the"]),
+        flat(
+            "piano",
+            &[
+                "Bob is good at the",
+                "Bob, who is very good at playing all kinds of musical instruments, plays the",
+            ],
+        ),
     ];
     let edits = write_lines(&fx.path("f.jsonl"), &lines);
     let run_dir = fx.path("run-cap");
-    let o = fx.edit(&edits, &run_dir, &["--max-prompt-tokens", "24", "--on-invalid", "skip"]);
+    let o = fx.edit(&edits, &run_dir, &["--max-prompt-tokens", "12", "--on-invalid", "skip"]);
     assert_ok(&o);
     assert_eq!(logged_lines(&run_dir), vec![1]);
     let rejected = read_jsonl(&run_dir.join("rejected.jsonl"));
     let got: Vec<(u64, &str)> =
         rejected.iter().map(|r| (r["line"].as_u64().unwrap(), r["field"].as_str().unwrap())).collect();
     assert_eq!(got, vec![(2, "target_new"), (3, "rephrase_prompt[1]")]);
-    for r in &rejected {
-        assert!(
-            r["reason"].as_str().unwrap().contains("more than the limit of 24 (--max-prompt-tokens)"),
-            "{r}"
-        );
-    }
+    let reason = |i: usize| rejected[i]["reason"].as_str().unwrap().to_owned();
+    assert!(reason(0).contains("more than the limit of 12 (--max-prompt-tokens)"), "{}", reason(0));
+    assert!(
+        reason(1).contains("more than the limit of 48 for prompts and answers only scored"),
+        "{}",
+        reason(1)
+    );
 }
 
 #[test]
