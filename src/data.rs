@@ -741,6 +741,33 @@ impl Iterator for EditReader {
 
 impl FusedIterator for EditReader {}
 
+/// Number of non-blank lines of a file (a progress total), read in blocks: memory does not grow
+/// with the length of a line. 0 when the file cannot be read.
+pub fn count_nonblank_lines(path: &Path) -> u64 {
+    let Ok(file) = std::fs::File::open(path) else { return 0 };
+    let mut r = BufReader::new(file);
+    let (mut count, mut blank) = (0, true);
+    loop {
+        let block = match r.fill_buf() {
+            Ok([]) => break,
+            Ok(block) => block,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return 0,
+        };
+        for &b in block {
+            if b == b'\n' {
+                count += u64::from(!blank);
+                blank = true;
+            } else if !b.is_ascii_whitespace() {
+                blank = false;
+            }
+        }
+        let n = block.len();
+        r.consume(n);
+    }
+    count + u64::from(!blank)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1181,6 +1208,17 @@ mod tests {
         assert!(items[0].is_ok());
         let e = items[1].as_ref().expect_err("checked");
         assert_eq!(e.to_string(), "mem.jsonl:2: field `src`: too long");
+    }
+
+    #[test]
+    fn counts_non_blank_lines_in_blocks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("e.jsonl");
+        std::fs::write(&path, format!("a\n\n  \t\n{}\nb", "x".repeat(100_000))).expect("write");
+        assert_eq!(count_nonblank_lines(&path), 3);
+        std::fs::write(&path, "a\r\n \r\n").expect("write");
+        assert_eq!(count_nonblank_lines(&path), 1);
+        assert_eq!(count_nonblank_lines(&dir.path().join("missing")), 0);
     }
 
     #[test]

@@ -77,10 +77,10 @@ impl TokenLimits {
 }
 
 /// Checks the token lengths of `rec`: the edit prompt, the new target and the ground truth have
-/// at most `max_prompt_tokens` tokens, the other prompts (paraphrases, neighbourhood and
-/// generation prompts) and answers at most `max_scored_tokens`, and every prompt followed by its
-/// longest answer (the edit prompt also preceded by the longest context template) fits the
-/// model's context. The error names the input's field (as
+/// at most `max_prompt_tokens` tokens, and the edit prompt fits the model's context after the
+/// longest context template and before the new target, and before the ground truth; the other
+/// prompts (paraphrases, neighbourhood and generation prompts) and answers, only scored, have at
+/// most `max_scored_tokens`. The error names the input's field (as
 /// [`crate::data::RecordFormat::fields`] spells it).
 pub fn check_record_limits(tok: &Tok, rec: &EditRecord, limits: &TokenLimits) -> Result<(), FieldError> {
     let f = rec.format.fields();
@@ -111,49 +111,40 @@ pub fn check_record_limits(tok: &Tok, rec: &EditRecord, limits: &TokenLimits) ->
         }
         let before =
             if prefix > 0 { format!(" after a {prefix}-token context template") } else { String::new() };
-        let after =
-            if answer > 0 { format!(" and `{answer_field}` ({answer} tokens)") } else { String::new() };
         Err((
             Some(field.to_owned()),
             format!(
-                "{prompt} tokens{before}{after}: {total} tokens, more than the model's context of \
-                 {context} (max_position_embeddings)"
+                "{prompt} tokens{before} and `{answer_field}` ({answer} tokens): {total} tokens, more than \
+                 the model's context of {context} (max_position_embeddings)"
             ),
         ))
     };
 
     let target = count(&rec.target_new, f.target_new, true, true)?;
-    let truth = match (&rec.ground_truth, f.ground_truth) {
-        (Some(gt), Some(name)) => count(gt, name, true, true)?,
-        _ => 0,
-    };
-    // The answer that follows each prompt: the longer of the new target and the true answer.
-    let (answer, answer_field) =
-        if truth > target { (truth, f.ground_truth.unwrap_or(f.target_new)) } else { (target, f.target_new) };
     let prompt = count(&rec.prompt, f.prompt, false, true)?;
     fits(f.prompt, prompt, limits.prefix_tokens, target, f.target_new)?;
-    fits(f.prompt, prompt, 0, answer, answer_field)?;
+    if let (Some(gt), Some(name)) = (&rec.ground_truth, f.ground_truth) {
+        fits(f.prompt, prompt, 0, count(gt, name, true, true)?, name)?;
+    }
+    // The prompts and answers only scored are bounded by their cap alone: they are forward
+    // passes, and the position encoding extends past the context without failing.
     if let Some(name) = f.rephrase {
         let n = rec.rephrase_prompts.len();
         for (i, p) in rec.rephrase_prompts.iter().enumerate() {
-            let field = f.item(name, i, n);
-            fits(&field, count(p, &field, false, false)?, 0, answer, answer_field)?;
+            count(p, &f.item(name, i, n), false, false)?;
         }
     }
     if let (Some(pname), Some(aname)) = (f.locality_prompt, f.locality_answer) {
         let n = rec.locality.len();
         for (i, l) in rec.locality.iter().enumerate() {
-            let field = f.item(pname, i, n);
-            let own = count(&l.answer, aname, true, false)?;
-            let (longest, longest_field) = if own > target { (own, aname) } else { (target, f.target_new) };
-            fits(&field, count(&l.prompt, &field, false, false)?, 0, longest, longest_field)?;
+            count(&l.prompt, &f.item(pname, i, n), false, false)?;
+            count(&l.answer, aname, true, false)?;
         }
     }
     if let Some(name) = f.generation {
         let n = rec.generation_prompts.len();
         for (i, p) in rec.generation_prompts.iter().enumerate() {
-            let field = f.item(name, i, n);
-            fits(&field, count(p, &field, false, false)?, 0, 0, "")?;
+            count(p, &f.item(name, i, n), false, false)?;
         }
     }
     Ok(())

@@ -296,13 +296,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn count_lines(path: &std::path::Path) -> u64 {
-    use std::io::BufRead;
-    std::fs::File::open(path)
-        .map(|f| {
-            std::io::BufReader::new(f).lines().map_while(Result::ok).filter(|l| !l.trim().is_empty()).count()
-                as u64
-        })
-        .unwrap_or(0)
+    crate::data::count_nonblank_lines(path)
 }
 
 fn count_wins(rd: &RunDir) -> Result<usize> {

@@ -57,8 +57,9 @@ pub struct EditArgs {
     /// `--on-invalid skip`).
     #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 30))]
     pub max_line_bytes: usize,
-    /// Most tokens in one prompt or answer of a record (each prompt plus its answer must also fit
-    /// the model's context); a longer one makes the line a bad line. Bounds one edit's memory and time.
+    /// Most tokens in the edit prompt, the new target and the ground truth (4 times as many in the
+    /// prompts and answers only scored; the edit prompt with its answers must also fit the model's
+    /// context); a longer one makes the line a bad line. Bounds one edit's memory and time.
     #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
     pub max_prompt_tokens: usize,
 }
