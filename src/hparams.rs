@@ -161,6 +161,11 @@ struct PresetHparams {
     hparams: Hparams,
 }
 
+/// Most context templates (rows of every edit's batch).
+pub const MAX_CONTEXT_TEMPLATES: usize = 64;
+/// Most generated tokens per context template.
+pub const MAX_TEMPLATE_LENGTH: usize = 64;
+
 impl Hparams {
     /// Reads a JSON file holding either the hyper-parameters or a model preset with an `hparams` key.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -188,6 +193,16 @@ impl Hparams {
         }
         if self.context_templates == 0 {
             bail!("context_templates must be at least 1");
+        }
+        // Each template is a row of every edit's batch and a prefix of its prompt: bounded, so
+        // one edit's memory and time are (ROME uses about 10 templates of up to 10 tokens).
+        if self.context_templates > MAX_CONTEXT_TEMPLATES || self.template_length > MAX_TEMPLATE_LENGTH {
+            bail!(
+                "context_templates must be at most {MAX_CONTEXT_TEMPLATES} and template_length at most \
+                 {MAX_TEMPLATE_LENGTH} (got {} and {})",
+                self.context_templates,
+                self.template_length
+            );
         }
         if self.v_steps == 0 {
             bail!("v_steps must be at least 1");
@@ -281,7 +296,9 @@ mod tests {
         let hp = base();
         assert_eq!(hp.oedit_soft.lambda, 3_000.0);
         hp.validate(4).unwrap();
-        let cases: [BadCase; 4] = [
+        let cases: [BadCase; 6] = [
+            ("context_templates must be at most 64", |h| h.context_templates = 1_000_000),
+            ("template_length at most 64", |h| h.template_length = 65),
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = 0.0),
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = f64::NAN),
             ("alphaedit.l2", |h| h.alphaedit.l2 = -1.0),

@@ -11,6 +11,7 @@ pub mod fingerprint;
 pub mod fsutil;
 pub mod hparams;
 pub mod infer;
+pub mod limits;
 pub mod linalg;
 pub mod loader;
 pub mod model;

@@ -53,6 +53,8 @@ pub struct SessionOptions {
     /// Score each record right before and right after its own edit and record it in the log
     /// (`eval`), for `oedit eval --timing after-each`.
     pub eval_each: bool,
+    /// Limits on input lines and on the tokens of prompts and answers.
+    pub limits: crate::limits::InputLimits,
 }
 
 /// Summary of a session.
@@ -63,7 +65,8 @@ pub struct SessionSummary {
     pub edits_this_session: usize,
     pub resumed_from: usize,
     pub rejected: usize,
-    pub target_wins_rate: f64,
+    /// Share of the run's edits whose target won; `None` when the run holds no edit.
+    pub target_wins_rate: Option<f64>,
     pub seconds: f64,
 }
 
@@ -79,10 +82,11 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     hp.validate(lm.model.num_layers()).map_err(|e| InputError(format!("invalid hyper-parameters: {e:#}")))?;
     let mut input = match opts.input {
         Some(i) => i,
-        None => EditInput::open(&opts.edits)?,
+        None => EditInput::open(&opts.edits, opts.limits.max_line_bytes)?,
     };
     let fingerprint = model_fingerprint(&lm.model)?;
     let rd = RunDir::create(&opts.run_dir)?;
+    crate::fsutil::remove_stale_temps(&rd.path);
     let existing = rd.read_manifest()?;
     let stats_id = StatsIdentity {
         corpus: opts.corpus.name.clone(),
@@ -116,6 +120,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             m
         }
     };
+    input.set_check(crate::limits::record_check(&lm.tok, lm.config(), &manifest.templates, opts.limits)?);
     let f = lm.config().intermediate_size;
     let mut state = rd.read_state(f).with_context(|| format!("resuming {}", opts.run_dir.display()))?;
     let log = rd.reconcile(&state)?;
@@ -281,7 +286,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         edits_this_session: this_session,
         resumed_from,
         rejected,
-        target_wins_rate: if state.n_edits > 0 { wins as f64 / state.n_edits as f64 } else { 0.0 },
+        target_wins_rate: (state.n_edits > 0).then(|| wins as f64 / state.n_edits as f64),
         seconds: t_start.elapsed().as_secs_f64(),
     })
 }
@@ -315,11 +320,5 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn count_lines(path: &std::path::Path) -> u64 {
-    use std::io::BufRead;
-    std::fs::File::open(path)
-        .map(|f| {
-            std::io::BufReader::new(f).lines().map_while(Result::ok).filter(|l| !l.trim().is_empty()).count()
-                as u64
-        })
-        .unwrap_or(0)
+    crate::data::count_nonblank_lines(path)
 }

@@ -8,14 +8,54 @@
 
 use anyhow::Result;
 
-/// Runs `f` inside a rayon pool of `threads` workers (default: `RAYON_NUM_THREADS` or the
-/// number of cores). `RAYON_NUM_THREADS` is set to that count, and `CANDLE_NUM_THREADS` too
-/// unless already set.
+use crate::errors::InputError;
+
+/// Most worker threads per available core. The work is compute-bound, so threads beyond the
+/// cores only add synchronisation; 4x leaves room for a core count that under-reports (a CPU
+/// quota, hyper-threads) while refusing counts that would swamp the machine.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// Cores available to this process (its CPU affinity and quota), at least 1.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Most worker threads accepted: [`MAX_THREADS_PER_CORE`] per available core.
+pub fn max_threads() -> usize {
+    MAX_THREADS_PER_CORE * available_cores()
+}
+
+/// The worker thread count: `requested` (`--threads`), else `RAYON_NUM_THREADS` when it is a
+/// positive number, else the available cores. 0 or more than [`max_threads`] is bad input.
+pub fn thread_count(requested: Option<usize>) -> Result<usize, InputError> {
+    let max = max_threads();
+    let check = |n: usize, what: &str| {
+        if n == 0 {
+            Err(InputError(format!("{what}0: the thread count must be at least 1")))
+        } else if n > max {
+            Err(InputError(format!(
+                "{what}{n}: at most {max} threads ({MAX_THREADS_PER_CORE} per available core, {} cores)",
+                available_cores()
+            )))
+        } else {
+            Ok(n)
+        }
+    };
+    if let Some(n) = requested {
+        return check(n, "--threads ");
+    }
+    match std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        // 0 means "the default" to rayon.
+        Some(n) if n > 0 => check(n, "RAYON_NUM_THREADS="),
+        _ => Ok(available_cores()),
+    }
+}
+
+/// Runs `f` inside a rayon pool of [`thread_count`] workers. `RAYON_NUM_THREADS` is set to that
+/// count, and `CANDLE_NUM_THREADS` too unless already set. A bad count fails before any thread
+/// starts.
 pub fn in_pool<T: Send>(threads: Option<usize>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let n = threads
-        .or_else(|| std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-        .max(1);
+    let n = thread_count(threads)?;
     // SAFETY: called before any other thread of this process reads the environment.
     unsafe {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -25,4 +65,22 @@ pub fn in_pool<T: Send>(threads: Option<usize>, f: impl FnOnce() -> Result<T> + 
     }
     let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
     pool.install(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_counts_are_bounded() {
+        assert_eq!(thread_count(Some(1)).unwrap(), 1);
+        assert_eq!(thread_count(Some(max_threads())).unwrap(), max_threads());
+        let e = thread_count(Some(0)).unwrap_err();
+        assert!(e.0.contains("--threads 0") && e.0.contains("at least 1"), "{e}");
+        let e = thread_count(Some(100_000)).unwrap_err();
+        assert!(
+            e.0.contains("--threads 100000") && e.0.contains(&format!("at most {}", max_threads())),
+            "{e}"
+        );
+    }
 }

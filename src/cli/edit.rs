@@ -1,14 +1,17 @@
 //! `oedit edit`: apply a stream of edits sequentially, checkpointing after every edit.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use super::ModelArgs;
 use crate::edit::Method;
 use crate::errors::InputError;
 use crate::hparams::Hparams;
+use crate::limits::{InputLimits, DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_PROMPT_TOKENS};
 use crate::session::{run, EditInput, OnInvalid, SessionOptions};
 use crate::stats::Corpus;
 
@@ -49,6 +52,15 @@ pub struct EditArgs {
     /// and a JSON summary at the end.
     #[arg(long)]
     pub json: bool,
+    /// Longest input line in bytes; a longer line is a bad line (skipped unread with
+    /// `--on-invalid skip`).
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 30))]
+    pub max_line_bytes: usize,
+    /// Most tokens in the edit prompt, the new target and the ground truth (4 times as many in the
+    /// prompts and answers only scored; the edit prompt with its answers must also fit the model's
+    /// context); a longer one makes the line a bad line. Bounds one edit's memory and time.
+    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
+    pub max_prompt_tokens: usize,
 }
 
 /// Runs `oedit edit`.
@@ -62,7 +74,9 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         .map_err(|e| InputError(format!("{e:#}")))?;
     // The edits too: checked against the run they continue, and validated up to --limit (the
     // first records of standard input, kept for the session) when bad lines stop the run.
-    let input = EditInput::prepare(&args.edits, &args.run, args.limit, args.on_invalid)?;
+    let input = EditInput::prepare(&args.edits, &args.run, args.limit, args.on_invalid, args.max_line_bytes)?;
+    // JSON lines and the summary line go to standard output with --json or when it is not a terminal.
+    let json = args.json || !std::io::stdout().is_terminal();
     let mut lm = args.model.load()?;
     let mut hp = match (from_file, &lm.spec.preset) {
         (Some(hp), _) => hp,
@@ -93,20 +107,28 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
             corpus,
             limit: args.limit,
             on_invalid: args.on_invalid,
-            json_lines: args.json,
+            json_lines: json,
             eval_each: args.eval_each,
+            limits: InputLimits {
+                max_line_bytes: args.max_line_bytes,
+                max_prompt_tokens: args.max_prompt_tokens,
+            },
         },
     )?;
-    if args.json {
+    if json {
         println!("{}", serde_json::json!({ "summary": summary }));
-    } else {
+    }
+    if !args.json {
+        let wins = match summary.target_wins_rate {
+            Some(rate) => format!("target wins {:.1}%", 100.0 * rate),
+            None => "no edits made".to_owned(),
+        };
         eprintln!(
-            "{} edits in {} ({} this session, {} rejected); target wins {:.1}%; {:.1} s",
+            "{} edits in {} ({} this session, {} rejected); {wins}; {:.1} s",
             summary.edits_total,
             summary.run_dir,
             summary.edits_this_session,
             summary.rejected,
-            100.0 * summary.target_wins_rate,
             summary.seconds
         );
     }

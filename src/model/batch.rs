@@ -14,6 +14,26 @@ pub enum Padding {
 /// Bias value for masked attention entries (finite, so fully masked rows stay NaN-free).
 const MASKED: f32 = -1e9;
 
+/// Most elements of one host buffer built from a batch (the attention bias is `batch × seq²`):
+/// 2³¹ f32 values, 8 GiB. Inputs are capped long before this (`--max-prompt-tokens`); a larger
+/// request comes from absurd input and is refused with an error instead of aborting the process.
+pub const MAX_BUFFER_ELEMS: usize = 1 << 31;
+
+/// A vector of `dims`' product copies of `value`, or an error when that product overflows,
+/// exceeds [`MAX_BUFFER_ELEMS`] or cannot be allocated.
+fn filled<T: Copy>(value: T, dims: &[usize], what: &str) -> Result<Vec<T>> {
+    let n = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= MAX_BUFFER_ELEMS);
+    let Some(n) = n else {
+        candle_core::bail!("{what} of shape {dims:?} is too large (more than {MAX_BUFFER_ELEMS} elements)");
+    };
+    let mut v = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        candle_core::bail!("{what} of shape {dims:?}: cannot allocate {n} elements");
+    }
+    v.resize(n, value);
+    Ok(v)
+}
+
 /// A batch of token sequences padded to a common length.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -88,11 +108,10 @@ impl Batch {
 
     /// Token ids `[batch, seq]` (u32).
     pub fn ids(&self, device: &Device) -> Result<Tensor> {
-        let mut flat = Vec::with_capacity(self.seqs.len() * self.seq_len);
+        let mut flat = filled(self.pad_id, &[self.seqs.len(), self.seq_len], "token id batch")?;
         for (r, s) in self.seqs.iter().enumerate() {
-            for j in 0..self.seq_len {
-                flat.push(if self.is_real(r, j) { s[j - self.index_of(r, 0)] } else { self.pad_id });
-            }
+            let start = r * self.seq_len + self.index_of(r, 0);
+            flat[start..start + s.len()].copy_from_slice(s);
         }
         Tensor::from_vec(flat, (self.seqs.len(), self.seq_len), device)
     }
@@ -100,7 +119,7 @@ impl Batch {
     /// Additive attention bias `[batch, 1, seq, seq]` (f32): causal, padding and optional sliding window.
     pub fn attention_bias(&self, sliding_window: Option<usize>, device: &Device) -> Result<Tensor> {
         let (b, t) = (self.seqs.len(), self.seq_len);
-        let mut bias = vec![MASKED; b * t * t];
+        let mut bias = filled(MASKED, &[b, t, t], "attention bias")?;
         for r in 0..b {
             for i in 0..t {
                 for j in 0..=i {
@@ -121,10 +140,39 @@ impl Batch {
         dtype: candle_core::DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let mut m = vec![0f32; self.seqs.len() * self.seq_len];
+        let mut m = filled(0f32, &[self.seqs.len(), self.seq_len], "position mask")?;
         for &(r, i) in at {
             m[self.flat_index(r, i)] = 1.0;
         }
         Tensor::from_vec(m, (self.seqs.len(), self.seq_len, 1), device)?.to_dtype(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_bias_match_the_padding() {
+        let b = Batch::new(vec![vec![5, 6, 7], vec![8]], Padding::Left, 0).unwrap();
+        let ids: Vec<Vec<u32>> = b.ids(&Device::Cpu).unwrap().to_vec2().unwrap();
+        assert_eq!(ids, vec![vec![5, 6, 7], vec![0, 0, 8]]);
+        let b = Batch::new(vec![vec![5, 6, 7], vec![8]], Padding::Right, 0).unwrap();
+        let ids: Vec<Vec<u32>> = b.ids(&Device::Cpu).unwrap().to_vec2().unwrap();
+        assert_eq!(ids, vec![vec![5, 6, 7], vec![8, 0, 0]]);
+        let bias: Vec<f32> =
+            b.attention_bias(Some(2), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let row0 = [0.0, MASKED, MASKED, 0.0, 0.0, MASKED, MASKED, 0.0, 0.0];
+        assert_eq!(&bias[..9], &row0);
+        assert_eq!(&bias[9..], &[0.0, MASKED, MASKED, 0.0, MASKED, MASKED, MASKED, MASKED, MASKED]);
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_aborts() {
+        let b = Batch::new(vec![vec![1; 50_000]], Padding::Right, 0).unwrap();
+        let e = b.attention_bias(None, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("attention bias") && e.contains("too large"), "{e}");
+        assert!(filled(0u8, &[usize::MAX, 2], "x").unwrap_err().to_string().contains("too large"));
+        assert_eq!(filled(1u8, &[2, 3], "x").unwrap(), vec![1; 6]);
     }
 }

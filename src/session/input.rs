@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::OnInvalid;
-use crate::data::{EditReader, EditRecord, RecordError};
+use crate::data::{EditReader, EditRecord, RecordCheck, RecordError};
 use crate::errors::InputError;
 use crate::run::log::by_line;
 use crate::run::{LogEntry, RunDir};
@@ -35,11 +35,12 @@ pub struct EditInput {
 }
 
 impl EditInput {
-    /// Opens the edits file (`-`: standard input) without reading anything.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens the edits file (`-`: standard input) without reading anything; a line longer than
+    /// `max_line_bytes` is a bad line (see [`EditReader::with_max_line_bytes`]).
+    pub fn open(path: &Path, max_line_bytes: usize) -> Result<Self> {
         Ok(Self {
             path: path.to_path_buf(),
-            reader: EditReader::open(path)?,
+            reader: EditReader::open(path)?.with_max_line_bytes(max_line_bytes),
             ahead: VecDeque::new(),
             checked_through: 0,
             last_seen: 0,
@@ -54,8 +55,14 @@ impl EditInput {
     /// its end without a limit; standard input: at most [`STDIN_AHEAD`] records, kept for the
     /// session): a bad one is an [`InputError`] naming file, line and field. Lines the run
     /// already consumed (edited or rejected) are not validated again, as when they are skipped.
-    pub fn prepare(path: &Path, run_dir: &Path, limit: Option<usize>, on_invalid: OnInvalid) -> Result<Self> {
-        let mut input = Self::open(path)?;
+    pub fn prepare(
+        path: &Path,
+        run_dir: &Path,
+        limit: Option<usize>,
+        on_invalid: OnInvalid,
+        max_line_bytes: usize,
+    ) -> Result<Self> {
+        let mut input = Self::open(path, max_line_bytes)?;
         let progress = RunDir { path: run_dir.to_path_buf() }
             .committed()
             .with_context(|| format!("resuming {}", run_dir.display()))?;
@@ -108,9 +115,24 @@ impl EditInput {
         input.check_complete(&logged)?;
         if !stdin {
             // The file is read again by the session, from its start (memory does not grow).
-            input = Self::open(path)?;
+            input = Self::open(path, max_line_bytes)?;
         }
         Ok(input)
+    }
+
+    /// Runs `check` on every record from now on, including those already read ahead (a failure
+    /// turns the record into a bad line, as if the parser had refused it). The model-dependent
+    /// limits (prompt lengths in tokens) can only be checked once the tokenizer is loaded.
+    pub fn set_check(&mut self, check: RecordCheck) {
+        let source = self.reader.source_name().to_string();
+        for item in self.ahead.iter_mut() {
+            if let Ok((line, rec)) = item {
+                if let Err((field, reason)) = check(rec) {
+                    *item = Err(RecordError { source: source.clone(), line: *line, field, reason });
+                }
+            }
+        }
+        self.reader.set_check(check);
     }
 
     /// The input's name in errors (file name or `<stdin>`).

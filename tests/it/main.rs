@@ -13,6 +13,7 @@ mod fluency;
 mod forward;
 mod generate;
 mod gguf_tokenizer;
+mod limits;
 mod loaders;
 mod methods;
 mod resume;
