@@ -1333,16 +1333,17 @@ mod tests {
         assert_zsre_errors(&dir.join("zsre-sample.jsonl"), &errors);
     }
 
-    /// Parses every record of the full benchmark files when they are available.
+    /// Parses every record of the full benchmark files (`../shared/data` beside the checkout, or
+    /// `OEDIT_SHARED_DATA`). Ignored by default, since a fresh clone has no such folder;
+    /// `scripts/test.sh` runs it whenever the folder exists, and it fails (never passes silently)
+    /// when run without the data.
     #[test]
+    #[ignore = "needs the benchmark data (../shared/data or OEDIT_SHARED_DATA); scripts/test.sh runs it when present"]
     fn all_shared_data_parses() {
         let dir = std::env::var_os("OEDIT_SHARED_DATA")
             .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| "/work/shared/data".into());
-        if !dir.is_dir() {
-            println!("skipping: {} not found (set OEDIT_SHARED_DATA)", dir.display());
-            return;
-        }
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+        assert!(dir.is_dir(), "{} not found: set OEDIT_SHARED_DATA to the benchmark data", dir.display());
         let (cf, errors) = read_all(&dir.join("counterfact.jsonl"));
         assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
         assert_eq!(cf.len(), 21_919);
