@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 n="${1:-10}"
 scripts/fetch-model.sh
 cargo build --release --locked
-oedit=target/release/oedit
+oedit="${CARGO_TARGET_DIR:-target}/release/oedit"
 "$oedit" generate --model smollm2-135m --prompt "The mother tongue of Danielle Darrieux is" --max-tokens 8
 "$oedit" edit --model smollm2-135m --edits data/counterfact-sample.jsonl --run demo-run --limit "$n"
 "$oedit" eval --model smollm2-135m --run demo-run --edits data/counterfact-sample.jsonl \
