@@ -68,14 +68,7 @@ fn main() -> anyhow::Result<()> {
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let run_tmp = std::env::temp_dir().join(format!("oedit-bench-{}", std::process::id()));
         let rd = RunDir::create(&run_tmp)?;
-        let mut state = State {
-            n_edits: 0,
-            last_line: 0,
-            subspaces: Default::default(),
-            updates: Vec::new(),
-            persisted_updates: 0,
-            last_log: None,
-        };
+        let mut state = State::new();
         let per_layer = {
             let d = cfg.hidden_size as f64;
             let f = cfg.intermediate_size as f64;
@@ -97,8 +90,7 @@ fn main() -> anyhow::Result<()> {
             let tc = Instant::now();
             state.updates.extend(applied);
             state.n_edits += 1;
-            state.subspaces.insert(hp.layer, editor.subspace(hp.layer).unwrap().clone());
-            rd.commit(&mut state)?;
+            rd.commit(&mut state, &editor.subspaces())?;
             ckpt.push(tc.elapsed().as_secs_f64());
             total.push(t.elapsed().as_secs_f64());
             key.push(o.key_seconds);

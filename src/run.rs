@@ -1,13 +1,24 @@
 //! The run directory of `oedit edit`: the one place that holds a run's state.
 //!
+//! Format 2 (this version writes it):
 //! ```text
-//! DIR/manifest.json          model identity, method, hyper-parameters, templates, statistics inputs
-//! DIR/subspace.safetensors   the O-Edit basis per edited layer (f64) + metadata: n_edits, last_line,
-//!                            the log line of the last edit (the commit point of every edit)
-//! DIR/updates/chunk-NNNNN.safetensors   rank-one factors r [k, d], u [k, f] of up to 256 edits each
+//! DIR/manifest.json          model identity, dtype, method, hyper-parameters, templates, statistics inputs
+//! DIR/subspace.safetensors   the commit point of every edit: metadata only (n_edits, last_line,
+//!                            n_updates, the chained hash of the edit records, the last log line)
+//! DIR/updates/edit-NNNNNNNN.safetensors  one edit's record (see [`journal`]): its rank-one factors
+//!                            and the change it made to each layer's basis (rows removed, rows
+//!                            appended with their energies), while its chunk is not complete
+//! DIR/updates/chunk-NNNNN.safetensors    the records of edits 256·N .. 256·N+255, written once
+//!                            when the chunk completes (the per-edit files are then deleted)
 //! DIR/log.jsonl              one JSON line per edit
 //! DIR/rejected.jsonl         rejected input lines (with --on-invalid skip)
 //! ```
+//! A commit writes the edit's record (O(f) bytes: its factors and the few basis rows it appended),
+//! then the small commit point; once every 256 edits, the chunk file. Resuming rebuilds each
+//! basis by replaying the records' changes in order. Format 1 (earlier versions: the whole basis
+//! in `subspace.safetensors`, factor chunks `chunk-NNNNN` by update index, the unfinished one
+//! rewritten on every commit) is still read, and a format-1 run keeps being written in format 1.
+//!
 //! Every file is written atomically (temp file, fsync, rename). An edit is committed when
 //! `subspace.safetensors` records it; on resume, anything written after the last commit is
 //! dropped and the weights are rebuilt by replaying the stored factors on the base model.
@@ -27,16 +38,16 @@ use crate::errors::InputError;
 use crate::fingerprint::Fnv;
 use crate::fsutil::{atomic_write, atomic_write_with};
 use crate::hparams::Hparams;
-use crate::linalg::OrthoBasis;
 use crate::loader::hf::check_safetensors;
 use crate::model::Llama;
 
+pub mod journal;
 pub mod log;
 
 pub use log::{read_log, LogEntry, Phases, RejectedLine};
 
-/// Version of the run-directory layout.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the run-directory layout this version writes for new runs (it reads 1 and 2).
+pub const FORMAT_VERSION: u32 = 2;
 /// Edits per updates chunk file.
 pub const CHUNK: usize = 256;
 
@@ -73,6 +84,24 @@ pub struct Manifest {
     /// only: resuming checks the records at the edited lines, not the name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edits: Option<String>,
+    /// The dtype the model was loaded in (`f32`, `bf16`, `f16`); manifests written before it was
+    /// recorded read as `f32`, what those versions loaded local models in by default.
+    #[serde(default = "default_dtype_name")]
+    pub dtype: String,
+}
+
+fn default_dtype_name() -> String {
+    "f32".to_string()
+}
+
+/// The name `--dtype` takes for `dtype`.
+pub fn dtype_name(dtype: DType) -> String {
+    match dtype {
+        DType::F32 => "f32".into(),
+        DType::BF16 => "bf16".into(),
+        DType::F16 => "f16".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }
 
 impl Manifest {
@@ -157,6 +186,65 @@ pub struct State {
     pub persisted_updates: usize,
     /// The log entry of the last committed edit (also kept in the checkpoint's metadata).
     pub last_log: Option<LogEntry>,
+    /// Layout version of the run directory (see the module documentation).
+    pub format: u32,
+    /// Edits whose records are on disk.
+    persisted_edits: usize,
+    /// Format 2: the chained hash of the committed edit records.
+    chain: u64,
+    /// Format 2: per layer, the identities of the committed basis rows (see [`journal::diff`]).
+    base: HashMap<usize, Vec<u64>>,
+}
+
+impl State {
+    /// The state of a run with no edit, written in the current format.
+    pub fn new() -> Self {
+        Self {
+            n_edits: 0,
+            last_line: 0,
+            subspaces: HashMap::new(),
+            updates: Vec::new(),
+            persisted_updates: 0,
+            last_log: None,
+            format: FORMAT_VERSION,
+            persisted_edits: 0,
+            chain: 0,
+            base: HashMap::new(),
+        }
+    }
+
+    /// Takes the identities of the rule's live subspaces as those of the committed rows, where
+    /// they hold exactly the committed rows (after [`crate::edit::Editor::restore`]): the next
+    /// commit then records only what the next edit changes.
+    pub fn track(&mut self, live: &[(usize, &Subspace)]) {
+        for (l, s) in live {
+            let Some(saved) = self.subspaces.get(l) else { continue };
+            let same = saved.len() == s.len()
+                && saved.energy.iter().zip(&s.energy).all(|(a, b)| a.to_bits() == b.to_bits())
+                && saved
+                    .basis
+                    .rows()
+                    .iter()
+                    .zip(s.basis.rows())
+                    .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            if let (true, Some(ids)) = (same, s.ids()) {
+                self.base.insert(*l, ids.to_vec());
+            }
+        }
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a commit wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Bytes written to the run directory (every file the commit wrote, whole).
+    pub bytes_written: u64,
 }
 
 /// What a run directory has committed, read from the checkpoint's header alone (no tensors, no
@@ -176,13 +264,13 @@ pub struct RunDir {
     pub path: PathBuf,
 }
 
-fn hash_f32(h: &mut Fnv, v: &[f32]) {
+pub(crate) fn hash_f32(h: &mut Fnv, v: &[f32]) {
     for x in v {
         h.write(&x.to_le_bytes());
     }
 }
 
-fn hash_f64(h: &mut Fnv, v: &[f64]) {
+pub(crate) fn hash_f64(h: &mut Fnv, v: &[f64]) {
     for x in v {
         h.write(&x.to_le_bytes());
     }
@@ -194,7 +282,7 @@ fn hash_counters(h: &mut Fnv, n_edits: usize, last_line: usize, n_updates: usize
     }
 }
 
-fn hash_update(h: &mut Fnv, r: &[f32], u: &[f32], key: &[f32], layer: u32) {
+pub(crate) fn hash_update(h: &mut Fnv, r: &[f32], u: &[f32], key: &[f32], layer: u32) {
     hash_f32(h, r);
     hash_f32(h, u);
     hash_f32(h, key);
@@ -247,15 +335,17 @@ fn read_safetensors(path: &Path) -> Result<(HashMap<String, Tensor>, HashMap<Str
     Ok((tensors, m))
 }
 
+/// Writes a safetensors file atomically; returns its size.
 fn write_safetensors(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
     meta: HashMap<String, String>,
-) -> Result<()> {
+) -> Result<u64> {
     atomic_write_with(path, |p| {
         safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), p)
             .map_err(anyhow::Error::from)
-    })
+    })?;
+    Ok(std::fs::metadata(path).with_context(|| format!("{}: cannot stat", path.display()))?.len())
 }
 
 impl RunDir {
@@ -312,14 +402,7 @@ impl RunDir {
     /// Reads the committed state (an empty state when no edit was committed yet).
     pub fn read_state(&self, key_dim: usize) -> Result<State> {
         let path = self.state_path();
-        let mut state = State {
-            n_edits: 0,
-            last_line: 0,
-            subspaces: HashMap::new(),
-            updates: Vec::new(),
-            persisted_updates: 0,
-            last_log: None,
-        };
+        let mut state = State::new();
         if !path.exists() {
             return Ok(state);
         }
@@ -327,6 +410,125 @@ impl RunDir {
         state.n_edits = meta_usize(&meta, "n_edits", &path)?;
         state.last_line = meta_usize(&meta, "last_line", &path)?;
         state.last_log = parse_last_log(&meta, &path)?;
+        match meta.get("format").map(String::as_str) {
+            None | Some("1") => self.read_state_v1(state, &path, tensors, meta, key_dim),
+            Some("2") => self.read_state_v2(state, &path, meta, key_dim),
+            Some(v) => bail!(
+                "{}: checkpoint format {v} is newer than this oedit reads (1 and 2); use a newer oedit",
+                path.display()
+            ),
+        }
+    }
+
+    fn edit_path(&self, edit: usize) -> PathBuf {
+        self.path.join("updates").join(format!("edit-{edit:08}.safetensors"))
+    }
+
+    fn read_state_v2(
+        &self,
+        mut state: State,
+        path: &Path,
+        meta: HashMap<String, String>,
+        key_dim: usize,
+    ) -> Result<State> {
+        let n_updates = meta_usize(&meta, "n_updates", path)?;
+        let want_chain = meta
+            .get("chain")
+            .and_then(|c| u64::from_str_radix(c, 16).ok())
+            .with_context(|| format!("{}: corrupt checkpoint (metadata `chain` missing)", path.display()))?;
+        let mut h = Fnv::new();
+        hash_counters(&mut h, state.n_edits, state.last_line, n_updates);
+        h.write(&want_chain.to_le_bytes());
+        if meta.get("hash") != Some(&format!("{:016x}", h.finish())) {
+            bail!("{}: corrupt checkpoint (content hash mismatch)", path.display());
+        }
+        let mut chain = 0u64;
+        let mut layers: HashMap<usize, journal::Rebuild> = HashMap::new();
+        let mut edit = 0;
+        while edit < state.n_edits {
+            let chunk = edit / CHUNK;
+            let records = if state.n_edits >= (chunk + 1) * CHUNK {
+                self.read_records(&self.chunk_path(chunk), chunk * CHUNK, CHUNK, state.n_edits, key_dim)?
+            } else {
+                self.read_records(&self.edit_path(edit), edit, 1, state.n_edits, key_dim)?
+            };
+            for (rec, hash) in records {
+                let file = || {
+                    if state.n_edits >= (chunk + 1) * CHUNK {
+                        self.chunk_path(chunk)
+                    } else {
+                        self.edit_path(edit)
+                    }
+                };
+                for c in &rec.changes {
+                    layers
+                        .entry(c.layer as usize)
+                        .or_default()
+                        .apply(c, key_dim)
+                        .with_context(|| format!("{}: corrupt checkpoint", file().display()))?;
+                }
+                state.updates.extend(rec.updates);
+                chain = journal::chain(chain, hash);
+                edit += 1;
+            }
+        }
+        if chain != want_chain {
+            bail!(
+                "{}: corrupt checkpoint (the edit records in {} are not the committed ones)",
+                path.display(),
+                self.path.join("updates").display()
+            );
+        }
+        if state.updates.len() != n_updates {
+            bail!(
+                "{}: corrupt checkpoint (it records {n_updates} updates, the edit records hold {})",
+                path.display(),
+                state.updates.len()
+            );
+        }
+        for (l, r) in layers {
+            let s = r.finish(key_dim);
+            state.base.insert(l, s.ids().map(<[u64]>::to_vec).unwrap_or_default());
+            state.subspaces.insert(l, s);
+        }
+        state.format = 2;
+        state.chain = chain;
+        state.persisted_edits = state.n_edits;
+        state.persisted_updates = n_updates;
+        Ok(state)
+    }
+
+    /// Reads `count` records from `file` starting at edit `first`, the ones below `n_edits`.
+    fn read_records(
+        &self,
+        file: &Path,
+        first: usize,
+        count: usize,
+        n_edits: usize,
+        key_dim: usize,
+    ) -> Result<Vec<(journal::EditRecord, u64)>> {
+        if !file.is_file() {
+            bail!("{}: missing update file; the checkpoint records {n_edits} edits", file.display());
+        }
+        let (t, meta) = read_safetensors(file)?;
+        let mut records = journal::decode(file, &t, &meta, first, key_dim)?;
+        if records.len() != count {
+            bail!("{}: corrupt checkpoint (it holds {} edits, not {count})", file.display(), records.len());
+        }
+        records.truncate(n_edits - first);
+        Ok(records)
+    }
+
+    fn read_state_v1(
+        &self,
+        mut state: State,
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        meta: HashMap<String, String>,
+        key_dim: usize,
+    ) -> Result<State> {
+        let path = path.to_path_buf();
+        state.format = 1;
         let n_updates = meta_usize(&meta, "n_updates", &path)?;
         let mut h = Fnv::new();
         hash_counters(&mut h, state.n_edits, state.last_line, n_updates);
@@ -355,7 +557,7 @@ impl RunDir {
             if rows.len() != m || energy.len() != m {
                 bail!("{}: corrupt checkpoint (layer {l} sizes disagree)", path.display());
             }
-            state.subspaces.insert(l, Subspace { basis: OrthoBasis::from_rows(f, rows), energy });
+            state.subspaces.insert(l, Subspace::from_parts(f, rows, energy));
         }
         let want =
             meta.get("hash").with_context(|| format!("{}: corrupt checkpoint (no hash)", path.display()))?;
@@ -364,6 +566,7 @@ impl RunDir {
         }
         state.updates = self.read_updates(n_updates)?;
         state.persisted_updates = n_updates;
+        state.persisted_edits = state.n_edits;
         Ok(state)
     }
 
@@ -404,21 +607,128 @@ impl RunDir {
         Ok(out)
     }
 
-    /// Commits the state: writes the update chunks holding updates not yet on disk, then the
-    /// state file (the commit point).
-    pub fn commit(&self, state: &mut State) -> Result<()> {
+    /// Commits the state after an edit (or after rejected lines only): writes what the edit
+    /// added (format 2: its record; format 1: the unfinished factor chunk and the whole basis),
+    /// then the commit point. `live` are the rule's subspaces after the edit.
+    pub fn commit(&self, state: &mut State, live: &[(usize, &Subspace)]) -> Result<CommitStats> {
+        if state.format == 1 {
+            return self.commit_v1(state, live);
+        }
+        let new_edits = state.n_edits - state.persisted_edits;
+        if new_edits > 1 || (new_edits == 0 && state.updates.len() != state.persisted_updates) {
+            bail!("internal error: the state must be committed after every edit");
+        }
+        std::fs::create_dir_all(self.path.join("updates"))
+            .with_context(|| format!("{}: cannot create", self.path.join("updates").display()))?;
+        let mut bytes = 0;
+        let mut chain = state.chain;
+        let mut base = HashMap::new();
+        let mut packed = None;
+        if new_edits == 1 {
+            let edit = state.n_edits - 1;
+            let mut layers: Vec<&(usize, &Subspace)> = live.iter().collect();
+            layers.sort_by_key(|(l, _)| *l);
+            let mut changes = Vec::new();
+            let key_dim = live.first().map(|(_, s)| s.basis.dim());
+            for (l, s) in layers {
+                let empty = Vec::new();
+                let (change, ids) = journal::diff(*l, state.base.get(l).unwrap_or(&empty), s);
+                changes.extend(change);
+                base.insert(*l, ids);
+            }
+            let updates = state.updates[state.persisted_updates..].to_vec();
+            let key_dim = key_dim.or(updates.first().map(|u| u.u.len())).unwrap_or(0);
+            let rec = journal::EditRecord { updates, changes };
+            chain = journal::chain(chain, rec.hash());
+            let (t, meta) = journal::encode(edit, std::slice::from_ref(&rec), key_dim)?;
+            bytes += write_safetensors(&self.edit_path(edit), &t, meta)?;
+            if state.n_edits.is_multiple_of(CHUNK) {
+                let chunk = edit / CHUNK;
+                let first = chunk * CHUNK;
+                let mut records = Vec::with_capacity(CHUNK);
+                for e in first..edit {
+                    let recs = self.read_records(&self.edit_path(e), e, 1, e + 1, key_dim)?;
+                    records.extend(recs.into_iter().map(|(r, _)| r));
+                }
+                records.push(rec);
+                let (t, meta) = journal::encode(first, &records, key_dim)?;
+                bytes += write_safetensors(&self.chunk_path(chunk), &t, meta)?;
+                packed = Some(first..edit + 1);
+            }
+        }
+        bytes += self.write_state_v2(state, chain)?;
+        if let Some(edits) = packed {
+            for e in edits {
+                let _ = std::fs::remove_file(self.edit_path(e));
+            }
+        }
+        state.chain = chain;
+        state.base.extend(base);
+        state.persisted_updates = state.updates.len();
+        state.persisted_edits = state.n_edits;
+        Ok(CommitStats { bytes_written: bytes })
+    }
+
+    fn write_state_v2(&self, state: &State, chain: u64) -> Result<u64> {
+        let mut h = Fnv::new();
+        hash_counters(&mut h, state.n_edits, state.last_line, state.updates.len());
+        h.write(&chain.to_le_bytes());
+        let mut meta = HashMap::from([
+            ("format".to_string(), "2".to_string()),
+            ("n_edits".to_string(), state.n_edits.to_string()),
+            ("last_line".to_string(), state.last_line.to_string()),
+            ("n_updates".to_string(), state.updates.len().to_string()),
+            ("chain".to_string(), format!("{chain:016x}")),
+            ("hash".to_string(), format!("{:016x}", h.finish())),
+        ]);
+        if let Some(l) = &state.last_log {
+            meta.insert("last_log".to_string(), l.to_line());
+        }
+        // safetensors needs at least one tensor to carry metadata portably.
+        let tensors = HashMap::from([("empty".to_string(), Tensor::zeros(1, DType::F32, &Device::Cpu)?)]);
+        write_safetensors(&self.state_path(), &tensors, meta)
+    }
+
+    /// Deletes per-edit record files that a complete chunk holds (left by a crash between a
+    /// chunk's commit and their deletion) or that no commit covers.
+    pub fn tidy(&self, state: &State) {
+        if state.format != 2 {
+            return;
+        }
+        let Ok(dir) = std::fs::read_dir(self.path.join("updates")) else { return };
+        let packed = state.n_edits / CHUNK * CHUNK;
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(n) = name.strip_prefix("edit-").and_then(|n| n.strip_suffix(".safetensors")) else {
+                continue;
+            };
+            if n.parse::<usize>().is_ok_and(|n| n < packed || n >= state.n_edits) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    fn commit_v1(&self, state: &mut State, live: &[(usize, &Subspace)]) -> Result<CommitStats> {
+        for (l, s) in live {
+            if !s.is_empty() {
+                state.subspaces.insert(*l, (*s).clone());
+            }
+        }
+        let mut bytes = 0;
         let n = state.updates.len();
         if n > state.persisted_updates {
             for chunk in state.persisted_updates / CHUNK..=(n - 1) / CHUNK {
-                self.write_chunk(chunk, &state.updates[chunk * CHUNK..n.min((chunk + 1) * CHUNK)])?;
+                bytes +=
+                    self.write_chunk(chunk, &state.updates[chunk * CHUNK..n.min((chunk + 1) * CHUNK)])?;
             }
         }
-        self.write_state(state)?;
+        bytes += self.write_state(state)?;
         state.persisted_updates = n;
-        Ok(())
+        state.persisted_edits = state.n_edits;
+        Ok(CommitStats { bytes_written: bytes })
     }
 
-    fn write_chunk(&self, chunk: usize, items: &[AppliedUpdate]) -> Result<()> {
+    fn write_chunk(&self, chunk: usize, items: &[AppliedUpdate]) -> Result<u64> {
         let (d, f) = (items[0].r.len(), items[0].u.len());
         let mut h = Fnv::new();
         let (mut r, mut u, mut k) = (Vec::new(), Vec::new(), Vec::new());
@@ -443,7 +753,7 @@ impl RunDir {
         write_safetensors(&self.chunk_path(chunk), &tensors, meta)
     }
 
-    fn write_state(&self, state: &State) -> Result<()> {
+    fn write_state(&self, state: &State) -> Result<u64> {
         let mut tensors = HashMap::new();
         let mut h = Fnv::new();
         hash_counters(&mut h, state.n_edits, state.last_line, state.updates.len());

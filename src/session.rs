@@ -98,11 +98,21 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         source: lm.spec.source.describe(),
         fingerprint: fingerprint.clone(),
     };
+    let dtype = crate::run::dtype_name(lm.dtype);
     let manifest = match existing {
         Some(m) => {
+            if m.dtype != dtype {
+                return Err(InputError(format!(
+                    "run directory {} was made with the model in {}, not {dtype}: resume it with --dtype {} (or use another --run directory)",
+                    opts.run_dir.display(),
+                    m.dtype,
+                    m.dtype
+                ))
+                .into());
+            }
             let probe = Manifest {
                 templates: m.templates.clone(),
-                ..new_manifest(identity, opts.method, &hp, vec![], stats_id, &opts.edits)
+                ..new_manifest(identity, opts.method, &hp, vec![], stats_id, &opts.edits, &dtype)
             };
             if let Some(why) = m.incompatibility(&probe) {
                 return Err(InputError(format!(
@@ -115,7 +125,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         }
         None => {
             let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
-            let m = new_manifest(identity, opts.method, &hp, templates, stats_id, &opts.edits);
+            let m = new_manifest(identity, opts.method, &hp, templates, stats_id, &opts.edits, &dtype);
             rd.write_manifest(&m)?;
             m
         }
@@ -123,6 +133,12 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     input.set_check(crate::limits::record_check(&lm.tok, lm.config(), &manifest.templates, opts.limits)?);
     let f = lm.config().intermediate_size;
     let mut state = rd.read_state(f).with_context(|| format!("resuming {}", opts.run_dir.display()))?;
+    if manifest.format_version != state.format {
+        // A run created by an earlier version that committed nothing: it is written in this
+        // version's layout from its first commit on.
+        rd.write_manifest(&Manifest { format_version: state.format, ..manifest.clone() })?;
+    }
+    rd.tidy(&state);
     let log = rd.reconcile(&state)?;
     if input.checked_through() > state.last_line {
         anyhow::bail!(
@@ -144,6 +160,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let edited_layers = opts.method.layers(&hp);
     let mut editor = Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)?;
     editor.restore(&state.subspaces, &state.updates)?;
+    state.track(&editor.subspaces());
     replay(&mut lm.model, &state.updates)?;
     let resumed_from = state.n_edits;
 
@@ -209,11 +226,6 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         state.updates.extend(applied);
         state.n_edits += 1;
         state.last_line = line;
-        for (l, s) in editor.subspaces() {
-            if !s.is_empty() {
-                state.subspaces.insert(l, s.clone());
-            }
-        }
         let eval = match &before {
             Some(before) => {
                 let mut after = score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?;
@@ -238,6 +250,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
                 value: outcome.value_seconds,
                 update: outcome.update_seconds,
                 checkpoint: 0.0,
+                checkpoint_bytes: None,
             },
             steps: outcome.steps,
             loss_first: outcome.loss_first,
@@ -258,8 +271,9 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         // between the commit and the append below loses no log line.
         state.last_log = Some(entry.clone());
         let tc = Instant::now();
-        rd.commit(&mut state)?;
+        let stats = rd.commit(&mut state, &editor.subspaces())?;
         entry.phases.checkpoint = tc.elapsed().as_secs_f64();
+        entry.phases.checkpoint_bytes = Some(stats.bytes_written);
         entry.seconds = t.elapsed().as_secs_f64();
         let line_text = entry.to_line();
         rd.append_line(&rd.log_path(), &line_text)?;
@@ -278,7 +292,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     }
     // Persist a trailing run of rejected lines as consumed.
     if rejected > 0 {
-        rd.commit(&mut state)?;
+        rd.commit(&mut state, &editor.subspaces())?;
     }
     Ok(SessionSummary {
         run_dir: opts.run_dir.display().to_string(),
@@ -298,6 +312,7 @@ fn new_manifest(
     templates: Vec<String>,
     stats: StatsIdentity,
     edits: &std::path::Path,
+    dtype: &str,
 ) -> Manifest {
     Manifest {
         format_version: FORMAT_VERSION,
@@ -308,6 +323,7 @@ fn new_manifest(
         templates,
         stats,
         edits: Some(edits.display().to_string()),
+        dtype: dtype.to_string(),
     }
 }
 

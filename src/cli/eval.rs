@@ -91,7 +91,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // Records (invalid ones skipped and reported), checked against the run before the model loads.
     let input = read_records(&args.edits, edited.as_deref(), args.limit)?;
 
-    let mut lm = args.model.load()?;
+    let mut lm = args
+        .model
+        .load_for_run(run_dir.as_ref().zip(manifest.as_ref()).map(|(d, m)| (d.path.as_path(), m)))?;
     let base = match (&args.base, &run_dir, args.timing) {
         (Some(b), None, Timing::AfterAll) => {
             Some(load_model(b, &args.model.device.parse()?, lm.dtype.into())?)

@@ -45,6 +45,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
         (None, Some(m)) => m.model.arg.clone(),
         (None, None) => bail!("give --model or --run"),
     };
+    let dtype =
+        super::run_dtype(dtype, run_dir.as_ref().zip(manifest.as_ref()).map(|(d, m)| (d.path.as_path(), m)))?;
     let mut lm = load_model(&model_arg, &device, dtype)?;
     if let (Some(rd), Some(m)) = (&run_dir, &manifest) {
         m.check_model(&rd.path, &model_arg, &model_fingerprint(&lm.model)?)?;

@@ -65,6 +65,40 @@ impl ModelArgs {
     }
 }
 
+impl ModelArgs {
+    /// Loads the model of a run: in the run's dtype (from its manifest) unless `--dtype` names
+    /// another, which is refused (bad input, exit code 2).
+    pub fn load_for_run(
+        &self,
+        run: Option<(&std::path::Path, &crate::run::Manifest)>,
+    ) -> Result<LoadedModel> {
+        let (device, dtype) = parse_device_flags(&self.device, self.dtype.as_deref())?;
+        load_model(&self.model, &device, run_dtype(dtype, run)?)
+    }
+}
+
+/// The dtype to load a run's model in: the one the run recorded, unless `--dtype` (`flag`)
+/// names another, which is an input error naming both.
+pub fn run_dtype(
+    flag: Option<DType>,
+    run: Option<(&std::path::Path, &crate::run::Manifest)>,
+) -> Result<Option<DType>> {
+    let Some((dir, m)) = run else { return Ok(flag) };
+    let recorded =
+        parse_dtype(&m.dtype).map_err(|e| InputError(format!("{}: manifest dtype: {e:#}", dir.display())))?;
+    match flag {
+        Some(t) if t != recorded => Err(InputError(format!(
+            "--dtype {}: run {} was made with the model in {}; load it in {} (omit --dtype)",
+            crate::run::dtype_name(t),
+            dir.display(),
+            m.dtype,
+            m.dtype
+        ))
+        .into()),
+        _ => Ok(Some(recorded)),
+    }
+}
+
 /// Parses `--device` and `--dtype`; a bad value is bad input (exit code 2), reported on one line.
 pub fn parse_device_flags(device: &str, dtype: Option<&str>) -> Result<(DeviceSpec, Option<DType>)> {
     let d: DeviceSpec = device.parse().map_err(|e| InputError(format!("--device: {e:#}")))?;

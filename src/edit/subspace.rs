@@ -10,6 +10,10 @@ pub struct Subspace {
     pub basis: OrthoBasis,
     /// Energy (squared norm of the key component) each direction was appended with.
     pub energy: Vec<f64>,
+    /// An identity per direction (parallel to the rows), so that the checkpoint can tell which
+    /// rows an edit removed and which it appended without comparing rows (see [`Self::ids`]).
+    ids: Vec<u64>,
+    next_id: u64,
 }
 
 /// What appending an edit's directions did.
@@ -26,7 +30,38 @@ pub struct AppendReport {
 impl Subspace {
     /// An empty subspace of key width `dim`.
     pub fn new(dim: usize) -> Self {
-        Self { basis: OrthoBasis::new(dim), energy: Vec::new() }
+        Self { basis: OrthoBasis::new(dim), energy: Vec::new(), ids: Vec::new(), next_id: 0 }
+    }
+
+    /// A subspace holding `rows` (trusted orthonormal, e.g. read from a checkpoint) with their
+    /// energies.
+    pub fn from_parts(dim: usize, rows: Vec<Vec<f64>>, energy: Vec<f64>) -> Self {
+        let n = rows.len() as u64;
+        Self { basis: OrthoBasis::from_rows(dim, rows), energy, ids: (0..n).collect(), next_id: n }
+    }
+
+    /// The identity of each stored direction, in row order, or None when the rows were changed
+    /// behind the subspace's back (the public `basis` replaced). Identities are never reused
+    /// within a subspace: a direction's identity survives removals of others, and a new
+    /// direction gets a fresh one.
+    pub fn ids(&self) -> Option<&[u64]> {
+        (self.ids.len() == self.basis.len() && self.energy.len() == self.basis.len()).then_some(&self.ids[..])
+    }
+
+    fn push_id(&mut self) {
+        self.ids.push(self.next_id);
+        self.next_id += 1;
+    }
+
+    /// Keeps the rows `keep` says to keep (order preserved).
+    fn retain_rows(&mut self, keep: &[bool]) {
+        let n = self.len();
+        let rows = (0..n).filter(|&i| keep[i]).map(|i| self.basis.rows()[i].clone()).collect();
+        self.energy = (0..n).filter(|&i| keep[i]).map(|i| self.energy[i]).collect();
+        if self.ids.len() == n {
+            self.ids = (0..n).filter(|&i| keep[i]).map(|i| self.ids[i]).collect();
+        }
+        self.basis = OrthoBasis::from_rows(self.basis.dim(), rows);
     }
 
     /// Number of stored directions.
@@ -48,6 +83,7 @@ impl Subspace {
     pub fn seed(&mut self, v: &[f64]) {
         if self.basis.try_push(v, 1e-6) {
             self.energy.push(f64::INFINITY);
+            self.push_id();
         }
     }
 
@@ -60,10 +96,11 @@ impl Subspace {
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| self.energy[b].total_cmp(&self.energy[a]).then(a.cmp(&b)));
         order.truncate(keep);
-        order.sort_unstable();
-        let rows = order.iter().map(|&i| self.basis.rows()[i].clone()).collect();
-        self.energy = order.iter().map(|&i| self.energy[i]).collect();
-        self.basis = OrthoBasis::from_rows(self.basis.dim(), rows);
+        let mut kept = vec![false; n];
+        for i in order {
+            kept[i] = true;
+        }
+        self.retain_rows(&kept);
         n - keep
     }
 
@@ -87,9 +124,8 @@ impl Subspace {
             drop[i] = true;
             dropped += 1;
         }
-        let rows = (0..self.len()).filter(|&i| !drop[i]).map(|i| self.basis.rows()[i].clone()).collect();
-        self.energy = (0..self.len()).filter(|&i| !drop[i]).map(|i| self.energy[i]).collect();
-        self.basis = OrthoBasis::from_rows(self.basis.dim(), rows);
+        let keep: Vec<bool> = drop.iter().map(|d| !d).collect();
+        self.retain_rows(&keep);
         dropped
     }
 
@@ -121,6 +157,7 @@ impl Subspace {
             let e = residual.iter().map(|x| x * x).sum::<f64>();
             if self.basis.try_push(&c, policy.tolerance) {
                 self.energy.push(e);
+                self.push_id();
                 report.added += 1;
             }
         }

@@ -29,6 +29,10 @@ pub struct Phases {
     /// Writing the checkpoint (0 in the copy stored inside the checkpoint itself).
     #[serde(deserialize_with = "nullable_f64")]
     pub checkpoint: f64,
+    /// Bytes the checkpoint of this edit wrote to the run directory (absent in the copy stored
+    /// inside the checkpoint itself, and in logs of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_bytes: Option<u64>,
 }
 
 /// One line of `DIR/log.jsonl`: one committed edit.

@@ -74,7 +74,8 @@ fn a_run_across_the_chunk_boundary_resumes_and_evaluates_on_both_sides() {
     edit_to(&full, N);
     let reference = checkpoint(&full);
     let names: Vec<&str> = reference.0.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["chunk-00000.safetensors", "chunk-00001.safetensors"]);
+    // The first chunk is complete; the edits of the second are one file each until it is.
+    assert_eq!(names, ["chunk-00000.safetensors", "edit-00000256.safetensors", "edit-00000257.safetensors"]);
     assert_eq!(reference.2[0].as_deref(), Some(N.to_string().as_str()));
 
     // Stopped with the first chunk exactly full, then one edit into the second chunk, then on.

@@ -363,8 +363,7 @@ fn checkpoint_holds_an_orthonormal_basis_and_orthogonal_updates() {
     // Euclidean O-Edit stores key directions themselves, so u · b = 0 is checked directly.
     let s = fx.edit_ok(&edits, &od, &["--method", "oedit"]);
     assert_eq!(s["edits_total"], 6);
-    let st = read_tensors(&od.join("subspace.safetensors"));
-    let basis = rows_f64(&st["layer1.basis"]);
+    let basis = run_basis(&od, 1).unwrap().0;
     assert_eq!(basis.len(), 6);
     assert_eq!(basis[0].len(), INTERMEDIATE);
     let mut bbt = 0.0f64;
@@ -374,7 +373,7 @@ fn checkpoint_holds_an_orthonormal_basis_and_orthogonal_updates() {
         }
     }
     assert!(bbt < 1e-4, "stored basis not orthonormal: {bbt}");
-    let chunk = read_tensors(&chunk0(&od));
+    let chunk = run_updates(&od);
     let us = rows_f64(&chunk["u"]);
     let rs = rows_f64(&chunk["r"]);
     assert_eq!((us.len(), rs.len()), (6, 6));
@@ -399,9 +398,8 @@ fn checkpoint_holds_an_orthonormal_basis_and_orthogonal_updates() {
     // (its first edit is the same as O-Edit's, so O-Edit's first stored direction is that key).
     let rd = fx.path("rome-run");
     fx.edit_ok(&edits, &rd, &["--method", "rome"]);
-    let st = read_tensors(&rd.join("subspace.safetensors"));
-    assert!(st.keys().all(|k| !k.ends_with(".basis")), "ROME stored a basis: {:?}", st.keys());
-    let r_us = rows_f64(&read_tensors(&chunk0(&rd))["u"]);
+    assert!(run_basis(&rd, 1).is_none(), "ROME stored a basis");
+    let r_us = rows_f64(&run_updates(&rd)["u"]);
     assert_eq!(r_us[0], us[0]);
     let rome_worst = worst_overlap(&r_us[..2], &basis);
     assert!(rome_worst > 1e-3, "ROME's update is orthogonal to the earlier key ({rome_worst:e})");
@@ -498,8 +496,8 @@ fn stdin_stream_gives_the_same_run_as_the_file() {
     assert_ok(&o);
     assert_eq!(edit_summary(&o)["edits_total"], 3);
     assert_eq!(log_indexes(&from_stdin), vec![0, 1, 2]);
-    let a = std::fs::read(chunk0(&from_file)).unwrap();
-    let b = std::fs::read(chunk0(&from_stdin)).unwrap();
+    let a = update_files(&from_file);
+    let b = update_files(&from_stdin);
     assert!(a == b, "updates differ between file and stdin input");
     let (ma, mb) = (export_run(&from_file, &fx.path("m-file")), export_run(&from_stdin, &fx.path("m-stdin")));
     let (wa, wb) = (
@@ -533,7 +531,7 @@ fn methods_with_a_memory_of_past_keys_resume_to_the_same_bytes() {
         edit(&split, &["--method", method, "--limit", "2"]);
         let s = edit(&split, &["--method", method]);
         assert_eq!((s["resumed_from"].as_u64(), s["edits_total"].as_u64()), (Some(2), Some(4)), "{method}");
-        let (a, b) = (std::fs::read(chunk0(&whole)).unwrap(), std::fs::read(chunk0(&split)).unwrap());
+        let (a, b) = (update_files(&whole), update_files(&split));
         assert!(a == b, "{method}: resumed updates differ from the uninterrupted run");
     }
 }
@@ -737,7 +735,7 @@ fn export_of_a_run_changes_only_the_edited_down_projection() {
         }
     }
     // The change is the sum of the stored rank-one updates.
-    let chunk = read_tensors(&chunk0(&dir));
+    let chunk = run_updates(&dir);
     let dw = chunk["r"].t().unwrap().matmul(&chunk["u"]).unwrap();
     let want = (bw[edited_name].clone() + dw).unwrap();
     let d = max_abs_diff(&want, &ew[edited_name]);

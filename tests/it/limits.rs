@@ -195,7 +195,7 @@ fn leftovers_of_killed_runs_are_removed_and_checkpoints_are_not_private() {
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     // log.jsonl is created the ordinary way (0666 less the umask); checkpoints match it.
     let ordinary = mode(&run_dir.join("log.jsonl"));
-    for f in [run_dir.join("subspace.safetensors"), run_dir.join("manifest.json"), chunk0(&run_dir)] {
+    for f in [run_dir.join("subspace.safetensors"), run_dir.join("manifest.json"), edit_file(&run_dir, 0)] {
         assert_eq!(mode(&f), ordinary, "{}", f.display());
     }
 }

@@ -5,6 +5,7 @@
 mod common;
 
 mod bf16;
+mod checkpoint;
 mod chunks;
 mod cli;
 mod edit;

@@ -112,20 +112,26 @@ fn killed_run_resumes_to_the_uninterrupted_result() {
     assert_eq!(log_without_timings(&killed), log_without_timings(&reference));
 
     // The same checkpoint, byte for byte where it holds no timings.
-    assert!(
-        std::fs::read(chunk0(&killed)).unwrap() == std::fs::read(chunk0(&reference)).unwrap(),
-        "updates differ"
-    );
+    assert!(update_files(&killed) == update_files(&reference), "updates differ");
     let (a, b) = (reference.join("subspace.safetensors"), killed.join("subspace.safetensors"));
     let (ta, tb) = (read_tensors(&a), read_tensors(&b));
     assert_eq!(ta.len(), tb.len());
     for (name, x) in &ta {
-        let (x, y) = (x.flatten_all().unwrap(), tb[name].flatten_all().unwrap());
-        let (x, y): (Vec<f64>, Vec<f64>) = (x.to_vec1().unwrap(), y.to_vec1().unwrap());
+        let f64s = |t: &candle_core::Tensor| -> Vec<f64> {
+            t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap()
+        };
+        let (x, y) = (f64s(x), f64s(&tb[name]));
         assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} differs");
     }
+    // The basis the records rebuild, bit for bit.
+    let bits = |d: &Path| {
+        let (rows, energy) = run_basis(d, 1).unwrap();
+        let rows: Vec<u64> = rows.iter().flatten().map(|x| x.to_bits()).collect();
+        (rows, energy.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+    };
+    assert!(bits(&reference) == bits(&killed), "the rebuilt bases differ");
     let (ma, mb) = (read_st_metadata(&a), read_st_metadata(&b));
-    for key in ["n_edits", "last_line", "hash"] {
+    for key in ["n_edits", "last_line", "chain", "hash"] {
         assert_eq!(ma.get(key), mb.get(key), "subspace metadata `{key}`");
     }
     assert_eq!(ma["n_edits"], N.to_string());
@@ -209,37 +215,43 @@ fn damaged_checkpoint_is_refused() {
         std::fs::write(&st, &bytes[..keep]).unwrap();
         assert_refused(&fx, &d, &st, &format!("subspace.safetensors truncated to {keep} bytes"));
     }
-    // Truncated updates chunk.
+    // Truncated edit record.
     let d = fresh();
-    let ch = chunk0(&d);
+    let ch = edit_file(&d, 0);
     let bytes = std::fs::read(&ch).unwrap();
     std::fs::write(&ch, &bytes[..bytes.len() - 8]).unwrap();
     assert_refused(&fx, &d, &ch, "truncated chunk");
 
     // One flipped bit or byte inside each tensor's data.
-    for (name, offset, mask) in
-        [("r", 5, 0x10), ("u", 17, 0x01), ("u", 0, 0xff), ("layer", 0, 0x01), ("layer", 8, 0x02)]
-    {
+    for (i, name, offset, mask) in [
+        (0, "r", 5, 0x10),
+        (1, "u", 17, 0x01),
+        (2, "u", 0, 0xff),
+        (0, "layer", 0, 0x01),
+        (2, "layer", 0, 0x02),
+        (0, "rows", 3, 0x04),
+        (0, "rows", 500, 0x04),
+        (0, "energy", 7, 0x04),
+        (1, "rows", 3, 0x04),
+        (2, "n_updates", 0, 0x01),
+    ] {
         let d = fresh();
-        let ch = chunk0(&d);
+        let ch = edit_file(&d, i);
         let range = tensor_range(&ch, name);
         assert!(offset < range.len());
         flip(&ch, range.start + offset, mask);
-        assert_refused(&fx, &d, &ch, &format!("chunk tensor {name} byte {offset} ^ {mask:#x}"));
+        assert_refused(&fx, &d, &ch, &format!("edit {i} tensor {name} byte {offset} ^ {mask:#x}"));
     }
-    for (name, offset) in [("layer1.basis", 3), ("layer1.basis", 700), ("layer1.energy", 7)] {
-        let d = fresh();
-        let st = d.join("subspace.safetensors");
-        let range = tensor_range(&st, name);
-        flip(&st, range.start + offset, 0x04);
-        assert_refused(&fx, &d, &st, &format!("{name} byte {offset}"));
-    }
-    // A missing chunk.
+    // A record replaced by another well-formed one is refused.
     let d = fresh();
-    std::fs::remove_file(chunk0(&d)).unwrap();
+    std::fs::copy(edit_file(&d, 1), edit_file(&d, 2)).unwrap();
+    assert_refused(&fx, &d, &edit_file(&d, 2), "edit 2 replaced by edit 1");
+    // A missing record.
+    let d = fresh();
+    std::fs::remove_file(edit_file(&d, 1)).unwrap();
     let o = run(fx.cmd(&d));
     let line = assert_clean_failure(&o);
-    assert!(line.contains(chunk0(&d).to_str().unwrap()) && line.contains("missing"), "{line}");
+    assert!(line.contains(edit_file(&d, 1).to_str().unwrap()) && line.contains("missing"), "{line}");
 
     // The undamaged copy still resumes.
     let o = run(fx.cmd(&good));

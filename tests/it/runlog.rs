@@ -35,7 +35,13 @@ fn sample_entry() -> LogEntry {
         layer: Some(5),
         layers: vec![5],
         seconds: 4.25,
-        phases: Phases { key: 0.5, value: 3.5, update: 0.125, checkpoint: 0.0625 },
+        phases: Phases {
+            key: 0.5,
+            value: 3.5,
+            update: 0.125,
+            checkpoint: 0.0625,
+            checkpoint_bytes: Some(4096),
+        },
         steps: 17,
         loss_first: 6.5,
         loss_last: f64::NAN,
@@ -150,7 +156,9 @@ fn corrupt_log_line_is_named_and_a_torn_last_line_is_dropped() {
         }
     }
     std::fs::create_dir_all(bad.join("updates")).unwrap();
-    std::fs::copy(chunk0(&good), chunk0(&bad)).unwrap();
+    for (name, bytes) in update_files(&good) {
+        std::fs::write(bad.join("updates").join(name), bytes).unwrap();
+    }
     let corrupt = format!("{}\n{{\"index\": 1, \"li\n{}\n", lines[0], lines[2]);
     std::fs::write(bad.join("log.jsonl"), &corrupt).unwrap();
     let log_path = bad.join("log.jsonl");

@@ -553,9 +553,46 @@ pub fn read_st_metadata(path: &Path) -> HashMap<String, String> {
     meta.metadata().clone().unwrap_or_default()
 }
 
-/// Path of the first updates chunk of a run directory.
+/// Path of the first updates chunk of a run directory (written once 256 edits are committed).
 pub fn chunk0(run_dir: &Path) -> PathBuf {
     run_dir.join("updates").join("chunk-00000.safetensors")
+}
+
+/// Path of the record file of edit `i` (0-based) while its chunk is not complete.
+pub fn edit_file(run_dir: &Path, i: usize) -> PathBuf {
+    run_dir.join("updates").join(format!("edit-{i:08}.safetensors"))
+}
+
+/// Every file under `DIR/updates` by name, with its bytes (sorted by name).
+pub fn update_files(run_dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(run_dir.join("updates")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+/// The run's stored rank-one factors, in order, as the tensors `r`, `u`, `key`, `layer` (every
+/// record file under `DIR/updates` concatenated).
+pub fn run_updates(run_dir: &Path) -> HashMap<String, Tensor> {
+    let mut parts: HashMap<String, Vec<Tensor>> = HashMap::new();
+    for (name, _) in update_files(run_dir) {
+        let t = read_tensors(&run_dir.join("updates").join(name));
+        for k in ["r", "u", "key", "layer"] {
+            if let Some(x) = t.get(k) {
+                parts.entry(k.to_string()).or_default().push(x.clone());
+            }
+        }
+    }
+    parts.into_iter().map(|(k, v)| (k, Tensor::cat(&v, 0).unwrap())).collect()
+}
+
+/// The committed O-Edit basis of `layer` (rows) and the energies, as the run directory rebuilds it.
+pub fn run_basis(run_dir: &Path, layer: usize) -> Option<(Vec<Vec<f64>>, Vec<f64>)> {
+    let state = oedit::run::RunDir::open(run_dir).unwrap().read_state(INTERMEDIATE).unwrap();
+    state.subspaces.get(&layer).map(|s| (s.basis.rows().to_vec(), s.energy.clone()))
 }
 
 /// Rows of a 2-D tensor as f64 vectors.
