@@ -18,4 +18,5 @@ mod loaders;
 mod methods;
 mod resume;
 mod runlog;
+mod scoring;
 mod smollm2;
