@@ -1,5 +1,5 @@
-//! Packed answer scoring (`oedit::scoring::score_answers`: shared prompts, several pairs per row,
-//! LM head at the answer positions only) against a plain reference: one pair per forward pass,
+//! Packed answer scoring (`oedit::scoring::score_answers`: token tries of shared prompts and
+//! prompt prefixes, several pairs per row, LM head at the answer positions only) against a plain reference: one pair per forward pass,
 //! logits at every position.
 
 use candle_core::{DType, IndexOp, D};
@@ -69,6 +69,9 @@ fn packed_scores_match_one_pair_per_forward_on_the_tiny_model() {
         ("x", " y"),
         ("Toko Yasuda plays the", " guitar"),
         ("The capital of France is", " Rome"),
+        ("The capital of Spain is", " Madrid"), // shares its first tokens with the France prompt
+        ("The capital of France is", " Parix"), // the same sequence as " Paris" but its last token
+        ("The capital of France", " is Paris"), // a prefix of another prompt
     ];
     assert_same(&lm, &pairs);
     // The same pairs one at a time (a single tree per call).
