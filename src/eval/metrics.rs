@@ -130,10 +130,8 @@ pub fn score_records(
             }
         }
     }
-    let mut scores: Vec<AnswerScore> = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(48) {
-        scores.extend(score_answers(model, tok, chunk)?);
-    }
+    // One call: score_answers computes each distinct prompt once and packs the rest.
+    let scores = score_answers(model, tok, &pairs)?;
     let mut out = vec![RecordScores::default(); records.len()];
     // Gather per record.
     #[derive(Default, Clone)]

@@ -19,8 +19,12 @@ pub use metrics::{locality_agreement, ngram_entropy, score_records, MetricSet, R
 pub use report::{parse_thresholds, summaries, Report, Threshold, Timing};
 pub use run_eval::{evaluate, read_records, EvalOptions, EvalRecords, EvalRun};
 
-/// Records per scoring batch.
-const RECORDS_PER_BATCH: usize = 16;
+/// Records per scoring batch: one call of [`score_records`], whose pairs are packed together
+/// (prompts sharing their first tokens are computed once, so larger batches share more).
+const RECORDS_PER_BATCH: usize = 256;
+
+/// Records per fluency batch (greedy generation of all their prompts at once).
+const RECORDS_PER_GENERATION: usize = 16;
 
 /// Mean and count of one metric on one model.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -66,12 +70,18 @@ pub fn score_all(
     for chunk in records.chunks(RECORDS_PER_BATCH) {
         let mut s = score_records(model, tok, chunk, which)?;
         if which.fluency {
-            for (sc, f) in s.iter_mut().zip(fluency_batch(model, tok, chunk, gen_tokens)?) {
-                sc.fluency = Some(f);
+            for (scores, recs) in
+                s.chunks_mut(RECORDS_PER_GENERATION).zip(chunk.chunks(RECORDS_PER_GENERATION))
+            {
+                for (sc, f) in scores.iter_mut().zip(fluency_batch(model, tok, recs, gen_tokens)?) {
+                    sc.fluency = Some(f);
+                }
+                bar.inc(recs.len() as u64);
             }
+        } else {
+            bar.inc(chunk.len() as u64);
         }
         out.extend(s);
-        bar.inc(chunk.len() as u64);
     }
     bar.finish();
     Ok(out)

@@ -109,6 +109,38 @@ impl LayerCtx {
         }
     }
 
+    /// A context for rows whose rotary positions and attention pattern the caller chooses
+    /// (several sequences packed into one row, or a shared prefix with several continuations):
+    /// `positions[r][i]` is the rotary position of index `i` of row `r` (all rows of one length
+    /// `t`) and `bias` the additive attention bias `[rows, 1, t, t]` (0 where visible, a large
+    /// negative value where masked).
+    pub fn custom(model: &Llama, positions: &[Vec<usize>], bias: Vec<f32>, mode: Mode) -> Result<Self> {
+        let b = positions.len();
+        let t = positions.first().map_or(0, Vec::len);
+        if positions.iter().any(|p| p.len() != t) || bias.len() != b * t * t {
+            candle_core::bail!("custom context: positions and bias do not match {b} rows of {t}");
+        }
+        let half = model.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(b * t * half * 2), Vec::with_capacity(b * t * half * 2));
+        for &pos in positions.iter().flatten() {
+            for _ in 0..2 {
+                for f in &model.inv_freq {
+                    let a = pos as f64 * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        let (dev, dt) = (model.device(), model.dtype());
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (b, 1, t, half * 2), dev)?.to_dtype(dt)?,
+            sin: Tensor::from_vec(sin, (b, 1, t, half * 2), dev)?.to_dtype(dt)?,
+            bias: Tensor::from_vec(bias, (b, 1, t, t), dev)?,
+            mode,
+            splice: None,
+        })
+    }
+
     /// A context for recomputing only positions `starts[r]..` of each row of a right-padded
     /// `batch` against keys/values cached from a full pass (see [`Taps::kv_cache`]).
     pub fn suffix(model: &Llama, batch: &Batch, starts: &[usize], mode: Mode) -> Result<Suffix> {

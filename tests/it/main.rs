@@ -19,4 +19,5 @@ mod loaders;
 mod methods;
 mod resume;
 mod runlog;
+mod scoring;
 mod smollm2;
