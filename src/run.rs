@@ -94,16 +94,6 @@ fn default_dtype_name() -> String {
     "f32".to_string()
 }
 
-/// The name `--dtype` takes for `dtype`.
-pub fn dtype_name(dtype: DType) -> String {
-    match dtype {
-        DType::F32 => "f32".into(),
-        DType::BF16 => "bf16".into(),
-        DType::F16 => "f16".into(),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
-
 impl Manifest {
     /// Checks that the model loaded as `arg`, with `fingerprint`, is the model this run edits.
     pub fn check_model(&self, run_dir: &Path, arg: &str, fingerprint: &str) -> Result<(), InputError> {
@@ -120,6 +110,13 @@ impl Manifest {
 
     /// Explains why `other` (the current invocation) cannot continue this run, if it cannot.
     pub fn incompatibility(&self, other: &Manifest) -> Option<String> {
+        // The dtype first: weights loaded in another dtype usually fingerprint differently too.
+        if self.dtype != other.dtype {
+            return Some(format!(
+                "it was made with the model in {}, not {} (resume it with --dtype {})",
+                self.dtype, other.dtype, self.dtype
+            ));
+        }
         if self.model.fingerprint != other.model.fingerprint {
             return Some(format!(
                 "it was created for model `{}` (fingerprint {}), not `{}` (fingerprint {})",
@@ -215,7 +212,8 @@ impl State {
 
     /// Takes the identities of the rule's live subspaces as those of the committed rows, where
     /// they hold exactly the committed rows (after [`crate::edit::Editor::restore`]): the next
-    /// commit then records only what the next edit changes.
+    /// commit then records only what the next edit changes. In format 2 the saved subspaces are
+    /// dropped afterwards (the rule holds them), so the basis is not kept twice.
     pub fn track(&mut self, live: &[(usize, &Subspace)]) {
         for (l, s) in live {
             let Some(saved) = self.subspaces.get(l) else { continue };
@@ -230,6 +228,11 @@ impl State {
             if let (true, Some(ids)) = (same, s.ids()) {
                 self.base.insert(*l, ids.to_vec());
             }
+        }
+        if self.format != 1 {
+            // Format 2 commits only what each edit changes in the live subspaces: the saved copy
+            // read from the checkpoint is not needed again (format 1 rewrites it every commit).
+            self.subspaces.clear();
         }
     }
 }

@@ -98,18 +98,9 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         source: lm.spec.source.describe(),
         fingerprint: fingerprint.clone(),
     };
-    let dtype = crate::run::dtype_name(lm.dtype);
+    let dtype = crate::device::dtype_name(lm.dtype).to_string();
     let manifest = match existing {
         Some(m) => {
-            if m.dtype != dtype {
-                return Err(InputError(format!(
-                    "run directory {} was made with the model in {}, not {dtype}: resume it with --dtype {} (or use another --run directory)",
-                    opts.run_dir.display(),
-                    m.dtype,
-                    m.dtype
-                ))
-                .into());
-            }
             let probe = Manifest {
                 templates: m.templates.clone(),
                 ..new_manifest(identity, opts.method, &hp, vec![], stats_id, &opts.edits, &dtype)
@@ -149,15 +140,9 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         );
     }
     let logged = by_line(&log);
-    let stats = load_or_compute(
-        &lm.model,
-        &lm.tok,
-        &fingerprint,
-        &opts.method.layers(&hp),
-        hp.cov_tokens,
-        &opts.corpus,
-    )?;
     let edited_layers = opts.method.layers(&hp);
+    let stats =
+        load_or_compute(&lm.model, &lm.tok, &fingerprint, &edited_layers, hp.cov_tokens, &opts.corpus)?;
     let mut editor = Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)?;
     editor.restore(&state.subspaces, &state.updates)?;
     state.track(&editor.subspaces());

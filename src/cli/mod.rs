@@ -60,12 +60,9 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Validates the flags and loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
-        let (device, dtype) = parse_device_flags(&self.device, self.dtype.as_deref())?;
-        load_model(&self.model, &device, dtype)
+        self.load_for_run(None)
     }
-}
 
-impl ModelArgs {
     /// Loads the model of a run: in the run's dtype (from its manifest) unless `--dtype` names
     /// another, which is refused (bad input, exit code 2).
     pub fn load_for_run(
@@ -89,7 +86,7 @@ pub fn run_dtype(
     match flag {
         Some(t) if t != recorded => Err(InputError(format!(
             "--dtype {}: run {} was made with the model in {}; load it in {} (omit --dtype)",
-            crate::run::dtype_name(t),
+            crate::device::dtype_name(t),
             dir.display(),
             m.dtype,
             m.dtype
