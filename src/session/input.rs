@@ -2,7 +2,7 @@
 //! before the model loads, so that a wrong or bad edits file fails in a second.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -24,7 +24,6 @@ const RESUME_HINT: &str = "resume with the original edits file or use another --
 /// input. Tracks the last record it yielded, to tell when the input ended before a line the
 /// run edited.
 pub struct EditInput {
-    path: PathBuf,
     reader: EditReader,
     ahead: VecDeque<Item>,
     /// Lines up to here were already read, checked against the run's log and dropped.
@@ -39,7 +38,6 @@ impl EditInput {
     /// `max_line_bytes` is a bad line (see [`EditReader::with_max_line_bytes`]).
     pub fn open(path: &Path, max_line_bytes: usize) -> Result<Self> {
         Ok(Self {
-            path: path.to_path_buf(),
             reader: EditReader::open(path)?.with_max_line_bytes(max_line_bytes),
             ahead: VecDeque::new(),
             checked_through: 0,
@@ -138,11 +136,6 @@ impl EditInput {
     /// The input's name in errors (file name or `<stdin>`).
     pub fn source(&self) -> &str {
         self.reader.source_name()
-    }
-
-    /// The path as given.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Lines already read, checked against the run's log and dropped by [`EditInput::prepare`].

@@ -56,11 +56,6 @@ fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
 }
 
 impl AlphaEdit {
-    /// Projects onto the null space: P₀ x = Uᵀ U x.
-    pub fn project(&self, x: &[f64]) -> Vec<f64> {
-        self.null_basis.matvec_t(&self.null_basis.matvec(x))
-    }
-
     /// A ← A + (U k)(U k)ᵀ for an earlier edit's key (f32, as stored), by Sherman–Morrison.
     fn add_past(&mut self, key32: &[f32]) {
         let k: Vec<f64> = key32.iter().map(|&x| x as f64).collect();
