@@ -351,6 +351,24 @@ impl Cholesky {
         x
     }
 
+    /// Solves `L Y = B` for several right-hand sides at once (one pass over `L` instead of one
+    /// per vector; the results may differ from [`Self::solve_lower`] in the last bits).
+    ///
+    /// # Panics
+    /// If a vector's length differs from the dimension.
+    pub fn solve_lower_many(&self, bs: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let n = self.dim();
+        if bs.len() <= 1 {
+            return bs.iter().map(|b| self.solve_lower(b)).collect();
+        }
+        let mut x = faer::Mat::<f64>::from_fn(n, bs.len(), |i, j| {
+            assert_eq!(bs[j].len(), n, "Cholesky::solve_lower_many: dimension mismatch");
+            bs[j][i]
+        });
+        solve_lower_triangular_in_place(self.l.view(), x.as_mut(), PAR);
+        (0..bs.len()).map(|j| x.col(j).iter().copied().collect()).collect()
+    }
+
     /// Solves `Lᵀ x = y`.
     ///
     /// # Panics
@@ -1050,6 +1068,12 @@ mod tests {
         let y = chol.solve_lower(&b);
         let ly = l.matvec(&y);
         assert!(ly.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-12), "L y ≠ b");
+        // Several right-hand sides at once: each column solves its own system.
+        let bs: Vec<Vec<f64>> = (0..5).map(|s| Rng(40 + s).vec(n)).collect();
+        for (b, y) in bs.iter().zip(chol.solve_lower_many(&bs)) {
+            let ly = l.matvec(&y);
+            assert!(ly.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-12), "L Y ≠ B");
+        }
         let x = chol.solve_upper_t(&y);
         let ltx = l.matvec_t(&x);
         assert!(ltx.iter().zip(&y).all(|(p, q)| (p - q).abs() < 1e-12), "Lᵀ x ≠ y");

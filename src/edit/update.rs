@@ -50,6 +50,14 @@ impl Preconditioner {
             Metric::Covariance => self.chol.solve_lower(x),
         }
     }
+
+    /// [`Self::to_metric`] of several vectors, with one pass over the factor.
+    pub fn to_metric_many(&self, xs: &[Vec<f64>], metric: Metric) -> Vec<Vec<f64>> {
+        match metric {
+            Metric::Euclidean => xs.to_vec(),
+            Metric::Covariance => self.chol.solve_lower_many(xs),
+        }
+    }
 }
 
 /// The inner product in which an O-Edit subspace is kept.
@@ -96,6 +104,84 @@ fn checked_retained(denom: f64, full: f64) -> Result<f64> {
     Ok(retained)
 }
 
+/// A key as the projection maths needs it, computed once per edit (each image is a triangular
+/// solve against the f × f Cholesky factor, the costly part of an update at 7B width).
+pub struct KeyImage {
+    metric: Metric,
+    /// The key in key space.
+    key: Vec<f64>,
+    /// [`Metric::Euclidean`]: C⁻¹k; [`Metric::Covariance`]: the whitened key L⁻¹k.
+    image: Vec<f64>,
+}
+
+impl KeyImage {
+    /// The image of `key` under `metric`'s preconditioning.
+    pub fn new(metric: Metric, pre: &Preconditioner, key: &[f64]) -> Self {
+        let image = match metric {
+            Metric::Euclidean => pre.solve(key),
+            Metric::Covariance => pre.chol.solve_lower(key),
+        };
+        Self { metric, key: key.to_vec(), image }
+    }
+
+    /// The key in the coordinates its subspace is kept in (see [`Preconditioner::to_metric`]).
+    pub fn in_metric(&self) -> &[f64] {
+        match self.metric {
+            Metric::Euclidean => &self.key,
+            Metric::Covariance => &self.image,
+        }
+    }
+
+    /// kᵀC⁻¹k.
+    fn energy(&self) -> f64 {
+        match self.metric {
+            Metric::Euclidean => dot(&self.key, &self.image),
+            Metric::Covariance => dot(&self.image, &self.image),
+        }
+    }
+
+    /// For each stored direction, how much `retained` would grow if it were dropped, and
+    /// `retained` now (see [`retention_gains`]).
+    pub fn retention_gains(&self, subspace: &Subspace) -> (Vec<f64>, f64) {
+        let rows = subspace.basis.rows();
+        let full = self.energy();
+        if !(full.is_finite() && full > 0.0) {
+            return (vec![0.0; rows.len()], 1.0);
+        }
+        let gain = |b: &Vec<f64>| match self.metric {
+            Metric::Euclidean => dot(b, &self.key) * dot(b, &self.image),
+            Metric::Covariance => dot(b, &self.image).powi(2),
+        };
+        let gains: Vec<f64> = rows.iter().map(|b| gain(b) / full).collect();
+        let retained = 1.0 - gains.iter().sum::<f64>();
+        (gains, retained)
+    }
+
+    /// The projected rank-one update landing residual `r` at this key (see [`rank_one_in`]).
+    pub fn rank_one(&self, pre: &Preconditioner, subspace: Option<&Subspace>, r: &[f64]) -> Result<RankOne> {
+        let full = check_key_energy(self.energy())?;
+        let projected = match subspace {
+            Some(s) if !s.is_empty() => s.basis.project_out(&self.image),
+            _ => self.image.clone(),
+        };
+        let (denom, u) = match self.metric {
+            // ũ = P C⁻¹k* / (k*ᵀ P C⁻¹ k*)
+            Metric::Euclidean => {
+                let denom = dot(&self.key, &projected);
+                (denom, projected)
+            }
+            // ũ = L⁻ᵀ P w / ‖P w‖²
+            Metric::Covariance => {
+                let denom = dot(&projected, &projected);
+                (denom, pre.chol.solve_upper_t(&projected))
+            }
+        };
+        let retained = checked_retained(denom, full)?;
+        let u = u.iter().map(|x| x / denom).collect();
+        Ok(RankOne { r: r.to_vec(), u, retained })
+    }
+}
+
 /// The projected rank-one update in `metric` (see [`Metric`]); ROME's update when the subspace
 /// is empty, in either metric.
 pub fn rank_one_in(
@@ -105,10 +191,7 @@ pub fn rank_one_in(
     k_star: &[f64],
     r: &[f64],
 ) -> Result<RankOne> {
-    match metric {
-        Metric::Euclidean => projected_rank_one(pre, subspace, k_star, r),
-        Metric::Covariance => whitened_rank_one(pre, subspace, k_star, r),
-    }
+    KeyImage::new(metric, pre, k_star).rank_one(pre, subspace, r)
 }
 
 /// For each stored direction, how much `retained` would grow if it were dropped, and `retained`
@@ -120,23 +203,7 @@ pub fn retention_gains(
     subspace: &Subspace,
     k: &[f64],
 ) -> (Vec<f64>, f64) {
-    let rows = subspace.basis.rows();
-    let (gains, full): (Vec<f64>, f64) = match metric {
-        Metric::Euclidean => {
-            let z = pre.solve(k);
-            (rows.iter().map(|b| dot(b, k) * dot(b, &z)).collect(), dot(k, &z))
-        }
-        Metric::Covariance => {
-            let w = pre.to_metric(k, metric);
-            (rows.iter().map(|b| dot(b, &w).powi(2)).collect(), dot(&w, &w))
-        }
-    };
-    if !(full.is_finite() && full > 0.0) {
-        return (vec![0.0; rows.len()], 1.0);
-    }
-    let gains: Vec<f64> = gains.into_iter().map(|g| g / full).collect();
-    let retained = 1.0 - gains.iter().sum::<f64>();
-    (gains, retained)
+    KeyImage::new(metric, pre, k).retention_gains(subspace)
 }
 
 /// Projection in whitened coordinates: w = L⁻¹k\*, ũ = L⁻ᵀ P w / ‖P w‖², so that ΔW k\* = r and
@@ -147,16 +214,7 @@ pub fn whitened_rank_one(
     k_star: &[f64],
     r: &[f64],
 ) -> Result<RankOne> {
-    let w = pre.chol.solve_lower(k_star);
-    let full = check_key_energy(dot(&w, &w))?;
-    let pw = match subspace {
-        Some(s) if !s.is_empty() => s.basis.project_out(&w),
-        _ => w,
-    };
-    let denom = dot(&pw, &pw);
-    let retained = checked_retained(denom, full)?;
-    let u = pre.chol.solve_upper_t(&pw).iter().map(|x| x / denom).collect();
-    Ok(RankOne { r: r.to_vec(), u, retained })
+    rank_one_in(Metric::Covariance, pre, subspace, k_star, r)
 }
 
 /// Projected rank-one update: ũ = P C⁻¹k* / (k*ᵀ P C⁻¹ k*), so that ΔW k* = r and ΔW b = 0
@@ -167,16 +225,7 @@ pub fn projected_rank_one(
     k_star: &[f64],
     r: &[f64],
 ) -> Result<RankOne> {
-    let z = pre.solve(k_star);
-    let full = check_key_energy(dot(k_star, &z))?;
-    let pz = match subspace {
-        Some(s) if !s.is_empty() => s.basis.project_out(&z),
-        _ => z,
-    };
-    let denom = dot(k_star, &pz);
-    let retained = checked_retained(denom, full)?;
-    let u = pz.iter().map(|x| x / denom).collect();
-    Ok(RankOne { r: r.to_vec(), u, retained })
+    rank_one_in(Metric::Euclidean, pre, subspace, k_star, r)
 }
 
 #[cfg(test)]

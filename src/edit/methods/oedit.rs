@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use super::{check_width, single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
 use crate::edit::subspace::Subspace;
-use crate::edit::update::{rank_one_in, retention_gains, Metric, Preconditioner};
+use crate::edit::update::{KeyImage, Metric, Preconditioner};
 use crate::edit::AppliedUpdate;
 use crate::hparams::{Hparams, SubspacePolicy};
 use crate::stats::KeyStats;
@@ -57,25 +57,31 @@ impl UpdateRule for HardProjection {
         let r = ctx.residual()?;
         let kv = ctx.kv;
         let k = &kv.k_star;
+        // One triangular solve for the key, shared by the conflict check, the update and the
+        // append.
+        let image = KeyImage::new(self.metric, &self.pre, k);
         // The conflict policy first: a key mostly inside the subspace (the same fact edited
         // again) releases the directions that hold it instead of being squeezed.
-        let (gains, retained) = retention_gains(self.metric, &self.pre, &self.subspace, k);
+        let (gains, retained) = image.retention_gains(&self.subspace);
         let released = self.subspace.release_conflicts(&gains, retained, self.policy.min_retained);
         let mut compressed = 0;
-        let upd = match rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, &r) {
+        let upd = match image.rank_one(&self.pre, Some(&self.subspace), &r) {
             Ok(u) => u,
             Err(_) => {
                 // Saturation: the key lies inside the stored subspace; halve it and retry.
                 let keep = self.subspace.len() / 2;
                 compressed = self.subspace.compress(keep);
-                rank_one_in(self.metric, &self.pre, Some(&self.subspace), k, &r)?
+                image.rank_one(&self.pre, Some(&self.subspace), &r)?
             }
         };
         ctx.apply(self.layer, &upd, k)?;
-        let key = self.pre.to_metric(k, self.metric);
-        let templates: Vec<Vec<f64>> =
-            kv.template_keys.iter().map(|x| self.pre.to_metric(x, self.metric)).collect();
-        let mut report = self.subspace.append(&key, &templates, &self.policy);
+        // The template keys only feed extra directions (more than one per edit).
+        let templates = if self.policy.max_directions_per_edit > 1 {
+            self.pre.to_metric_many(&kv.template_keys, self.metric)
+        } else {
+            Vec::new()
+        };
+        let mut report = self.subspace.append(image.in_metric(), &templates, &self.policy);
         report.released = released;
         report.compressed_away += compressed;
         Ok(RuleReport { retained: upd.retained, subspace: report })
