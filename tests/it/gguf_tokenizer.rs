@@ -661,3 +661,53 @@ fn sentencepiece_gguf_bos_handling() {
         assert_eq!(gg.tok.encode_plain("the cat").unwrap(), [259 + 2, 259 + 7]);
     }
 }
+
+/// llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`), written out for the test: a space
+/// prepended, spaces as "▁", one symbol per character, then repeatedly merge the adjacent pair
+/// whose concatenation is the vocabulary piece of highest score (leftmost on ties); a symbol not
+/// in the vocabulary becomes its bytes' `<0xNN>` tokens.
+fn llama_cpp_spm(tokens: &[String], scores: &[f32], text: &str) -> Vec<u32> {
+    if text.is_empty() {
+        return vec![];
+    }
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let text = format!(" {text}").replace(' ', SP);
+    let mut syms: Vec<String> = text.chars().map(String::from).collect();
+    loop {
+        let mut best: Option<(usize, f32)> = None;
+        for i in 0..syms.len().saturating_sub(1) {
+            if let Some(&id) = ids.get(format!("{}{}", syms[i], syms[i + 1]).as_str()) {
+                if best.is_none_or(|(_, s)| scores[id] > s) {
+                    best = Some((i, scores[id]));
+                }
+            }
+        }
+        let Some((i, _)) = best else { break };
+        let right = syms.remove(i + 1);
+        syms[i].push_str(&right);
+    }
+    let mut out = Vec::new();
+    for s in syms {
+        match ids.get(s.as_str()) {
+            Some(&id) => out.push(id as u32),
+            None => out.extend(s.bytes().map(|b| ids[format!("<0x{b:02X}>").as_str()] as u32)),
+        }
+    }
+    out
+}
+
+/// For a vocabulary whose merges follow its scores, the BPE-by-merge-rank tokenizer gives
+/// llama.cpp's SentencePiece ids (texts without special tokens).
+#[test]
+fn sentencepiece_gguf_matches_llama_cpp_spm() {
+    let (tokens, scores, _) = spm_vocab();
+    // The reference implementation itself merges by score and falls back to bytes.
+    let names = |ids: Vec<u32>| ids.iter().map(|&i| tokens[i as usize].clone()).collect::<Vec<_>>();
+    assert_eq!(names(llama_cpp_spm(&tokens, &scores, "  the ñ")), ["▁▁", "▁the", "▁", "<0xC3>", "<0xB1>"]);
+    let tmp = TempDir::new().unwrap();
+    let gg = load(&write_spm_gguf(&tmp.path().join("cpp.gguf"), Some(true), None));
+    for text in SPM_TEXTS {
+        assert_eq!(gg.tok.encode_plain(text).unwrap(), llama_cpp_spm(&tokens, &scores, text), "{text:?}");
+    }
+}
