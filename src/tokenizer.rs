@@ -1,5 +1,5 @@
-//! Tokenizers: loading `tokenizer.json`, building a byte-level BPE tokenizer from GGUF metadata,
-//! and the encode/decode conventions the editor relies on (BOS handling, target spacing).
+//! Tokenizers: loading `tokenizer.json`, building a byte-level BPE or SentencePiece tokenizer
+//! from GGUF metadata, and the encode/decode conventions the editor relies on (BOS handling, target spacing).
 
 use std::path::Path;
 
