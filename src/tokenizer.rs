@@ -1,5 +1,6 @@
 //! Tokenizers: loading `tokenizer.json`, building a byte-level BPE or SentencePiece tokenizer
-//! from GGUF metadata, and the encode/decode conventions the editor relies on (BOS handling, target spacing).
+//! from GGUF metadata, and the encode/decode conventions the editor relies on (BOS handling,
+//! target spacing).
 
 use std::path::Path;
 
@@ -338,15 +339,19 @@ pub const SPM_SPACE: &str = "\u{2581}";
 /// halves. Merging by these ranks is llama.cpp's `llm_tokenizer_spm` (merge the adjacent pair
 /// whose concatenation has the highest score), up to the order of equal scores.
 pub fn spm_merges(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    // A repeated piece (rare) is handled as the converter's Python dicts
+    // do: it keeps its last id and score, at the place of its first occurrence.
     let mut ids: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, t) in tokens.iter().enumerate() {
-        ids.insert(t.as_str(), i); // the last id of a repeated piece, as a Python dict keeps it
+        ids.insert(t.as_str(), i);
     }
+    let mut seen = std::collections::HashSet::new();
     let mut merges: Vec<(usize, usize, f32)> = Vec::new();
-    for (i, piece) in tokens.iter().enumerate() {
-        if ids.get(piece.as_str()) != Some(&i) {
-            continue; // a repeated piece is scored once, at the id it keeps
+    for piece in tokens {
+        if !seen.insert(piece.as_str()) {
+            continue;
         }
+        let i = ids[piece.as_str()];
         let mut local: Vec<(usize, usize)> = piece
             .char_indices()
             .skip(1)
