@@ -1,13 +1,20 @@
-//! Tokenizers: loading `tokenizer.json`, building a byte-level BPE tokenizer from GGUF metadata,
-//! and the encode/decode conventions the editor relies on (BOS handling, target spacing).
+//! Tokenizers: loading `tokenizer.json`, building a byte-level BPE or SentencePiece tokenizer
+//! from GGUF metadata, and the encode/decode conventions the editor relies on (BOS handling,
+//! target spacing).
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::unicode::NFC;
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -129,6 +136,12 @@ pub const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\
 /// `LLAMA_VOCAB_PRE_TYPE_QWEN2`): Llama-3's pattern with single digits (`\p{N}`).
 pub const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Tekken's split regex (Mistral-Nemo and newer Mistral models): the `Split` pattern of their
+/// `tokenizer.json`, quoted in llama.cpp's `LLAMA_VOCAB_PRE_TYPE_TEKKEN` (which runs an ASCII
+/// rewrite of it). Words split at case changes (`HelloWorld` → `Hello`, `World`), single digits,
+/// no contraction rule, `/` kept with a punctuation run.
+pub const TEKKEN_SPLIT_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// How a byte-level BPE GGUF splits text before BPE, chosen from `tokenizer.ggml.pre`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreSplit {
@@ -143,6 +156,9 @@ pub enum PreSplit {
     Llama3,
     /// Qwen2: NFC, `Split(QWEN2_SPLIT_REGEX, Isolated)` + `ByteLevel` without its regex.
     Qwen2,
+    /// Tekken (Mistral-Nemo): `Split(TEKKEN_SPLIT_REGEX, Isolated)` + `ByteLevel` without its
+    /// regex, and BPE with `ignore_merges` (llama.cpp sets it for `tekken`, as for Llama-3).
+    Tekken,
 }
 
 impl PreSplit {
@@ -151,12 +167,14 @@ impl PreSplit {
     ///
     /// - `llama-bpe`, `llama3`, `llama-v3`: [`PreSplit::Llama3`]
     /// - `qwen2`: [`PreSplit::Qwen2`]
+    /// - `tekken`: [`PreSplit::Tekken`]
     /// - `gpt-2`, `gpt2`, `phi-2`: [`PreSplit::Gpt2`]
     /// - `smollm`, `starcoder`: [`PreSplit::DigitsGpt2`]
     pub fn from_pre(pre: &str) -> Option<Self> {
         Some(match pre {
             "llama-bpe" | "llama3" | "llama-v3" => Self::Llama3,
             "qwen2" => Self::Qwen2,
+            "tekken" => Self::Tekken,
             "gpt-2" | "gpt2" | "phi-2" => Self::Gpt2,
             "smollm" | "starcoder" => Self::DigitsGpt2,
             _ => return None,
@@ -184,7 +202,14 @@ impl PreSplit {
 
     /// Whether BPE looks a whole pre-token up in the vocabulary before merging.
     fn ignore_merges(self) -> bool {
-        matches!(self, Self::Llama3)
+        matches!(self, Self::Llama3 | Self::Tekken)
+    }
+
+    /// Whether llama.cpp adds BOS when the GGUF has no `tokenizer.ggml.add_bos_token` (it sets
+    /// `add_bos` for `tekken`). Only the new `tekken` path follows it; the older splits keep
+    /// this crate's earlier default (no BOS unless the file says so).
+    fn adds_bos_by_default(self) -> bool {
+        matches!(self, Self::Tekken)
     }
 
     /// Installs this split's normalizer and pre-tokenizer on `tk`.
@@ -204,6 +229,7 @@ impl PreSplit {
                 tk.with_normalizer(Some(NFC)).map_err(tk_err)?;
                 vec![split(QWEN2_SPLIT_REGEX)?, byte_level(false)]
             }
+            Self::Tekken => vec![split(TEKKEN_SPLIT_REGEX)?, byte_level(false)],
         };
         tk.with_pre_tokenizer(Some(Sequence::new(seq)));
         Ok(())
@@ -212,28 +238,60 @@ impl PreSplit {
 
 /// Builds the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
 ///
-/// Supports byte-level BPE (`tokenizer.ggml.model = "gpt2"`, as SmolLM2, Llama-3, Qwen2 and most
-/// recent models use), splitting text as `tokenizer.ggml.pre` says (see [`PreSplit`]). The
-/// pipeline honours `add_space_prefix` and `add_bos_token` (candle's built-in GGUF tokenizer
-/// prepends a space and gets SmolLM2 wrong).
+/// - `tokenizer.ggml.model = "gpt2"`: byte-level BPE (SmolLM2, Llama-3, Qwen2, Mistral-Nemo and
+///   most recent models), splitting text as `tokenizer.ggml.pre` says (see [`PreSplit`]) and
+///   honouring `add_space_prefix` (candle's built-in GGUF tokenizer prepends a space and gets
+///   SmolLM2 wrong).
+/// - `tokenizer.ggml.model = "llama"`: SentencePiece BPE (Llama-2, Mistral-7B v0.1–v0.3), built
+///   as Hugging Face's `LlamaConverter` writes it in `tokenizer.json` (see [`spm_tokenizer`]).
 ///
-/// SentencePiece vocabularies (`tokenizer.ggml.model = "llama"`: Llama-2, Mistral v0.1–v0.3,
-/// with `▁` word prefixes, `<0x..>` byte-fallback tokens and scores instead of merges) and the
-/// other llama.cpp models (`bert`, `t5`, `rwkv`, ...) are refused with an error naming the model.
+/// Both honour `add_bos_token`. The other llama.cpp models (`bert`, `t5`, `rwkv`, ...) are
+/// refused with an error naming the model.
 pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tok> {
     let model = meta(ct, "tokenizer.ggml.model")?.to_string().map_err(|e| anyhow!("{e}"))?.clone();
-    match model.as_str() {
-        "gpt2" => {}
-        "llama" => bail!(
-            "GGUF tokenizer model `llama` (SentencePiece, as in Llama-2 and Mistral GGUFs) is not \
-             supported; only byte-level BPE (`gpt2`) is. Use a Hugging Face model folder with \
-             tokenizer.json instead"
-        ),
+    let tokens = || meta_strings(ct, "tokenizer.ggml.tokens");
+    let (tk, tokens, add_bos_default) = match model.as_str() {
+        "gpt2" => {
+            let tokens = tokens()?;
+            let (tk, add_bos_default) = byte_level_tokenizer(ct, &tokens)?;
+            (tk, tokens, add_bos_default)
+        }
+        "llama" => {
+            let tokens = tokens()?;
+            (spm_tokenizer(ct, &tokens)?, tokens, true)
+        }
         _ => bail!(
-            "GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`); \
-             use a Hugging Face model folder with tokenizer.json instead"
+            "GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`, and \
+             SentencePiece BPE, `llama`); use a Hugging Face model folder with tokenizer.json instead"
         ),
+    };
+    finish(ct, tk, &tokens, add_bos_default)
+}
+
+/// `tokenizer.ggml.token_type` (llama.cpp's types: normal 1, unknown 2, control 3,
+/// user-defined 4, unused 5, byte 6), when the file has it.
+fn token_types(ct: &gguf_file::Content, n: usize) -> Result<Option<Vec<i32>>> {
+    let Some(v) = ct.metadata.get("tokenizer.ggml.token_type") else { return Ok(None) };
+    let types = v
+        .to_vec()
+        .map_err(|e| anyhow!("GGUF metadata `tokenizer.ggml.token_type`: {e}"))?
+        .iter()
+        .map(|t| t.to_i32().or_else(|_| t.to_u32().map(|x| x as i32)).map_err(|e| anyhow!("{e}")))
+        .collect::<Result<Vec<i32>>>()
+        .context("GGUF metadata `tokenizer.ggml.token_type` holds a non-integer")?;
+    if types.len() != n {
+        bail!("GGUF has {} token types for {n} tokens", types.len());
     }
+    Ok(Some(types))
+}
+
+fn meta_bool(ct: &gguf_file::Content, key: &str) -> Option<bool> {
+    ct.metadata.get(key).and_then(|v| v.to_bool().ok())
+}
+
+/// Byte-level BPE (`gpt2`): the tokenizer and whether llama.cpp adds BOS when the file does not
+/// say (`tekken`).
+fn byte_level_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<(Tokenizer, bool)> {
     let pre = match ct.metadata.get("tokenizer.ggml.pre") {
         Some(v) => {
             Some(v.to_string().map_err(|e| anyhow!("GGUF metadata `tokenizer.ggml.pre`: {e}"))?.clone())
@@ -241,7 +299,6 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tok> {
         None => None,
     };
     let split = PreSplit::from_gguf_pre(pre.as_deref());
-    let tokens = meta_strings(ct, "tokenizer.ggml.tokens")?;
     let merges_raw = meta_strings(ct, "tokenizer.ggml.merges")?;
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let merges = merges_raw
@@ -256,28 +313,142 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tok> {
         .ignore_merges(split.ignore_merges())
         .build()
         .map_err(|e| anyhow!("building BPE from GGUF: {e}"))?;
-    let add_prefix_space =
-        ct.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+    let add_prefix_space = meta_bool(ct, "tokenizer.ggml.add_space_prefix").unwrap_or(false);
     let mut tk = Tokenizer::new(bpe);
     split.install(&mut tk, add_prefix_space)?;
     tk.with_decoder(Some(ByteLevelDecoder::default()));
-
-    if let Ok(types) =
-        meta(ct, "tokenizer.ggml.token_type").and_then(|v| v.to_vec().map_err(|e| anyhow!("{e}")))
-    {
+    if let Some(types) = token_types(ct, tokens.len())? {
         let specials: Vec<AddedToken> = types
             .iter()
-            .enumerate()
-            .filter(|(_, t)| t.to_i32().map(|x| x != 1).unwrap_or(false))
-            .filter_map(|(i, _)| tokens.get(i))
-            .map(|t| AddedToken::from(t.clone(), true))
+            .zip(tokens)
+            .filter(|(t, _)| **t != 1)
+            .map(|(_, t)| AddedToken::from(t.clone(), true))
             .collect();
         tk.add_special_tokens(specials).map_err(tk_err)?;
     }
+    Ok((tk, split.adds_bos_by_default()))
+}
+
+/// The word-boundary mark of SentencePiece vocabularies (U+2581), standing for a space.
+pub const SPM_SPACE: &str = "\u{2581}";
+
+/// The merges of a SentencePiece BPE vocabulary, derived from its scores as Hugging Face's
+/// converter (`SentencePieceExtractor`) does: every split of a piece into two pieces that are
+/// both in the vocabulary is a merge; merges are ranked by the merged piece's score, highest
+/// first, ties in vocabulary order, and a piece's own splits by the ids of their (left, right)
+/// halves. Merging by these ranks is llama.cpp's `llm_tokenizer_spm` (merge the adjacent pair
+/// whose concatenation has the highest score), up to the order of equal scores.
+pub fn spm_merges(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    // A repeated piece (rare) is handled as the converter's Python dicts
+    // do: it keeps its last id and score, at the place of its first occurrence.
+    let mut ids: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        ids.insert(t.as_str(), i);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut merges: Vec<(usize, usize, f32)> = Vec::new();
+    for piece in tokens {
+        if !seen.insert(piece.as_str()) {
+            continue;
+        }
+        let i = ids[piece.as_str()];
+        let mut local: Vec<(usize, usize)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(k, _)| Some((*ids.get(&piece[..k])?, *ids.get(&piece[k..])?)))
+            .collect();
+        local.sort_unstable();
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        merges.extend(local.into_iter().map(|(l, r)| (l, r, score)));
+    }
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2)); // stable: ties keep vocabulary order
+    merges.into_iter().map(|(l, r, _)| (tokens[l].clone(), tokens[r].clone())).collect()
+}
+
+/// SentencePiece BPE (`tokenizer.ggml.model = "llama"`), as Hugging Face's `LlamaConverter`
+/// writes it (the "legacy" Llama-2 `tokenizer.json`):
+///
+/// - model: BPE over `tokenizer.ggml.tokens` with the merges of [`spm_merges`] (from
+///   `tokenizer.ggml.scores`; all 0 when absent), `byte_fallback` (a character not in the
+///   vocabulary becomes its UTF-8 bytes as `<0xNN>` tokens) and `<unk>`
+///   (`tokenizer.ggml.unknown_token_id`) for what has no byte tokens, fused;
+/// - normalizer: `Prepend("▁")` when `tokenizer.ggml.add_space_prefix` (default true, as in
+///   llama.cpp), then `Replace(" ", "▁")`; no pre-tokenizer;
+/// - decoder: `Replace("▁", " ")`, `ByteFallback`, `Fuse`, then `Strip(" ", 1, 0)` when a space
+///   is prepended;
+/// - control and unknown tokens are special added tokens, user-defined ones plain added tokens
+///   (both matched in the raw text before normalisation).
+///
+/// Text after a special token gets its own `▁` prefix, as in llama.cpp (and HF's legacy mode,
+/// unlike the `Metaspace(prepend_scheme = "first")` form of newer tokenizer.json files).
+pub fn spm_tokenizer(ct: &gguf_file::Content, tokens: &[String]) -> Result<Tokenizer> {
+    let n = tokens.len();
+    let scores: Vec<f32> = match ct.metadata.get("tokenizer.ggml.scores") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| anyhow!("GGUF metadata `tokenizer.ggml.scores`: {e}"))?
+            .iter()
+            .map(|s| s.to_f32().or_else(|_| s.to_f64().map(|x| x as f32)).map_err(|e| anyhow!("{e}")))
+            .collect::<Result<_>>()
+            .context("GGUF metadata `tokenizer.ggml.scores` holds a non-number")?,
+        None => vec![0.0; n],
+    };
+    if scores.len() != n {
+        bail!("GGUF has {} token scores for {n} tokens", scores.len());
+    }
+    let types = token_types(ct, n)?;
+    let merges = spm_merges(tokens, &scores);
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let unk = match meta_u32(ct, "tokenizer.ggml.unknown_token_id") {
+        Some(id) => Some(tokens.get(id as usize).context("unknown_token_id out of range")?.clone()),
+        None => tokens.iter().find(|t| *t == "<unk>").cloned(),
+    };
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(u) = unk {
+        builder = builder.unk_token(u);
+    }
+    let bpe = builder.build().map_err(|e| anyhow!("building SentencePiece BPE from GGUF: {e}"))?;
+    let add_space_prefix = meta_bool(ct, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    let mut tk = Tokenizer::new(bpe);
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| anyhow!("{e}"));
+    let mut norm: Vec<NormalizerWrapper> = Vec::new();
+    if add_space_prefix {
+        norm.push(Prepend::new(SPM_SPACE.to_string()).into());
+    }
+    norm.push(replace(" ", SPM_SPACE)?.into());
+    tk.with_normalizer(Some(NormalizerSequence::new(norm))).map_err(tk_err)?;
+    let mut dec: Vec<DecoderWrapper> =
+        vec![replace(SPM_SPACE, " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if add_space_prefix {
+        dec.push(Strip::new(' ', 1, 0).into());
+    }
+    tk.with_decoder(Some(DecoderSequence::new(dec)));
+    if let Some(types) = types {
+        let added: Vec<AddedToken> = types
+            .iter()
+            .zip(tokens)
+            .filter_map(|(&ty, t)| match ty {
+                2 | 3 => Some(AddedToken::from(t.clone(), true).normalized(false)),
+                4 => Some(AddedToken::from(t.clone(), false).normalized(false)),
+                _ => None,
+            })
+            .collect();
+        tk.add_tokens(added).map_err(tk_err)?;
+    }
+    Ok(tk)
+}
+
+/// BOS template, special ids and padding, shared by both GGUF tokenizer kinds. `add_bos_default`
+/// applies when the file has no `tokenizer.ggml.add_bos_token`.
+fn finish(
+    ct: &gguf_file::Content,
+    mut tk: Tokenizer,
+    tokens: &[String],
+    add_bos_default: bool,
+) -> Result<Tok> {
     let bos = meta_u32(ct, "tokenizer.ggml.bos_token_id");
     let eos = meta_u32(ct, "tokenizer.ggml.eos_token_id");
-    let add_bos =
-        ct.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+    let add_bos = meta_bool(ct, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default && bos.is_some());
     if add_bos {
         let bos_id = bos.context("GGUF says add_bos_token but has no bos_token_id")?;
         let bos_tok = tokens.get(bos_id as usize).context("bos_token_id out of range")?.clone();
@@ -326,7 +497,8 @@ mod tests {
         ] {
             assert_eq!(PreSplit::from_pre(pre), Some(want), "{pre}");
         }
-        assert_eq!(PreSplit::from_pre("tekken"), None);
+        assert_eq!(PreSplit::from_pre("tekken"), Some(PreSplit::Tekken));
+        assert_eq!(PreSplit::from_pre("mistral-v7"), None);
         assert_eq!(PreSplit::from_gguf_pre(None), PreSplit::DigitsGpt2);
         assert_eq!(PreSplit::from_gguf_pre(Some("default")), PreSplit::DigitsGpt2);
         assert_eq!(PreSplit::from_gguf_pre(Some("no-such-pre")), PreSplit::DigitsGpt2);
@@ -339,5 +511,26 @@ mod tests {
         assert_eq!(pieces(PreSplit::Qwen2, "x=123"), ["x", "=", "1", "2", "3"]);
         assert_eq!(pieces(PreSplit::DigitsGpt2, " 123"), ["Ġ", "1", "2", "3"]);
         assert_eq!(pieces(PreSplit::Gpt2, "x=123"), ["x", "=", "123"]);
+    }
+
+    #[test]
+    fn tekken_splits_case_changes_and_single_digits() {
+        assert_eq!(pieces(PreSplit::Tekken, "HelloWorld x=12"), ["Hello", "World", "Ġx", "=", "1", "2"]);
+        assert_eq!(pieces(PreSplit::Tekken, "I'm ECOLE a/b//\n"), ["I", "'m", "ĠECOLE", "Ġa", "/b", "//Ċ"]);
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn spm_merges_rank_by_score_then_vocabulary_order() {
+        let tokens = strings(&["a", "b", "c", "ab", "bc", "abc", "ca"]);
+        // "ab" and "bc" tie; "abc" splits two ways (both halves in the vocabulary), "ca" scores best.
+        let scores = [0.0, 0.0, 0.0, -1.0, -1.0, -2.0, 5.0];
+        let got = spm_merges(&tokens, &scores);
+        let want = [("c", "a"), ("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c")];
+        let want: Vec<(String, String)> = want.iter().map(|(l, r)| (l.to_string(), r.to_string())).collect();
+        assert_eq!(got, want);
     }
 }

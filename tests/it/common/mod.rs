@@ -274,6 +274,18 @@ pub fn write_tiny_gguf_with(
     permute_qk: bool,
     overrides: Vec<(&str, gguf_file::Value)>,
 ) {
+    write_tiny_gguf_without(path, weights, permute_qk, overrides, &[])
+}
+
+/// [`write_tiny_gguf_with`], then without the metadata keys in `remove` (e.g. the BPE merges of
+/// a SentencePiece file).
+pub fn write_tiny_gguf_without(
+    path: &Path,
+    weights: &[(String, Tensor)],
+    permute_qk: bool,
+    overrides: Vec<(&str, gguf_file::Value)>,
+    remove: &[&str],
+) {
     use gguf_file::Value;
     let tokens = tiny_tokens();
     let n = tokens.len();
@@ -308,6 +320,7 @@ pub fn write_tiny_gguf_with(
             None => md.push((k, v)),
         }
     }
+    md.retain(|(k, _)| !remove.contains(k));
     let mut qts = Vec::new();
     for (name, t) in weights {
         let t = if permute_qk && name.ends_with("q_proj.weight") {
