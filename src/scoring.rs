@@ -15,7 +15,8 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use crate::infer::log_softmax;
-use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
+use crate::model::{Captured, Llama, Mode, Taps};
+use crate::packing::{pack, passes, row_batch, Row};
 use crate::tokenizer::Tok;
 
 /// How a model scores one answer after one prompt.
@@ -49,30 +50,11 @@ impl AnswerScore {
     }
 }
 
-/// Tokens per packed row (a sequence longer than this gets a row of its own length). Attention
-/// costs grow with the row length squared; at this length they are a few percent of the linear
-/// layers' (on 300 CounterFact records, 64 and 96 ran at the same speed, 160 5% slower).
-const ROW_TOKENS: usize = 64;
-
-/// Tokens per forward pass (rows × row length), bounding the activations held at once.
-const FORWARD_TOKENS: usize = 1536;
-
 /// One distinct pair: the sequence `prompt + answer[..-1]` that scores it.
 struct Seq {
     ids: Vec<u32>,
     prompt_len: usize,
     answer: Vec<u32>,
-}
-
-/// A packed row: a token trie of sequences (each token sees its ancestors and itself).
-#[derive(Default)]
-struct Row {
-    ids: Vec<u32>,
-    parent: Vec<Option<usize>>,
-    /// Rotary position (depth in the trie).
-    depth: Vec<usize>,
-    /// The sequences in the row, with the row index of each of their tokens.
-    members: Vec<(usize, Vec<usize>)>,
 }
 
 /// Scores each (prompt, answer) pair; tokens shared by several pairs' sequences from their start
@@ -96,48 +78,14 @@ pub fn score_answers(model: &Llama, tok: &Tok, pairs: &[(&str, &str)]) -> Result
         }
         at.push(s);
     }
-    // Sorted, sequences sharing a prefix are neighbours, and the longest prefix a sequence shares
-    // with any earlier one in its row is the one it shares with the previous sequence.
-    let mut order: Vec<usize> = (0..seqs.len()).filter(|&s| !seqs[s].answer.is_empty()).collect();
-    order.sort_by(|&x, &y| seqs[x].ids.cmp(&seqs[y].ids));
-    let mut rows: Vec<Row> = Vec::new();
-    let mut prev: Option<usize> = None;
-    for &s in &order {
-        let ids = &seqs[s].ids;
-        let mut lcp = match (prev, rows.last()) {
-            (Some(q), Some(_)) => ids.iter().zip(&seqs[q].ids).take_while(|(x, y)| x == y).count(),
-            _ => 0,
-        };
-        if rows.is_empty() || rows.last().is_some_and(|r| r.ids.len() + ids.len() - lcp > ROW_TOKENS) {
-            rows.push(Row::default());
-            lcp = 0;
-        }
-        let row = rows.last_mut().expect("a row");
-        let mut path: Vec<usize> = match row.members.last() {
-            Some((_, p)) => p[..lcp].to_vec(),
-            None => Vec::new(),
-        };
-        for (d, &t) in ids.iter().enumerate().skip(lcp) {
-            row.parent.push(path.last().copied());
-            row.depth.push(d);
-            row.ids.push(t);
-            path.push(row.ids.len() - 1);
-        }
-        row.members.push((s, path));
-        prev = Some(s);
-    }
+    let mut rows = pack(
+        seqs.iter().enumerate().filter(|(_, s)| !s.answer.is_empty()).map(|(i, s)| (i, s.ids.as_slice())),
+    );
     let mut scores: Vec<Option<AnswerScore>> = vec![None; seqs.len()];
-    // Rows in groups of at most FORWARD_TOKENS tokens, longest first, so that a group's rows are
-    // of similar lengths.
-    rows.sort_by_key(|r| std::cmp::Reverse(r.ids.len()));
-    let mut start = 0;
-    while start < rows.len() {
-        let width = rows[start].ids.len();
-        let count = (FORWARD_TOKENS / width).max(1).min(rows.len() - start);
-        for (s, score) in score_rows(model, tok, &seqs, &rows[start..start + count], width)? {
+    for (range, width) in passes(&mut rows) {
+        for (s, score) in score_rows(model, tok, &seqs, &rows[range], width)? {
             scores[s] = Some(score);
         }
-        start += count;
     }
     Ok(at
         .into_iter()
@@ -153,35 +101,7 @@ fn score_rows(
     rows: &[Row],
     width: usize,
 ) -> Result<Vec<(usize, AnswerScore)>> {
-    let window = model.config().sliding_window;
-    let mut bias = vec![-1e9f32; rows.len() * width * width];
-    let mut positions = Vec::with_capacity(rows.len());
-    let mut ids = Vec::with_capacity(rows.len());
-    for (r, row) in rows.iter().enumerate() {
-        for i in 0..width {
-            let row_bias = &mut bias[(r * width + i) * width..(r * width + i + 1) * width];
-            if i >= row.ids.len() {
-                row_bias[i] = 0.0; // padding sees itself only
-                continue;
-            }
-            let mut k = Some(i);
-            while let Some(j) = k {
-                if window.is_some_and(|w| row.depth[i] - row.depth[j] >= w) {
-                    break;
-                }
-                row_bias[j] = 0.0;
-                k = row.parent[j];
-            }
-        }
-        let mut pos = row.depth.clone();
-        pos.resize(width, 0);
-        positions.push(pos);
-        let mut t = row.ids.clone();
-        t.resize(width, tok.pad_id);
-        ids.push(t);
-    }
-    let batch = Batch::new(ids, Padding::Right, tok.pad_id)?;
-    let ctx = LayerCtx::custom(model, &positions, bias, Mode::Inference)?;
+    let (batch, ctx) = row_batch(model, rows, width, tok.pad_id)?;
     let h = model.run_layers(
         model.embed(&batch)?,
         0..model.num_layers(),

@@ -44,7 +44,8 @@ pub struct Taps<'a> {
     /// Capture every run layer's attention keys/values (after rope, before head repetition).
     pub capture_kv: bool,
     /// Keys/values of the full sequences per layer (indexed by layer), for a suffix run
-    /// (a [`LayerCtx::suffix`] context): only the suffix positions are recomputed.
+    /// (a [`LayerCtx::suffix`] context): only the suffix positions are recomputed; or the keys/values
+    /// a decoding step ([`LayerCtx::step`]) attends to before its own token.
     pub kv_cache: Option<&'a [(Tensor, Tensor)]>,
 }
 
@@ -56,7 +57,8 @@ pub struct Captured {
     /// MLP output at that same layer, `[batch, seq, hidden]`.
     pub mlp_out: Option<Tensor>,
     /// Attention keys/values `[batch, kv_heads, seq, head_dim]` of each run layer, in order
-    /// (full length: for a suffix run, the cache with the suffix spliced in).
+    /// (full length: for a suffix run, the cache with the suffix spliced in; for a decoding step,
+    /// the cache with the step's token appended).
     pub kv: Vec<(Tensor, Tensor)>,
 }
 
@@ -76,6 +78,8 @@ pub struct LayerCtx {
     bias: Tensor,
     mode: Mode,
     splice: Option<Splice>,
+    /// Attend to the cached keys/values followed by this pass's own (incremental decoding).
+    append: bool,
 }
 
 /// The suffix of each row from a start position, padded to a common length.
@@ -95,7 +99,7 @@ impl LayerCtx {
     pub fn new(model: &Llama, batch: &Batch, mode: Mode) -> Result<Self> {
         let (cos, sin) = model.rotary(batch)?;
         let bias = batch.attention_bias(model.cfg.sliding_window, model.device())?;
-        Ok(Self { cos, sin, bias, mode, splice: None })
+        Ok(Self { cos, sin, bias, mode, splice: None, append: false })
     }
 
     /// The same tables for another mode.
@@ -106,6 +110,7 @@ impl LayerCtx {
             bias: self.bias.clone(),
             mode,
             splice: self.splice.clone(),
+            append: self.append,
         }
     }
 
@@ -138,7 +143,24 @@ impl LayerCtx {
             bias: Tensor::from_vec(bias, (b, 1, t, t), dev)?,
             mode,
             splice: None,
+            append: false,
         })
+    }
+
+    /// A context for one decoding step: one new token per row at rotary position
+    /// `positions[r]`, attending to `kv_len` cached keys/values (see [`Taps::kv_cache`]) followed
+    /// by itself; `bias` is the additive bias `[rows, 1, 1, kv_len + 1]` over those (0 where
+    /// visible, a large negative value where masked, e.g. a row's left padding).
+    pub fn step(model: &Llama, positions: &[usize], bias: Vec<f32>, kv_len: usize) -> Result<Self> {
+        let b = positions.len();
+        if bias.len() != b * (kv_len + 1) {
+            candle_core::bail!("decoding step: bias does not match {b} rows of {} keys", kv_len + 1);
+        }
+        let one: Vec<Vec<usize>> = positions.iter().map(|&p| vec![p]).collect();
+        let mut ctx = Self::custom(model, &one, vec![0.0; b], Mode::Inference)?;
+        ctx.bias = Tensor::from_vec(bias, (b, 1, 1, kv_len + 1), model.device())?;
+        ctx.append = true;
+        Ok(ctx)
     }
 
     /// A context for recomputing only positions `starts[r]..` of each row of a right-padded
@@ -187,6 +209,7 @@ impl LayerCtx {
             sin: Tensor::from_vec(sin, (b, 1, s, half * 2), dev)?.to_dtype(dt)?,
             bias: Tensor::from_vec(bias, (b, 1, s, t), dev)?,
             mode,
+            append: false,
             splice: Some(Splice {
                 place: Tensor::from_vec(place, (b, 1, t, s), dev)?.to_dtype(dt)?,
                 keep: Tensor::from_vec(keep, (b, 1, t, 1), dev)?.to_dtype(dt)?,
@@ -272,6 +295,8 @@ impl Attention {
                 };
                 (splice(kc, &k)?, splice(vc, &v)?)
             }
+            (None, Some((kc, vc))) if ctx.append => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            (None, None) if ctx.append => candle_core::bail!("a decoding step needs the cached keys/values of every layer"),
             (Some(_), None) => candle_core::bail!("a suffix run needs the cached keys/values of every layer"),
             _ => (k, v),
         };
