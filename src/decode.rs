@@ -79,7 +79,8 @@ pub fn decode(
             [r.prompt.as_slice(), &r.draft[..d]].concat()
         })
         .collect();
-    let mut rows = pack(fed.iter().enumerate().filter(|(i, _)| reqs[*i].max_new > 0).map(|(i, s)| (i, s.as_slice())));
+    let mut rows =
+        pack(fed.iter().enumerate().filter(|(i, _)| reqs[*i].max_new > 0).map(|(i, s)| (i, s.as_slice())));
     for (range, width) in passes(&mut rows) {
         let rows = &rows[range];
         let (batch, ctx) = row_batch(model, rows, width, tok.pad_id)?;
@@ -94,7 +95,8 @@ pub fn decode(
                 at.extend(path[p - 1..fed[*s].len()].iter().map(|&j| (r * width + j) as u32));
             }
         }
-        let picked = pick(&model.logits_at(&h, &Tensor::new(at.as_slice(), model.device())?, Mode::Inference)?)?;
+        let picked =
+            pick(&model.logits_at(&h, &Tensor::new(at.as_slice(), model.device())?, Mode::Inference)?)?;
         let mut live = Vec::new();
         let mut k = 0;
         for (r, row) in rows.iter().enumerate() {

@@ -8,6 +8,9 @@
 //! - locality: neighbourhood score 1[NLL(true | p) < NLL(target_new | p)] on neighbourhood prompts;
 //!   locality_agreement: fraction of the locality answer's tokens whose argmax is unchanged
 //!   from the unedited model.
+//!
+//! The generation metrics (gen_efficacy, gen_generalization, gen_locality) decode greedily
+//! instead: see [`super::generation`].
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -17,8 +20,18 @@ use crate::model::Llama;
 use crate::scoring::{score_answers, AnswerScore};
 use crate::tokenizer::Tok;
 
-/// Metric names `--metrics` accepts.
-pub const METRICS: &[&str] = &["efficacy", "generalization", "locality", "fluency"];
+/// Metric names `--metrics` accepts (`gen` stands for the three generation metrics; `-` may
+/// replace `_`).
+pub const METRICS: &[&str] = &[
+    "efficacy",
+    "generalization",
+    "locality",
+    "fluency",
+    "gen_efficacy",
+    "gen_generalization",
+    "gen_locality",
+    "gen",
+];
 
 /// The scores of one record (None where the record lacks the prompts a metric needs).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -33,15 +46,42 @@ pub struct RecordScores {
     pub locality_argmax: Vec<Vec<u32>>,
     pub locality_agreement: Option<f64>,
     pub fluency: Option<f64>,
+    /// Whether the greedy continuation of the edit prompt starts with target_new (generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_efficacy: Option<f64>,
+    /// The same, averaged over the paraphrase prompts (generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_generalization: Option<f64>,
+    /// Fraction of neighbourhood prompts whose greedy answer is the unedited model's (generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_locality: Option<f64>,
+    /// Greedy answer tokens on each neighbourhood prompt (compared across models for
+    /// gen_locality; a continuation that was stopped at its first difference from the unedited
+    /// model's ends with the differing token).
+    #[serde(skip_serializing, default)]
+    pub locality_greedy: Vec<Vec<u32>>,
 }
 
 /// Which metric families to compute.
+///
+/// Serialised into the keys of the unedited-score cache; the generation metrics are left out
+/// when off, so sets without them keep the keys they had before those metrics existed.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct MetricSet {
     pub efficacy: bool,
     pub generalization: bool,
     pub locality: bool,
     pub fluency: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub gen_efficacy: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub gen_generalization: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub gen_locality: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl MetricSet {
@@ -49,18 +89,27 @@ impl MetricSet {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut m = MetricSet::default();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match name {
+            match name.replace('-', "_").as_str() {
                 "efficacy" => m.efficacy = true,
                 "generalization" | "generalisation" => m.generalization = true,
                 "locality" => m.locality = true,
                 "fluency" => m.fluency = true,
-                other => return Err(format!("unknown metric `{other}` (known: {})", METRICS.join(", "))),
+                "gen_efficacy" => m.gen_efficacy = true,
+                "gen_generalization" | "gen_generalisation" => m.gen_generalization = true,
+                "gen_locality" => m.gen_locality = true,
+                "gen" => (m.gen_efficacy, m.gen_generalization, m.gen_locality) = (true, true, true),
+                _ => return Err(format!("unknown metric `{name}` (known: {})", METRICS.join(", "))),
             }
         }
-        if !(m.efficacy || m.generalization || m.locality || m.fluency) {
+        if !(m.efficacy || m.generalization || m.locality || m.fluency || m.generation()) {
             return Err("no metric given".into());
         }
         Ok(m)
+    }
+
+    /// Whether any generation metric (gen_efficacy, gen_generalization, gen_locality) is on.
+    pub fn generation(self) -> bool {
+        self.gen_efficacy || self.gen_generalization || self.gen_locality
     }
 }
 

@@ -296,7 +296,9 @@ impl Attention {
                 (splice(kc, &k)?, splice(vc, &v)?)
             }
             (None, Some((kc, vc))) if ctx.append => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
-            (None, None) if ctx.append => candle_core::bail!("a decoding step needs the cached keys/values of every layer"),
+            (None, None) if ctx.append => {
+                candle_core::bail!("a decoding step needs the cached keys/values of every layer")
+            }
             (Some(_), None) => candle_core::bail!("a suffix run needs the cached keys/values of every layer"),
             _ => (k, v),
         };
