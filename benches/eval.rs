@@ -32,8 +32,9 @@ fn main() -> anyhow::Result<()> {
         let lm = load_model(path.to_str().unwrap_or_default(), &DeviceSpec::Cpu, None)?;
         let records: Vec<_> =
             EditReader::open(&file)?.filter_map(Result::ok).map(|(_, r)| r).take(n).collect();
-        let sets = std::env::var("BENCH_EVAL_SETS")
-            .unwrap_or_else(|_| "efficacy,generalization,locality;gen;efficacy,generalization,locality,gen".into());
+        let sets = std::env::var("BENCH_EVAL_SETS").unwrap_or_else(|_| {
+            "efficacy,generalization,locality;gen;efficacy,generalization,locality,gen".into()
+        });
         let mut results = Vec::new();
         for set in sets.split(';').filter(|s| !s.trim().is_empty()) {
             let which = MetricSet::parse(set).map_err(anyhow::Error::msg)?;

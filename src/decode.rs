@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
-use crate::packing::{pack, passes, row_batch};
+use crate::packing::{pack, passes, row_batch, Row};
 use crate::tokenizer::Tok;
 
 /// One continuation to decode.
@@ -66,45 +66,101 @@ pub fn decode(
     pick: &mut Pick,
     stop: &mut Stop,
 ) -> Result<Vec<Vec<u32>>> {
-    let mut out = vec![Vec::new(); reqs.len()];
-    if let Some(i) = reqs.iter().position(|r| r.prompt.is_empty() && r.max_new > 0) {
-        bail!("decoding request {i}: the prompt has no tokens");
-    }
-    // Each request runs its prompt and the part of its draft that can still be followed by a
-    // chosen token within its budget.
-    let fed: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| {
-            let d = r.draft.len().min(r.max_new.saturating_sub(1));
-            [r.prompt.as_slice(), &r.draft[..d]].concat()
-        })
-        .collect();
-    let mut rows =
-        pack(fed.iter().enumerate().filter(|(i, _)| reqs[*i].max_new > 0).map(|(i, s)| (i, s.as_slice())));
+    let mut dec = Decoder::new(reqs)?;
+    let mut rows = pack(dec.sequences(0));
     for (range, width) in passes(&mut rows) {
         let rows = &rows[range];
         let (batch, ctx) = row_batch(model, rows, width, tok.pad_id)?;
         let mut cap = Captured::default();
         let taps = Taps { capture_kv: true, ..Default::default() };
         let h = model.run_layers(model.embed(&batch)?, 0..model.num_layers(), &ctx, &taps, &mut cap)?;
-        // The positions choosing a token: the prompt's last and every fed draft token.
-        let mut at: Vec<u32> = Vec::new();
+        let at = dec.positions(rows, width, 0);
+        let choices =
+            pick(&model.logits_at(&h, &Tensor::new(at.as_slice(), model.device())?, Mode::Inference)?)?;
+        dec.after_pass(model, tok, (rows, width, 0), &choices, &cap.kv, pick, stop)?;
+    }
+    Ok(dec.into_output())
+}
+
+/// The decoding of a set of requests whose prefill runs in packed passes that may also hold
+/// other sequences (teacher-forced scoring shares them: [`crate::scoring::score_and_decode`]).
+/// In a pass, the request `i` is the member `offset + i` of the rows.
+pub struct Decoder<'r> {
+    reqs: &'r [Request],
+    /// The prefill sequence of each request: its prompt and the usable part of its draft.
+    fed: Vec<Vec<u32>>,
+    out: Vec<Vec<u32>>,
+}
+
+/// Rows of one packed pass, their width, and the member id of request 0 in them.
+pub type PassRows<'a> = (&'a [Row], usize, usize);
+
+impl<'r> Decoder<'r> {
+    /// Checks the requests (a prompt with no tokens is an error).
+    pub fn new(reqs: &'r [Request]) -> Result<Self> {
+        if let Some(i) = reqs.iter().position(|r| r.prompt.is_empty() && r.max_new > 0) {
+            bail!("decoding request {i}: the prompt has no tokens");
+        }
+        // Each request runs its prompt and the part of its draft that can still be followed by
+        // a chosen token within its budget.
+        let fed = reqs
+            .iter()
+            .map(|r| {
+                let d = r.draft.len().min(r.max_new.saturating_sub(1));
+                [r.prompt.as_slice(), &r.draft[..d]].concat()
+            })
+            .collect();
+        Ok(Self { reqs, fed, out: vec![Vec::new(); reqs.len()] })
+    }
+
+    /// The prefill sequences to pack, as member ids `offset + request index`.
+    pub fn sequences(&self, offset: usize) -> impl Iterator<Item = (usize, &[u32])> + '_ {
+        self.fed
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.reqs[*i].max_new > 0)
+            .map(move |(i, s)| (offset + i, s.as_slice()))
+    }
+
+    /// The flat positions (into rows × width) whose logits choose tokens: for each request in
+    /// the rows, in member order, its prompt's last token and every draft token it ran.
+    pub fn positions(&self, rows: &[Row], width: usize, offset: usize) -> Vec<u32> {
+        let mut at = Vec::new();
         for (r, row) in rows.iter().enumerate() {
-            for (s, path) in &row.members {
-                let p = reqs[*s].prompt.len();
-                at.extend(path[p - 1..fed[*s].len()].iter().map(|&j| (r * width + j) as u32));
+            for (s, path) in row.members.iter().filter(|(s, _)| *s >= offset) {
+                let i = s - offset;
+                let p = self.reqs[i].prompt.len();
+                at.extend(path[p - 1..self.fed[i].len()].iter().map(|&j| (r * width + j) as u32));
             }
         }
-        let picked =
-            pick(&model.logits_at(&h, &Tensor::new(at.as_slice(), model.device())?, Mode::Inference)?)?;
+        at
+    }
+
+    /// Continues the requests of one pass from the tokens chosen at [`Decoder::positions`]:
+    /// follows each draft as far as the choices agree with it, then decodes the rest
+    /// incrementally from the pass's keys/values `kv` (one `[rows, kv_heads, width, head_dim]`
+    /// pair per layer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn after_pass(
+        &mut self,
+        model: &Llama,
+        tok: &Tok,
+        (rows, width, offset): PassRows,
+        choices: &[u32],
+        kv: &[(Tensor, Tensor)],
+        pick: &mut Pick,
+        stop: &mut Stop,
+    ) -> Result<()> {
         let mut live = Vec::new();
         let mut k = 0;
         for (r, row) in rows.iter().enumerate() {
-            for (s, path) in &row.members {
-                let (s, req) = (*s, &reqs[*s]);
+            for (s, path) in row.members.iter().filter(|(s, _)| *s >= offset) {
+                let s = s - offset;
+                let req = &self.reqs[s];
+                let out = &mut self.out[s];
                 let p = req.prompt.len();
-                let n = fed[s].len() - p + 1;
-                let choices = &picked[k..k + n];
+                let n = self.fed[s].len() - p + 1;
+                let choices = &choices[k..k + n];
                 k += n;
                 let mut j = 0;
                 let finished = loop {
@@ -112,8 +168,8 @@ pub fn decode(
                     if Some(t) == tok.eos_id {
                         break true;
                     }
-                    out[s].push(t);
-                    if out[s].len() >= req.max_new || stop(s, &out[s]) {
+                    out.push(t);
+                    if out.len() >= req.max_new || stop(s, out) {
                         break true;
                     }
                     if j + 1 < n && t == req.draft[j] {
@@ -129,11 +185,19 @@ pub fn decode(
                 }
             }
         }
-        if !live.is_empty() {
-            steps(model, tok, reqs, &cap.kv, live, &mut out, pick, stop)?;
+        if k != choices.len() {
+            bail!("decoding: {} choices for {k} positions", choices.len());
         }
+        if !live.is_empty() {
+            steps(model, tok, self.reqs, kv, live, &mut self.out, pick, stop)?;
+        }
+        Ok(())
     }
-    Ok(out)
+
+    /// The decoded tokens of every request.
+    pub fn into_output(self) -> Vec<Vec<u32>> {
+        self.out
+    }
 }
 
 /// A continuation still going after the prefill.

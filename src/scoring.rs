@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
+use crate::decode::{greedy_pick, no_stop, Decoder, Request, Stop};
 use crate::infer::log_softmax;
 use crate::model::{Captured, Llama, Mode, Taps};
 use crate::packing::{pack, passes, row_batch, Row};
@@ -60,6 +61,19 @@ struct Seq {
 /// Scores each (prompt, answer) pair; tokens shared by several pairs' sequences from their start
 /// (the same prompt, or a common prefix of prompts) are computed once.
 pub fn score_answers(model: &Llama, tok: &Tok, pairs: &[(&str, &str)]) -> Result<Vec<AnswerScore>> {
+    Ok(score_and_decode(model, tok, pairs, &[], &mut no_stop)?.0)
+}
+
+/// [`score_answers`] and greedy [`crate::decode::decode`] of `reqs` in the same packed passes:
+/// a request's prompt (and draft) shares its tokens with the scored pairs' sequences, so a
+/// prompt that is both scored and continued is computed once.
+pub fn score_and_decode(
+    model: &Llama,
+    tok: &Tok,
+    pairs: &[(&str, &str)],
+    reqs: &[Request],
+    stop: &mut Stop,
+) -> Result<(Vec<AnswerScore>, Vec<Vec<u32>>)> {
     let mut seqs: Vec<Seq> = Vec::new();
     let mut distinct: HashMap<(Vec<u32>, Vec<u32>), usize> = HashMap::new();
     let mut at: Vec<usize> = Vec::with_capacity(pairs.len());
@@ -78,68 +92,85 @@ pub fn score_answers(model: &Llama, tok: &Tok, pairs: &[(&str, &str)]) -> Result
         }
         at.push(s);
     }
-    let mut rows = pack(
-        seqs.iter().enumerate().filter(|(_, s)| !s.answer.is_empty()).map(|(i, s)| (i, s.ids.as_slice())),
-    );
+    // Members below seqs.len() are scored sequences, the others decoding requests.
+    let mut dec = Decoder::new(reqs)?;
+    let scored =
+        seqs.iter().enumerate().filter(|(_, s)| !s.answer.is_empty()).map(|(i, s)| (i, s.ids.as_slice()));
+    let mut rows = pack(scored.chain(dec.sequences(seqs.len())));
     let mut scores: Vec<Option<AnswerScore>> = vec![None; seqs.len()];
     for (range, width) in passes(&mut rows) {
-        for (s, score) in score_rows(model, tok, &seqs, &rows[range], width)? {
+        for (s, score) in score_rows(model, tok, &seqs, (&rows[range], width), &mut dec, stop)? {
             scores[s] = Some(score);
         }
     }
-    Ok(at
+    let scores = at
         .into_iter()
         .map(|s| scores[s].clone().unwrap_or_else(|| AnswerScore::new(&seqs[s].answer, &[], Vec::new())))
-        .collect())
+        .collect();
+    Ok((scores, dec.into_output()))
 }
 
-/// One forward pass over `rows` (padded to `width`); the score of every sequence in them.
+/// One forward pass over `rows` (padded to `width`); the score of every scored sequence in them
+/// (members below `seqs.len()`), and the greedy decoding of the requests of `dec` in them.
 fn score_rows(
     model: &Llama,
     tok: &Tok,
     seqs: &[Seq],
-    rows: &[Row],
-    width: usize,
+    (rows, width): (&[Row], usize),
+    dec: &mut Decoder,
+    stop: &mut Stop,
 ) -> Result<Vec<(usize, AnswerScore)>> {
+    let offset = seqs.len();
+    let decoding = rows.iter().any(|r| r.members.iter().any(|(s, _)| *s >= offset));
     let (batch, ctx) = row_batch(model, rows, width, tok.pad_id)?;
-    let h = model.run_layers(
-        model.embed(&batch)?,
-        0..model.num_layers(),
-        &ctx,
-        &Taps::default(),
-        &mut Captured::default(),
-    )?;
+    let mut cap = Captured::default();
+    let taps = Taps { capture_kv: decoding, ..Default::default() };
+    let h = model.run_layers(model.embed(&batch)?, 0..model.num_layers(), &ctx, &taps, &mut cap)?;
     // Answer token j of a sequence is predicted at its token prompt_len - 1 + j; a position
     // predicting tokens of several answers (the prompt's last token) gets its logits once.
     let mut unique: Vec<u32> = Vec::new();
     let mut index: HashMap<usize, u32> = HashMap::new();
     let mut which: Vec<u32> = Vec::new();
     let mut targets: Vec<u32> = Vec::new();
+    let mut unique_index = |flat: usize| -> u32 {
+        *index.entry(flat).or_insert_with(|| {
+            unique.push(flat as u32);
+            unique.len() as u32 - 1
+        })
+    };
     for (r, row) in rows.iter().enumerate() {
-        for (s, path) in &row.members {
+        for (s, path) in row.members.iter().filter(|(s, _)| *s < offset) {
             let seq = &seqs[*s];
             for (j, &t) in seq.answer.iter().enumerate() {
-                let flat = r * width + path[seq.prompt_len - 1 + j];
-                let u = *index.entry(flat).or_insert_with(|| {
-                    unique.push(flat as u32);
-                    unique.len() as u32 - 1
-                });
-                which.push(u);
+                which.push(unique_index(r * width + path[seq.prompt_len - 1 + j]));
                 targets.push(t);
             }
         }
     }
+    // The decoder chooses its tokens greedily from the same logits.
+    let choose: Vec<u32> = if decoding {
+        dec.positions(rows, width, offset).into_iter().map(|f| unique_index(f as usize)).collect()
+    } else {
+        Vec::new()
+    };
     let dev = model.device();
     let logits = model.logits_at(&h, &Tensor::new(unique.as_slice(), dev)?, Mode::Inference)?;
+    let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    if decoding {
+        let choices: Vec<u32> = choose.iter().map(|&u| best[u as usize]).collect();
+        dec.after_pass(model, tok, (rows, width, offset), &choices, &cap.kv, &mut greedy_pick, stop)?;
+    }
+    if which.is_empty() {
+        return Ok(Vec::new());
+    }
     let lp = log_softmax(&logits)?.index_select(&Tensor::new(which.as_slice(), dev)?, 0)?;
     let picked: Vec<f32> =
         lp.gather(&Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?, 1)?.squeeze(1)?.to_vec1()?;
-    let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
     let argmax: Vec<u32> = which.iter().map(|&u| best[u as usize]).collect();
     let mut out = Vec::new();
     let mut at = 0;
     for row in rows {
-        for (s, _) in &row.members {
+        for (s, _) in row.members.iter().filter(|(s, _)| *s < offset) {
             let a = &seqs[*s].answer;
             let n = a.len();
             out.push((*s, AnswerScore::new(a, &picked[at..at + n], argmax[at..at + n].to_vec())));

@@ -17,7 +17,7 @@
 
 use anyhow::Result;
 
-use super::RecordScores;
+use super::{MetricSet, RecordScores};
 use crate::data::EditRecord;
 use crate::decode::{decode, greedy_pick, Request};
 use crate::model::Llama;
@@ -85,74 +85,112 @@ pub fn generation_scores(
     model: &Llama,
     tok: &Tok,
     records: &[EditRecord],
-    which: super::MetricSet,
+    which: MetricSet,
     reference: Option<&[RecordScores]>,
     scores: &mut [RecordScores],
 ) -> Result<()> {
-    let mut reqs: Vec<Request> = Vec::new();
-    let mut slots: Vec<(usize, Slot)> = Vec::new();
-    let mut targets: Vec<Option<&str>> = Vec::new();
-    let mut stop_at: Vec<Option<&[u32]>> = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        let mut target_prompts: Vec<(Option<usize>, &str)> = Vec::new();
-        if which.gen_efficacy {
-            target_prompts.push((None, &r.prompt));
-        }
-        if which.gen_generalization {
-            target_prompts.extend(r.rephrase_prompts.iter().enumerate().map(|(j, p)| (Some(j), p.as_str())));
-        }
-        for (j, p) in target_prompts {
-            let draft = tok.encode_continuation(p, &r.target_new)?;
-            let max_new = draft.len() + SLACK_TOKENS;
-            reqs.push(Request { prompt: tok.encode_prompt(p)?, draft, max_new });
-            slots.push((i, Slot::Target(j)));
-            targets.push(Some(&r.target_new));
-            stop_at.push(None);
-        }
-        if which.gen_locality {
-            for (j, l) in r.locality.iter().enumerate() {
-                let answer = tok.encode_continuation(&l.prompt, &l.answer)?;
-                let max_new = answer.len();
-                let refd = reference.and_then(|b| b.get(i)).and_then(|b| b.locality_greedy.get(j));
-                let draft = refd.cloned().unwrap_or(answer);
-                reqs.push(Request { prompt: tok.encode_prompt(&l.prompt)?, draft, max_new });
-                slots.push((i, Slot::Neighbour));
-                targets.push(None);
-                stop_at.push(refd.map(Vec::as_slice));
+    let plan = GenerationPlan::new(tok, records, which, reference)?;
+    let out = decode(model, tok, plan.requests(), &mut greedy_pick, &mut |k, t| plan.stop(tok, k, t))?;
+    plan.fill(tok, out, scores)
+}
+
+/// The greedy continuations the generation metrics of some records need (see
+/// [`generation_scores`]), when to stop each, and where each goes.
+pub struct GenerationPlan<'a> {
+    which: MetricSet,
+    reqs: Vec<Request>,
+    slots: Vec<(usize, Slot)>,
+    /// The text each continuation is compared with (edit and paraphrase prompts).
+    targets: Vec<Option<&'a str>>,
+    /// The unedited model's answer a neighbourhood continuation is compared with.
+    reference: Vec<Option<&'a [u32]>>,
+}
+
+impl<'a> GenerationPlan<'a> {
+    /// The continuations of the generation metrics of `which` on `records` (`reference`: the
+    /// unedited model's scores of the same records, if `records` are scored on an edited model).
+    pub fn new(
+        tok: &Tok,
+        records: &'a [EditRecord],
+        which: MetricSet,
+        reference: Option<&'a [RecordScores]>,
+    ) -> Result<Self> {
+        let mut plan =
+            Self { which, reqs: Vec::new(), slots: Vec::new(), targets: Vec::new(), reference: Vec::new() };
+        for (i, r) in records.iter().enumerate() {
+            let mut target_prompts: Vec<(Option<usize>, &str)> = Vec::new();
+            if which.gen_efficacy {
+                target_prompts.push((None, &r.prompt));
             }
-        }
-    }
-    let mut stop = |k: usize, toks: &[u32]| -> bool {
-        if let Some(t) = targets[k] {
-            // A continuation that does not decode (it will at the end) is not decided yet.
-            return tok.decode(toks).is_ok_and(|g| verdict(&g, t, false) != Verdict::Open);
-        }
-        stop_at[k].is_some_and(|r| toks.len() > r.len() || toks.iter().zip(r).any(|(a, b)| a != b))
-    };
-    let out = decode(model, tok, &reqs, &mut greedy_pick, &mut stop)?;
-    let mut para: Vec<Vec<f64>> = vec![Vec::new(); records.len()];
-    for s in scores.iter_mut() {
-        s.locality_greedy.clear();
-    }
-    for (((i, slot), gen), target) in slots.into_iter().zip(out).zip(&targets) {
-        match slot {
-            Slot::Target(j) => {
-                let text = tok.decode(&gen)?;
-                let hit = (verdict(&text, target.unwrap_or_default(), true) == Verdict::Match) as u8 as f64;
-                match j {
-                    None => scores[i].gen_efficacy = Some(hit),
-                    Some(_) => para[i].push(hit),
+            if which.gen_generalization {
+                target_prompts
+                    .extend(r.rephrase_prompts.iter().enumerate().map(|(j, p)| (Some(j), p.as_str())));
+            }
+            for (j, p) in target_prompts {
+                let draft = tok.encode_continuation(p, &r.target_new)?;
+                let max_new = draft.len() + SLACK_TOKENS;
+                plan.reqs.push(Request { prompt: tok.encode_prompt(p)?, draft, max_new });
+                plan.slots.push((i, Slot::Target(j)));
+                plan.targets.push(Some(&r.target_new));
+                plan.reference.push(None);
+            }
+            if which.gen_locality {
+                for (j, l) in r.locality.iter().enumerate() {
+                    let answer = tok.encode_continuation(&l.prompt, &l.answer)?;
+                    let max_new = answer.len();
+                    let refd = reference.and_then(|b| b.get(i)).and_then(|b| b.locality_greedy.get(j));
+                    let draft = refd.cloned().unwrap_or(answer);
+                    plan.reqs.push(Request { prompt: tok.encode_prompt(&l.prompt)?, draft, max_new });
+                    plan.slots.push((i, Slot::Neighbour));
+                    plan.targets.push(None);
+                    plan.reference.push(refd.map(Vec::as_slice));
                 }
             }
-            Slot::Neighbour => scores[i].locality_greedy.push(gen),
         }
+        Ok(plan)
     }
-    if which.gen_generalization {
-        for (s, p) in scores.iter_mut().zip(para) {
-            s.gen_generalization = (!p.is_empty()).then(|| p.iter().sum::<f64>() / p.len() as f64);
+
+    /// The decoding requests, in order.
+    pub fn requests(&self) -> &[Request] {
+        &self.reqs
+    }
+
+    /// Whether continuation `k`, at `tokens` so far, decides its outcome already.
+    pub fn stop(&self, tok: &Tok, k: usize, tokens: &[u32]) -> bool {
+        if let Some(t) = self.targets[k] {
+            // A continuation that does not decode (it will at the end) is not decided yet.
+            return tok.decode(tokens).is_ok_and(|g| verdict(&g, t, false) != Verdict::Open);
         }
+        self.reference[k].is_some_and(|r| tokens.len() > r.len() || tokens.iter().zip(r).any(|(a, b)| a != b))
     }
-    Ok(())
+
+    /// Fills the generation metrics of `scores` (one per record) from the decoded continuations.
+    pub fn fill(self, tok: &Tok, out: Vec<Vec<u32>>, scores: &mut [RecordScores]) -> Result<()> {
+        let mut para: Vec<Vec<f64>> = vec![Vec::new(); scores.len()];
+        for s in scores.iter_mut() {
+            s.locality_greedy.clear();
+        }
+        for (((i, slot), gen), target) in self.slots.into_iter().zip(out).zip(&self.targets) {
+            match slot {
+                Slot::Target(j) => {
+                    let text = tok.decode(&gen)?;
+                    let hit =
+                        (verdict(&text, target.unwrap_or_default(), true) == Verdict::Match) as u8 as f64;
+                    match j {
+                        None => scores[i].gen_efficacy = Some(hit),
+                        Some(_) => para[i].push(hit),
+                    }
+                }
+                Slot::Neighbour => scores[i].locality_greedy.push(gen),
+            }
+        }
+        if self.which.gen_generalization {
+            for (s, p) in scores.iter_mut().zip(para) {
+                s.gen_generalization = (!p.is_empty()).then(|| p.iter().sum::<f64>() / p.len() as f64);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Fills `gen_locality` of `edited`: the fraction of each record's neighbourhood prompts whose

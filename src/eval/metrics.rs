@@ -140,86 +140,109 @@ fn preference_rate(preferred: &[(usize, AnswerScore)], other: &[(usize, AnswerSc
     mean(&prefs)
 }
 
-/// Scores `records` (batched over records) on `model`.
+/// Scores `records` (batched over records) on `model`: the teacher-forced metrics of `which`.
 pub fn score_records(
     model: &Llama,
     tok: &Tok,
     records: &[EditRecord],
     which: MetricSet,
 ) -> Result<Vec<RecordScores>> {
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
-    let mut slots: Vec<(usize, Slot)> = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        let new = r.target_new.as_str();
-        let truth = r.ground_truth.as_deref();
-        if which.efficacy {
-            pairs.push((&r.prompt, new));
-            slots.push((i, Slot::EditNew));
-            if let Some(t) = truth {
-                pairs.push((&r.prompt, t));
-                slots.push((i, Slot::EditTrue));
-            }
-        }
-        if which.generalization {
-            for (j, p) in r.rephrase_prompts.iter().enumerate() {
-                pairs.push((p, new));
-                slots.push((i, Slot::ParaNew(j)));
+    let plan = TeacherForcedPlan::new(records, which);
+    // One call: score_answers computes each distinct prompt once and packs the rest.
+    let scores = score_answers(model, tok, &plan.pairs)?;
+    Ok(plan.fill(scores))
+}
+
+/// The (prompt, answer) pairs the teacher-forced metrics of some records need, and where each
+/// pair's score goes.
+pub struct TeacherForcedPlan<'a> {
+    /// The pairs to score, for [`crate::scoring::score_answers`].
+    pub pairs: Vec<(&'a str, &'a str)>,
+    slots: Vec<(usize, Slot)>,
+    records: usize,
+}
+
+impl<'a> TeacherForcedPlan<'a> {
+    /// The pairs of the teacher-forced metrics of `which` on `records`.
+    pub fn new(records: &'a [EditRecord], which: MetricSet) -> Self {
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        let mut slots: Vec<(usize, Slot)> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let new = r.target_new.as_str();
+            let truth = r.ground_truth.as_deref();
+            if which.efficacy {
+                pairs.push((&r.prompt, new));
+                slots.push((i, Slot::EditNew));
                 if let Some(t) = truth {
-                    pairs.push((p, t));
-                    slots.push((i, Slot::ParaTrue(j)));
+                    pairs.push((&r.prompt, t));
+                    slots.push((i, Slot::EditTrue));
+                }
+            }
+            if which.generalization {
+                for (j, p) in r.rephrase_prompts.iter().enumerate() {
+                    pairs.push((p, new));
+                    slots.push((i, Slot::ParaNew(j)));
+                    if let Some(t) = truth {
+                        pairs.push((p, t));
+                        slots.push((i, Slot::ParaTrue(j)));
+                    }
+                }
+            }
+            if which.locality {
+                for (j, l) in r.locality.iter().enumerate() {
+                    pairs.push((&l.prompt, &l.answer));
+                    slots.push((i, Slot::LocTrue(j)));
+                    pairs.push((&l.prompt, new));
+                    slots.push((i, Slot::LocNew(j)));
                 }
             }
         }
-        if which.locality {
-            for (j, l) in r.locality.iter().enumerate() {
-                pairs.push((&l.prompt, &l.answer));
-                slots.push((i, Slot::LocTrue(j)));
-                pairs.push((&l.prompt, new));
-                slots.push((i, Slot::LocNew(j)));
+        Self { pairs, slots, records: records.len() }
+    }
+
+    /// The records' scores from the scores of [`TeacherForcedPlan::pairs`], in order.
+    pub fn fill(self, scores: Vec<AnswerScore>) -> Vec<RecordScores> {
+        let (slots, n) = (self.slots, self.records);
+        let mut out = vec![RecordScores::default(); n];
+        // Gather per record.
+        #[derive(Default, Clone)]
+        struct Acc {
+            edit_new: Option<AnswerScore>,
+            edit_true: Option<AnswerScore>,
+            para_new: Vec<(usize, AnswerScore)>,
+            para_true: Vec<(usize, AnswerScore)>,
+            loc_true: Vec<(usize, AnswerScore)>,
+            loc_new: Vec<(usize, AnswerScore)>,
+        }
+        let mut acc = vec![Acc::default(); n];
+        for ((i, slot), s) in slots.into_iter().zip(scores) {
+            let a = &mut acc[i];
+            match slot {
+                Slot::EditNew => a.edit_new = Some(s),
+                Slot::EditTrue => a.edit_true = Some(s),
+                Slot::ParaNew(j) => a.para_new.push((j, s)),
+                Slot::ParaTrue(j) => a.para_true.push((j, s)),
+                Slot::LocTrue(j) => a.loc_true.push((j, s)),
+                Slot::LocNew(j) => a.loc_new.push((j, s)),
             }
         }
-    }
-    // One call: score_answers computes each distinct prompt once and packs the rest.
-    let scores = score_answers(model, tok, &pairs)?;
-    let mut out = vec![RecordScores::default(); records.len()];
-    // Gather per record.
-    #[derive(Default, Clone)]
-    struct Acc {
-        edit_new: Option<AnswerScore>,
-        edit_true: Option<AnswerScore>,
-        para_new: Vec<(usize, AnswerScore)>,
-        para_true: Vec<(usize, AnswerScore)>,
-        loc_true: Vec<(usize, AnswerScore)>,
-        loc_new: Vec<(usize, AnswerScore)>,
-    }
-    let mut acc = vec![Acc::default(); records.len()];
-    for ((i, slot), s) in slots.into_iter().zip(scores) {
-        let a = &mut acc[i];
-        match slot {
-            Slot::EditNew => a.edit_new = Some(s),
-            Slot::EditTrue => a.edit_true = Some(s),
-            Slot::ParaNew(j) => a.para_new.push((j, s)),
-            Slot::ParaTrue(j) => a.para_true.push((j, s)),
-            Slot::LocTrue(j) => a.loc_true.push((j, s)),
-            Slot::LocNew(j) => a.loc_new.push((j, s)),
+        for (o, a) in out.iter_mut().zip(acc) {
+            if let Some(n) = &a.edit_new {
+                o.efficacy_token_acc = Some(n.token_accuracy);
+                o.efficacy = a.edit_true.as_ref().map(|t| (n.mean_nll < t.mean_nll) as u8 as f64);
+            }
+            if !a.para_new.is_empty() {
+                o.generalization_token_acc =
+                    mean(&a.para_new.iter().map(|(_, s)| s.token_accuracy).collect::<Vec<_>>());
+                o.generalization = preference_rate(&a.para_new, &a.para_true);
+            }
+            if !a.loc_true.is_empty() {
+                o.locality = preference_rate(&a.loc_true, &a.loc_new);
+                o.locality_argmax = a.loc_true.iter().map(|(_, s)| s.argmax.clone()).collect();
+            }
         }
+        out
     }
-    for (o, a) in out.iter_mut().zip(acc) {
-        if let Some(n) = &a.edit_new {
-            o.efficacy_token_acc = Some(n.token_accuracy);
-            o.efficacy = a.edit_true.as_ref().map(|t| (n.mean_nll < t.mean_nll) as u8 as f64);
-        }
-        if !a.para_new.is_empty() {
-            o.generalization_token_acc =
-                mean(&a.para_new.iter().map(|(_, s)| s.token_accuracy).collect::<Vec<_>>());
-            o.generalization = preference_rate(&a.para_new, &a.para_true);
-        }
-        if !a.loc_true.is_empty() {
-            o.locality = preference_rate(&a.loc_true, &a.loc_new);
-            o.locality_argmax = a.loc_true.iter().map(|(_, s)| s.argmax.clone()).collect();
-        }
-    }
-    Ok(out)
 }
 
 /// Fills `locality_agreement` of `edited` by comparing its locality argmax tokens with `base`'s.

@@ -15,10 +15,13 @@ use crate::data::EditRecord;
 use crate::infer::greedy_ids;
 use crate::model::Llama;
 use crate::progress::Progress;
+use crate::scoring::{score_and_decode, score_answers};
 use crate::tokenizer::Tok;
 pub use baseline_cache::score_unedited;
-pub use generation::{generation_locality, generation_scores};
-pub use metrics::{locality_agreement, ngram_entropy, score_records, MetricSet, RecordScores};
+pub use generation::{generation_locality, generation_scores, GenerationPlan};
+pub use metrics::{
+    locality_agreement, ngram_entropy, score_records, MetricSet, RecordScores, TeacherForcedPlan,
+};
 pub use report::{parse_thresholds, summaries, Report, Threshold, Timing};
 pub use run_eval::{evaluate, read_records, EvalOptions, EvalRecords, EvalRun};
 
@@ -103,16 +106,9 @@ pub fn score_all(
     let bar = Progress::new(records.len() as u64, label, "records");
     let mut out = Vec::with_capacity(records.len());
     for (c, chunk) in records.chunks(RECORDS_PER_BATCH).enumerate() {
-        let mut s = if !(which.efficacy || which.generalization || which.locality) {
-            vec![RecordScores::default(); chunk.len()]
-        } else {
-            score_records(model, tok, chunk, which)?
-        };
-        if which.generation() {
-            let at = c * RECORDS_PER_BATCH;
-            let refs = reference.map(|r| &r[at..at + chunk.len()]);
-            generation_scores(model, tok, chunk, which, refs, &mut s)?;
-        }
+        let at = c * RECORDS_PER_BATCH;
+        let refs = reference.map(|r| &r[at..at + chunk.len()]);
+        let mut s = score_chunk(model, tok, chunk, which, refs)?;
         if which.fluency {
             for (scores, recs) in
                 s.chunks_mut(RECORDS_PER_GENERATION).zip(chunk.chunks(RECORDS_PER_GENERATION))
@@ -129,6 +125,28 @@ pub fn score_all(
     }
     bar.finish();
     Ok(out)
+}
+
+/// The teacher-forced and generation metrics of `records`, in one set of packed passes (prompts
+/// that are both scored and continued are computed once).
+fn score_chunk(
+    model: &Llama,
+    tok: &Tok,
+    records: &[EditRecord],
+    which: MetricSet,
+    reference: Option<&[RecordScores]>,
+) -> Result<Vec<RecordScores>> {
+    let tf = TeacherForcedPlan::new(records, which);
+    if !which.generation() {
+        let answers = score_answers(model, tok, &tf.pairs)?;
+        return Ok(tf.fill(answers));
+    }
+    let plan = GenerationPlan::new(tok, records, which, reference)?;
+    let (answers, gens) =
+        score_and_decode(model, tok, &tf.pairs, plan.requests(), &mut |k, t| plan.stop(tok, k, t))?;
+    let mut scores = tf.fill(answers);
+    plan.fill(tok, gens, &mut scores)?;
+    Ok(scores)
 }
 
 /// Generation entropy of the greedy continuations of each record's generation prompts (the
