@@ -75,6 +75,8 @@ struct Splice {
 pub struct LayerCtx {
     cos: Tensor,
     sin: Tensor,
+    /// The first halves of `cos`/`sin` as `[b, t, head_dim / 2]`, for the fused rotary kernel.
+    rope: (Tensor, Tensor),
     bias: Tensor,
     mode: Mode,
     splice: Option<Splice>,
@@ -99,7 +101,8 @@ impl LayerCtx {
     pub fn new(model: &Llama, batch: &Batch, mode: Mode) -> Result<Self> {
         let (cos, sin) = model.rotary(batch)?;
         let bias = batch.attention_bias(model.cfg.sliding_window, model.device())?;
-        Ok(Self { cos, sin, bias, mode, splice: None, append: false })
+        let rope = rope_halves(&cos, &sin)?;
+        Ok(Self { cos, sin, rope, bias, mode, splice: None, append: false })
     }
 
     /// The same tables for another mode.
@@ -107,6 +110,7 @@ impl LayerCtx {
         Self {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
+            rope: self.rope.clone(),
             bias: self.bias.clone(),
             mode,
             splice: self.splice.clone(),
@@ -137,9 +141,12 @@ impl LayerCtx {
             }
         }
         let (dev, dt) = (model.device(), model.dtype());
+        let cos = Tensor::from_vec(cos, (b, 1, t, half * 2), dev)?.to_dtype(dt)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, half * 2), dev)?.to_dtype(dt)?;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (b, 1, t, half * 2), dev)?.to_dtype(dt)?,
-            sin: Tensor::from_vec(sin, (b, 1, t, half * 2), dev)?.to_dtype(dt)?,
+            rope: rope_halves(&cos, &sin)?,
+            cos,
+            sin,
             bias: Tensor::from_vec(bias, (b, 1, t, t), dev)?,
             mode,
             splice: None,
@@ -204,9 +211,12 @@ impl LayerCtx {
         }
         let dev = model.device();
         let dt = model.dtype();
+        let cos = Tensor::from_vec(cos, (b, 1, s, half * 2), dev)?.to_dtype(dt)?;
+        let sin = Tensor::from_vec(sin, (b, 1, s, half * 2), dev)?.to_dtype(dt)?;
         let ctx = LayerCtx {
-            cos: Tensor::from_vec(cos, (b, 1, s, half * 2), dev)?.to_dtype(dt)?,
-            sin: Tensor::from_vec(sin, (b, 1, s, half * 2), dev)?.to_dtype(dt)?,
+            rope: rope_halves(&cos, &sin)?,
+            cos,
+            sin,
             bias: Tensor::from_vec(bias, (b, 1, s, t), dev)?,
             mode,
             append: false,
@@ -234,6 +244,26 @@ fn lin(x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Inference => linear(x, w),
         Mode::Differentiable => linear_const_grad(x, w),
+    }
+}
+
+/// The first halves of the rotary tables `[b, 1, t, hd]` (whose halves are equal) as
+/// contiguous `[b, t, hd / 2]`, the layout of candle's fused rotary kernel.
+fn rope_halves(cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    let half = |x: &Tensor| -> Result<Tensor> {
+        let hd = x.dim(D::Minus1)?;
+        x.squeeze(1)?.narrow(D::Minus1, 0, hd / 2)?.contiguous()
+    };
+    Ok((half(cos)?, half(sin)?))
+}
+
+/// The rotary embedding of `x: [b, heads, t, hd]` (contiguous) for `ctx`: candle's fused kernel
+/// in inference (the same products and sums, one pass, in parallel), [`apply_rotary`]'s ops
+/// (which have a backward) otherwise.
+fn rotary(x: &Tensor, ctx: &LayerCtx) -> Result<Tensor> {
+    match ctx.mode {
+        Mode::Inference => candle_nn::rotary_emb::rope(x, &ctx.rope.0, &ctx.rope.1),
+        Mode::Differentiable => apply_rotary(x, &ctx.cos, &ctx.sin),
     }
 }
 
@@ -285,8 +315,8 @@ impl Attention {
         let heads = |w: &Linear, n: usize| -> Result<Tensor> {
             proj(x, w, mode)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.n_head)?, &ctx.cos, &ctx.sin)?;
-        let k = apply_rotary(&heads(&self.k_proj, self.n_kv)?, &ctx.cos, &ctx.sin)?;
+        let q = rotary(&heads(&self.q_proj, self.n_head)?, ctx)?;
+        let k = rotary(&heads(&self.k_proj, self.n_kv)?, ctx)?;
         let v = heads(&self.v_proj, self.n_kv)?;
         let (k, v) = match (&ctx.splice, cache) {
             (Some(sp), Some((kc, vc))) => {
