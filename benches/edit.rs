@@ -111,9 +111,9 @@ fn main() -> anyhow::Result<()> {
         let eval_file = if shared.is_file() { shared } else { data.clone() };
         let eval_records: Vec<_> =
             EditReader::open(&eval_file)?.filter_map(Result::ok).map(|(_, r)| r).take(n_eval).collect();
-        let which = MetricSet { efficacy: true, generalization: true, locality: true, fluency: false };
+        let which = MetricSet { efficacy: true, generalization: true, locality: true, ..MetricSet::default() };
         let t = Instant::now();
-        score_all(&lm.model, &lm.tok, &eval_records, which, 0, "bench")?;
+        score_all(&lm.model, &lm.tok, &eval_records, which, 0, "bench", None)?;
         let eval_s = t.elapsed().as_secs_f64();
 
         let report = json!({

@@ -1,7 +1,9 @@
-//! Benchmark binary (JSON on stdout): evaluation records/s (efficacy, generalization, locality on
-//! one model, as `oedit eval --no-cache` scores it) on SmolLM2-135M in f32. Records: the first
-//! BENCH_EVAL_N (default 300) of BENCH_EVAL_FILE (default data/counterfact-sample.jsonl); threads:
-//! BENCH_THREADS (default 2); passes: BENCH_EVAL_REPEAT (default 1, the median is reported).
+//! Benchmark binary (JSON on stdout): evaluation records/s on one model, as `oedit eval --no-cache`
+//! scores it, on SmolLM2-135M in f32, for each metric set of BENCH_EVAL_SETS (`;`-separated
+//! `--metrics` values; default: the teacher-forced `efficacy,generalization,locality`, the
+//! generation metrics `gen`, and both). Records: the first BENCH_EVAL_N (default 300) of
+//! BENCH_EVAL_FILE (default data/counterfact-sample.jsonl); threads: BENCH_THREADS (default 2);
+//! passes: BENCH_EVAL_REPEAT (default 1, the median is reported).
 
 mod common;
 
@@ -30,24 +32,33 @@ fn main() -> anyhow::Result<()> {
         let lm = load_model(path.to_str().unwrap_or_default(), &DeviceSpec::Cpu, None)?;
         let records: Vec<_> =
             EditReader::open(&file)?.filter_map(Result::ok).map(|(_, r)| r).take(n).collect();
-        let which = MetricSet::parse("efficacy,generalization,locality").map_err(anyhow::Error::msg)?;
-        let mut secs = Vec::new();
-        for _ in 0..repeat {
-            let t = Instant::now();
-            score_all(&lm.model, &lm.tok, &records, which, 0, "bench")?;
-            secs.push(t.elapsed().as_secs_f64());
+        let sets = std::env::var("BENCH_EVAL_SETS").unwrap_or_else(|_| {
+            "efficacy,generalization,locality;gen;efficacy,generalization,locality,gen".into()
+        });
+        let mut results = Vec::new();
+        for set in sets.split(';').filter(|s| !s.trim().is_empty()) {
+            let which = MetricSet::parse(set).map_err(anyhow::Error::msg)?;
+            let mut secs = Vec::new();
+            for _ in 0..repeat {
+                let t = Instant::now();
+                score_all(&lm.model, &lm.tok, &records, which, 0, "bench", None)?;
+                secs.push(t.elapsed().as_secs_f64());
+            }
+            secs.sort_by(f64::total_cmp);
+            let median = secs[secs.len() / 2];
+            results.push(json!({
+                "metrics": set,
+                "seconds": secs,
+                "records_per_second": records.len() as f64 / median,
+            }));
         }
-        secs.sort_by(f64::total_cmp);
-        let median = secs[secs.len() / 2];
         let out = json!({
             "bench": "eval",
             "model": path.file_name().map(|f| f.to_string_lossy().into_owned()),
             "file": file.display().to_string(),
             "records": records.len(),
-            "metrics": "efficacy,generalization,locality",
             "threads": common::threads(),
-            "seconds": secs,
-            "records_per_second": records.len() as f64 / median,
+            "results": results,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         Ok(())

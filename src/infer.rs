@@ -1,10 +1,11 @@
-//! Inference helpers: teacher-forced scoring, greedy and sampled generation.
+//! Inference helpers: teacher-forced text scoring, greedy and sampled generation.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::LogitsProcessor;
 
-use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
+use crate::decode::{decode, greedy_pick, no_stop, Pick, Request};
+use crate::model::{Batch, Llama, Padding, Taps};
 use crate::tokenizer::Tok;
 
 /// The result of scoring a text.
@@ -43,80 +44,28 @@ pub fn score_text(model: &Llama, tok: &Tok, text: &str) -> Result<TextScore> {
 }
 
 /// Greedy continuation of each prompt, up to `max_tokens` new tokens (stops at EOS).
-/// Returns the generated token ids per prompt.
+/// Returns the generated token ids per prompt (batched: [`crate::decode`]).
 pub fn greedy_ids(
     model: &Llama,
     tok: &Tok,
     prompts: &[Vec<u32>],
     max_tokens: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    decode_ids(model, tok, prompts, max_tokens, &mut |logits| Ok(logits.argmax(D::Minus1)?.to_vec1()?))
+    decode_ids(model, tok, prompts, max_tokens, &mut greedy_pick)
 }
 
 /// Continuation of each prompt, up to `max_tokens` new tokens (stops at EOS), with the next
-/// token of every row chosen by `pick` from the rows' last logits `[rows, vocab]`.
-///
-/// Incremental decoding: one full pass over the (left-padded) prompts, then one token per row
-/// and step against the cached keys/values of every layer.
+/// token of every row chosen by `pick` from the rows' logits `[rows, vocab]`; all prompts
+/// decoded together with a key/value cache ([`crate::decode::decode`]).
 pub fn decode_ids(
     model: &Llama,
     tok: &Tok,
     prompts: &[Vec<u32>],
     max_tokens: usize,
-    pick: &mut dyn FnMut(&Tensor) -> Result<Vec<u32>>,
+    pick: &mut Pick,
 ) -> Result<Vec<Vec<u32>>> {
-    let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
-    let mut out = vec![Vec::new(); prompts.len()];
-    let mut done = vec![false; prompts.len()];
-    if max_tokens == 0 {
-        return Ok(out);
-    }
-    let n_layers = model.num_layers();
-    let mut batch = Batch::new(seqs.clone(), Padding::Left, tok.pad_id)?;
-    let ctx = LayerCtx::new(model, &batch, Mode::Inference)?;
-    let mut cap = Captured::default();
-    let taps = Taps { capture_kv: true, ..Default::default() };
-    let h = model.run_layers(model.embed(&batch)?, 0..n_layers, &ctx, &taps, &mut cap)?;
-    let mut cache = std::mem::take(&mut cap.kv);
-    let mut last = h.narrow(1, batch.seq_len() - 1, 1)?;
-    for step in 0..max_tokens {
-        let next = pick(&model.logits(&last, Mode::Inference)?.squeeze(1)?)?;
-        for (i, &t) in next.iter().enumerate() {
-            if !done[i] && Some(t) == tok.eos_id {
-                done[i] = true;
-            }
-            if !done[i] {
-                out[i].push(t);
-            }
-            // Every row grows by one token so that left-padded indices stay put.
-            seqs[i].push(t);
-        }
-        if step + 1 == max_tokens || done.iter().all(|d| *d) {
-            break;
-        }
-        batch = Batch::new(seqs.clone(), Padding::Left, tok.pad_id)?;
-        let starts: Vec<usize> = seqs.iter().map(|s| s.len() - 1).collect();
-        let suffix = LayerCtx::suffix(model, &batch, &starts, Mode::Inference)?;
-        for (k, v) in cache.iter_mut() {
-            let pad = |x: &Tensor| -> Result<Tensor> {
-                let (b, n, _, hd) = x.dims4()?;
-                Ok(Tensor::cat(&[x, &Tensor::zeros((b, n, 1, hd), x.dtype(), x.device())?], 2)?)
-            };
-            *k = pad(k)?;
-            *v = pad(v)?;
-        }
-        let d = model.config().hidden_size;
-        let h_new = model.embed(&batch)?.reshape(((), d))?.index_select(&suffix.gather, 0)?.reshape((
-            seqs.len(),
-            1,
-            d,
-        ))?;
-        let mut cap = Captured::default();
-        let taps = Taps { capture_kv: true, kv_cache: Some(&cache), ..Default::default() };
-        last = model.run_layers(h_new, 0..n_layers, &suffix.ctx, &taps, &mut cap)?;
-        cache = cap.kv;
-    }
-    Ok(out)
+    let reqs: Vec<Request> = prompts.iter().map(|p| Request::new(p.clone(), max_tokens)).collect();
+    decode(model, tok, &reqs, pick, &mut no_stop)
 }
 
 /// Greedy continuation of one text prompt, decoded.

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod decode;
 pub mod device;
 pub mod edit;
 pub mod eval;
@@ -15,6 +16,7 @@ pub mod limits;
 pub mod linalg;
 pub mod loader;
 pub mod model;
+pub mod packing;
 pub mod presets;
 pub mod progress;
 pub mod run;

@@ -14,8 +14,10 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 
+use crate::decode::{greedy_pick, no_stop, Decoder, Request, Stop};
 use crate::infer::log_softmax;
-use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
+use crate::model::{Captured, Llama, Mode, Taps};
+use crate::packing::{pack, passes, row_batch, Row};
 use crate::tokenizer::Tok;
 
 /// How a model scores one answer after one prompt.
@@ -49,14 +51,6 @@ impl AnswerScore {
     }
 }
 
-/// Tokens per packed row (a sequence longer than this gets a row of its own length). Attention
-/// costs grow with the row length squared; at this length they are a few percent of the linear
-/// layers' (on 300 CounterFact records, 64 and 96 ran at the same speed, 160 5% slower).
-const ROW_TOKENS: usize = 64;
-
-/// Tokens per forward pass (rows × row length), bounding the activations held at once.
-const FORWARD_TOKENS: usize = 1536;
-
 /// One distinct pair: the sequence `prompt + answer[..-1]` that scores it.
 struct Seq {
     ids: Vec<u32>,
@@ -64,20 +58,22 @@ struct Seq {
     answer: Vec<u32>,
 }
 
-/// A packed row: a token trie of sequences (each token sees its ancestors and itself).
-#[derive(Default)]
-struct Row {
-    ids: Vec<u32>,
-    parent: Vec<Option<usize>>,
-    /// Rotary position (depth in the trie).
-    depth: Vec<usize>,
-    /// The sequences in the row, with the row index of each of their tokens.
-    members: Vec<(usize, Vec<usize>)>,
-}
-
 /// Scores each (prompt, answer) pair; tokens shared by several pairs' sequences from their start
 /// (the same prompt, or a common prefix of prompts) are computed once.
 pub fn score_answers(model: &Llama, tok: &Tok, pairs: &[(&str, &str)]) -> Result<Vec<AnswerScore>> {
+    Ok(score_and_decode(model, tok, pairs, &[], &mut no_stop)?.0)
+}
+
+/// [`score_answers`] and greedy [`crate::decode::decode`] of `reqs` in the same packed passes:
+/// a request's prompt (and draft) shares its tokens with the scored pairs' sequences, so a
+/// prompt that is both scored and continued is computed once.
+pub fn score_and_decode(
+    model: &Llama,
+    tok: &Tok,
+    pairs: &[(&str, &str)],
+    reqs: &[Request],
+    stop: &mut Stop,
+) -> Result<(Vec<AnswerScore>, Vec<Vec<u32>>)> {
     let mut seqs: Vec<Seq> = Vec::new();
     let mut distinct: HashMap<(Vec<u32>, Vec<u32>), usize> = HashMap::new();
     let mut at: Vec<usize> = Vec::with_capacity(pairs.len());
@@ -96,130 +92,85 @@ pub fn score_answers(model: &Llama, tok: &Tok, pairs: &[(&str, &str)]) -> Result
         }
         at.push(s);
     }
-    // Sorted, sequences sharing a prefix are neighbours, and the longest prefix a sequence shares
-    // with any earlier one in its row is the one it shares with the previous sequence.
-    let mut order: Vec<usize> = (0..seqs.len()).filter(|&s| !seqs[s].answer.is_empty()).collect();
-    order.sort_by(|&x, &y| seqs[x].ids.cmp(&seqs[y].ids));
-    let mut rows: Vec<Row> = Vec::new();
-    let mut prev: Option<usize> = None;
-    for &s in &order {
-        let ids = &seqs[s].ids;
-        let mut lcp = match (prev, rows.last()) {
-            (Some(q), Some(_)) => ids.iter().zip(&seqs[q].ids).take_while(|(x, y)| x == y).count(),
-            _ => 0,
-        };
-        if rows.is_empty() || rows.last().is_some_and(|r| r.ids.len() + ids.len() - lcp > ROW_TOKENS) {
-            rows.push(Row::default());
-            lcp = 0;
-        }
-        let row = rows.last_mut().expect("a row");
-        let mut path: Vec<usize> = match row.members.last() {
-            Some((_, p)) => p[..lcp].to_vec(),
-            None => Vec::new(),
-        };
-        for (d, &t) in ids.iter().enumerate().skip(lcp) {
-            row.parent.push(path.last().copied());
-            row.depth.push(d);
-            row.ids.push(t);
-            path.push(row.ids.len() - 1);
-        }
-        row.members.push((s, path));
-        prev = Some(s);
-    }
+    // Members below seqs.len() are scored sequences, the others decoding requests.
+    let mut dec = Decoder::new(reqs)?;
+    let scored =
+        seqs.iter().enumerate().filter(|(_, s)| !s.answer.is_empty()).map(|(i, s)| (i, s.ids.as_slice()));
+    let mut rows = pack(scored.chain(dec.sequences(seqs.len())));
     let mut scores: Vec<Option<AnswerScore>> = vec![None; seqs.len()];
-    // Rows in groups of at most FORWARD_TOKENS tokens, longest first, so that a group's rows are
-    // of similar lengths.
-    rows.sort_by_key(|r| std::cmp::Reverse(r.ids.len()));
-    let mut start = 0;
-    while start < rows.len() {
-        let width = rows[start].ids.len();
-        let count = (FORWARD_TOKENS / width).max(1).min(rows.len() - start);
-        for (s, score) in score_rows(model, tok, &seqs, &rows[start..start + count], width)? {
+    for (range, width) in passes(&mut rows) {
+        for (s, score) in score_rows(model, tok, &seqs, (&rows[range], width), &mut dec, stop)? {
             scores[s] = Some(score);
         }
-        start += count;
     }
-    Ok(at
+    let scores = at
         .into_iter()
         .map(|s| scores[s].clone().unwrap_or_else(|| AnswerScore::new(&seqs[s].answer, &[], Vec::new())))
-        .collect())
+        .collect();
+    Ok((scores, dec.into_output()))
 }
 
-/// One forward pass over `rows` (padded to `width`); the score of every sequence in them.
+/// One forward pass over `rows` (padded to `width`); the score of every scored sequence in them
+/// (members below `seqs.len()`), and the greedy decoding of the requests of `dec` in them.
 fn score_rows(
     model: &Llama,
     tok: &Tok,
     seqs: &[Seq],
-    rows: &[Row],
-    width: usize,
+    (rows, width): (&[Row], usize),
+    dec: &mut Decoder,
+    stop: &mut Stop,
 ) -> Result<Vec<(usize, AnswerScore)>> {
-    let window = model.config().sliding_window;
-    let mut bias = vec![-1e9f32; rows.len() * width * width];
-    let mut positions = Vec::with_capacity(rows.len());
-    let mut ids = Vec::with_capacity(rows.len());
-    for (r, row) in rows.iter().enumerate() {
-        for i in 0..width {
-            let row_bias = &mut bias[(r * width + i) * width..(r * width + i + 1) * width];
-            if i >= row.ids.len() {
-                row_bias[i] = 0.0; // padding sees itself only
-                continue;
-            }
-            let mut k = Some(i);
-            while let Some(j) = k {
-                if window.is_some_and(|w| row.depth[i] - row.depth[j] >= w) {
-                    break;
-                }
-                row_bias[j] = 0.0;
-                k = row.parent[j];
-            }
-        }
-        let mut pos = row.depth.clone();
-        pos.resize(width, 0);
-        positions.push(pos);
-        let mut t = row.ids.clone();
-        t.resize(width, tok.pad_id);
-        ids.push(t);
-    }
-    let batch = Batch::new(ids, Padding::Right, tok.pad_id)?;
-    let ctx = LayerCtx::custom(model, &positions, bias, Mode::Inference)?;
-    let h = model.run_layers(
-        model.embed(&batch)?,
-        0..model.num_layers(),
-        &ctx,
-        &Taps::default(),
-        &mut Captured::default(),
-    )?;
+    let offset = seqs.len();
+    let decoding = rows.iter().any(|r| r.members.iter().any(|(s, _)| *s >= offset));
+    let (batch, ctx) = row_batch(model, rows, width, tok.pad_id)?;
+    let mut cap = Captured::default();
+    let taps = Taps { capture_kv: decoding, ..Default::default() };
+    let h = model.run_layers(model.embed(&batch)?, 0..model.num_layers(), &ctx, &taps, &mut cap)?;
     // Answer token j of a sequence is predicted at its token prompt_len - 1 + j; a position
     // predicting tokens of several answers (the prompt's last token) gets its logits once.
     let mut unique: Vec<u32> = Vec::new();
     let mut index: HashMap<usize, u32> = HashMap::new();
     let mut which: Vec<u32> = Vec::new();
     let mut targets: Vec<u32> = Vec::new();
+    let mut unique_index = |flat: usize| -> u32 {
+        *index.entry(flat).or_insert_with(|| {
+            unique.push(flat as u32);
+            unique.len() as u32 - 1
+        })
+    };
     for (r, row) in rows.iter().enumerate() {
-        for (s, path) in &row.members {
+        for (s, path) in row.members.iter().filter(|(s, _)| *s < offset) {
             let seq = &seqs[*s];
             for (j, &t) in seq.answer.iter().enumerate() {
-                let flat = r * width + path[seq.prompt_len - 1 + j];
-                let u = *index.entry(flat).or_insert_with(|| {
-                    unique.push(flat as u32);
-                    unique.len() as u32 - 1
-                });
-                which.push(u);
+                which.push(unique_index(r * width + path[seq.prompt_len - 1 + j]));
                 targets.push(t);
             }
         }
     }
+    // The decoder chooses its tokens greedily from the same logits.
+    let choose: Vec<u32> = if decoding {
+        dec.positions(rows, width, offset).into_iter().map(|f| unique_index(f as usize)).collect()
+    } else {
+        Vec::new()
+    };
     let dev = model.device();
     let logits = model.logits_at(&h, &Tensor::new(unique.as_slice(), dev)?, Mode::Inference)?;
+    let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    if decoding {
+        let choices: Vec<u32> = choose.iter().map(|&u| best[u as usize]).collect();
+        dec.after_pass(model, tok, (rows, width, offset), &choices, &cap.kv, &mut greedy_pick, stop)?;
+    }
+    if which.is_empty() {
+        return Ok(Vec::new());
+    }
     let lp = log_softmax(&logits)?.index_select(&Tensor::new(which.as_slice(), dev)?, 0)?;
     let picked: Vec<f32> =
         lp.gather(&Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?, 1)?.squeeze(1)?.to_vec1()?;
-    let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
     let argmax: Vec<u32> = which.iter().map(|&u| best[u as usize]).collect();
     let mut out = Vec::new();
     let mut at = 0;
     for row in rows {
-        for (s, _) in &row.members {
+        for (s, _) in row.members.iter().filter(|(s, _)| *s < offset) {
             let a = &seqs[*s].answer;
             let n = a.len();
             out.push((*s, AnswerScore::new(a, &picked[at..at + n], argmax[at..at + n].to_vec())));

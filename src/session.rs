@@ -198,7 +198,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             },
         };
         let t = Instant::now();
-        let all = MetricSet { efficacy: true, generalization: true, locality: true, fluency: false };
+        let all = MetricSet { efficacy: true, generalization: true, locality: true, ..MetricSet::default() };
         let before = if opts.eval_each {
             Some(score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?)
         } else {

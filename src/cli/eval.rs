@@ -34,7 +34,8 @@ pub struct EvalArgs {
     /// Edit records (JSONL, any supported format); with --run only the lines the run edited are used.
     #[arg(long)]
     pub edits: PathBuf,
-    /// Metrics: efficacy, generalization, locality, fluency (comma-separated).
+    /// Metrics (comma-separated): teacher-forced efficacy, generalization, locality; generation-based
+    /// gen_efficacy, gen_generalization, gen_locality (`gen` for all three) and fluency.
     #[arg(long, default_value = "efficacy,generalization,locality")]
     pub metrics: String,
     /// Evaluate at most this many records.
@@ -134,13 +135,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
 fn print_table(report: &Report, secs: f64) {
     let (edited, base): (&Summaries, Option<&Summaries>) =
         (&report.metrics.edited, report.metrics.unedited.as_ref());
-    eprintln!("{:<26} {:>10} {:>10} {:>7}", "metric", "edited", "unedited", "count");
-    for (name, _) in metric_columns() {
-        let Some(e) = edited.get(name) else { continue };
-        let b = base.and_then(|b| b.get(name)).map(|s| s.mean);
+    eprintln!("{:<26} {:<14} {:>10} {:>10} {:>7}", "metric", "protocol", "edited", "unedited", "count");
+    for c in metric_columns() {
+        let Some(e) = edited.get(c.name) else { continue };
+        let b = base.and_then(|b| b.get(c.name)).map(|s| s.mean);
         eprintln!(
-            "{:<26} {:>10.4} {:>10} {:>7}",
-            name,
+            "{:<26} {:<14} {:>10.4} {:>10} {:>7}",
+            c.name,
+            c.protocol,
             e.mean,
             b.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into()),
             e.count

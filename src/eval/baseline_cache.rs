@@ -27,6 +27,9 @@ struct Entry {
     key: String,
     scores: RecordScores,
     locality_argmax: Vec<Vec<u32>>,
+    /// Greedy neighbourhood answers (for gen_locality; absent in entries written before it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    locality_greedy: Vec<Vec<u32>>,
 }
 
 /// Where the cache of one model lives.
@@ -64,10 +67,12 @@ pub fn score_unedited(
     let missing: Vec<usize> = (0..records.len()).filter(|&i| !entries.contains_key(&keys[i])).collect();
     if !missing.is_empty() {
         let todo: Vec<EditRecord> = missing.iter().map(|&i| records[i].clone()).collect();
-        let scored = score_all(model, tok, &todo, which, gen_tokens, "unedited")?;
+        let scored = score_all(model, tok, &todo, which, gen_tokens, "unedited", None)?;
         for (&i, mut s) in missing.iter().zip(scored) {
             let locality_argmax = std::mem::take(&mut s.locality_argmax);
-            entries.insert(keys[i].clone(), Entry { key: keys[i].clone(), scores: s, locality_argmax });
+            let locality_greedy = std::mem::take(&mut s.locality_greedy);
+            let key = keys[i].clone();
+            entries.insert(key.clone(), Entry { key, scores: s, locality_argmax, locality_greedy });
         }
         // A cache that cannot be written costs time, not results.
         if let Err(e) = write_entries(&path, &entries) {
@@ -78,7 +83,11 @@ pub fn score_unedited(
         .iter()
         .map(|k| {
             let e = &entries[k];
-            RecordScores { locality_argmax: e.locality_argmax.clone(), ..e.scores.clone() }
+            RecordScores {
+                locality_argmax: e.locality_argmax.clone(),
+                locality_greedy: e.locality_greedy.clone(),
+                ..e.scores.clone()
+            }
         })
         .collect())
 }

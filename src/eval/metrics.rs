@@ -8,6 +8,9 @@
 //! - locality: neighbourhood score 1[NLL(true | p) < NLL(target_new | p)] on neighbourhood prompts;
 //!   locality_agreement: fraction of the locality answer's tokens whose argmax is unchanged
 //!   from the unedited model.
+//!
+//! The generation metrics (gen_efficacy, gen_generalization, gen_locality) decode greedily
+//! instead: see [`super::generation`].
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -17,8 +20,18 @@ use crate::model::Llama;
 use crate::scoring::{score_answers, AnswerScore};
 use crate::tokenizer::Tok;
 
-/// Metric names `--metrics` accepts.
-pub const METRICS: &[&str] = &["efficacy", "generalization", "locality", "fluency"];
+/// Metric names `--metrics` accepts (`gen` stands for the three generation metrics; `-` may
+/// replace `_`).
+pub const METRICS: &[&str] = &[
+    "efficacy",
+    "generalization",
+    "locality",
+    "fluency",
+    "gen_efficacy",
+    "gen_generalization",
+    "gen_locality",
+    "gen",
+];
 
 /// The scores of one record (None where the record lacks the prompts a metric needs).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -33,15 +46,42 @@ pub struct RecordScores {
     pub locality_argmax: Vec<Vec<u32>>,
     pub locality_agreement: Option<f64>,
     pub fluency: Option<f64>,
+    /// Whether the greedy continuation of the edit prompt starts with target_new (generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_efficacy: Option<f64>,
+    /// The same, averaged over the paraphrase prompts (generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_generalization: Option<f64>,
+    /// Fraction of neighbourhood prompts whose greedy answer is the unedited model's (generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen_locality: Option<f64>,
+    /// Greedy answer tokens on each neighbourhood prompt (compared across models for
+    /// gen_locality; a continuation that was stopped at its first difference from the unedited
+    /// model's ends with the differing token).
+    #[serde(skip_serializing, default)]
+    pub locality_greedy: Vec<Vec<u32>>,
 }
 
 /// Which metric families to compute.
+///
+/// Serialised into the keys of the unedited-score cache; the generation metrics are left out
+/// when off, so sets without them keep the keys they had before those metrics existed.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct MetricSet {
     pub efficacy: bool,
     pub generalization: bool,
     pub locality: bool,
     pub fluency: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub gen_efficacy: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub gen_generalization: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub gen_locality: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl MetricSet {
@@ -49,18 +89,27 @@ impl MetricSet {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut m = MetricSet::default();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match name {
+            match name.replace('-', "_").as_str() {
                 "efficacy" => m.efficacy = true,
                 "generalization" | "generalisation" => m.generalization = true,
                 "locality" => m.locality = true,
                 "fluency" => m.fluency = true,
-                other => return Err(format!("unknown metric `{other}` (known: {})", METRICS.join(", "))),
+                "gen_efficacy" => m.gen_efficacy = true,
+                "gen_generalization" | "gen_generalisation" => m.gen_generalization = true,
+                "gen_locality" => m.gen_locality = true,
+                "gen" => (m.gen_efficacy, m.gen_generalization, m.gen_locality) = (true, true, true),
+                _ => return Err(format!("unknown metric `{name}` (known: {})", METRICS.join(", "))),
             }
         }
-        if !(m.efficacy || m.generalization || m.locality || m.fluency) {
+        if !(m.efficacy || m.generalization || m.locality || m.fluency || m.generation()) {
             return Err("no metric given".into());
         }
         Ok(m)
+    }
+
+    /// Whether any generation metric (gen_efficacy, gen_generalization, gen_locality) is on.
+    pub fn generation(self) -> bool {
+        self.gen_efficacy || self.gen_generalization || self.gen_locality
     }
 }
 
@@ -91,86 +140,109 @@ fn preference_rate(preferred: &[(usize, AnswerScore)], other: &[(usize, AnswerSc
     mean(&prefs)
 }
 
-/// Scores `records` (batched over records) on `model`.
+/// Scores `records` (batched over records) on `model`: the teacher-forced metrics of `which`.
 pub fn score_records(
     model: &Llama,
     tok: &Tok,
     records: &[EditRecord],
     which: MetricSet,
 ) -> Result<Vec<RecordScores>> {
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
-    let mut slots: Vec<(usize, Slot)> = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        let new = r.target_new.as_str();
-        let truth = r.ground_truth.as_deref();
-        if which.efficacy {
-            pairs.push((&r.prompt, new));
-            slots.push((i, Slot::EditNew));
-            if let Some(t) = truth {
-                pairs.push((&r.prompt, t));
-                slots.push((i, Slot::EditTrue));
-            }
-        }
-        if which.generalization {
-            for (j, p) in r.rephrase_prompts.iter().enumerate() {
-                pairs.push((p, new));
-                slots.push((i, Slot::ParaNew(j)));
+    let plan = TeacherForcedPlan::new(records, which);
+    // One call: score_answers computes each distinct prompt once and packs the rest.
+    let scores = score_answers(model, tok, &plan.pairs)?;
+    Ok(plan.fill(scores))
+}
+
+/// The (prompt, answer) pairs the teacher-forced metrics of some records need, and where each
+/// pair's score goes.
+pub struct TeacherForcedPlan<'a> {
+    /// The pairs to score, for [`crate::scoring::score_answers`].
+    pub pairs: Vec<(&'a str, &'a str)>,
+    slots: Vec<(usize, Slot)>,
+    records: usize,
+}
+
+impl<'a> TeacherForcedPlan<'a> {
+    /// The pairs of the teacher-forced metrics of `which` on `records`.
+    pub fn new(records: &'a [EditRecord], which: MetricSet) -> Self {
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        let mut slots: Vec<(usize, Slot)> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let new = r.target_new.as_str();
+            let truth = r.ground_truth.as_deref();
+            if which.efficacy {
+                pairs.push((&r.prompt, new));
+                slots.push((i, Slot::EditNew));
                 if let Some(t) = truth {
-                    pairs.push((p, t));
-                    slots.push((i, Slot::ParaTrue(j)));
+                    pairs.push((&r.prompt, t));
+                    slots.push((i, Slot::EditTrue));
+                }
+            }
+            if which.generalization {
+                for (j, p) in r.rephrase_prompts.iter().enumerate() {
+                    pairs.push((p, new));
+                    slots.push((i, Slot::ParaNew(j)));
+                    if let Some(t) = truth {
+                        pairs.push((p, t));
+                        slots.push((i, Slot::ParaTrue(j)));
+                    }
+                }
+            }
+            if which.locality {
+                for (j, l) in r.locality.iter().enumerate() {
+                    pairs.push((&l.prompt, &l.answer));
+                    slots.push((i, Slot::LocTrue(j)));
+                    pairs.push((&l.prompt, new));
+                    slots.push((i, Slot::LocNew(j)));
                 }
             }
         }
-        if which.locality {
-            for (j, l) in r.locality.iter().enumerate() {
-                pairs.push((&l.prompt, &l.answer));
-                slots.push((i, Slot::LocTrue(j)));
-                pairs.push((&l.prompt, new));
-                slots.push((i, Slot::LocNew(j)));
+        Self { pairs, slots, records: records.len() }
+    }
+
+    /// The records' scores from the scores of [`TeacherForcedPlan::pairs`], in order.
+    pub fn fill(self, scores: Vec<AnswerScore>) -> Vec<RecordScores> {
+        let (slots, n) = (self.slots, self.records);
+        let mut out = vec![RecordScores::default(); n];
+        // Gather per record.
+        #[derive(Default, Clone)]
+        struct Acc {
+            edit_new: Option<AnswerScore>,
+            edit_true: Option<AnswerScore>,
+            para_new: Vec<(usize, AnswerScore)>,
+            para_true: Vec<(usize, AnswerScore)>,
+            loc_true: Vec<(usize, AnswerScore)>,
+            loc_new: Vec<(usize, AnswerScore)>,
+        }
+        let mut acc = vec![Acc::default(); n];
+        for ((i, slot), s) in slots.into_iter().zip(scores) {
+            let a = &mut acc[i];
+            match slot {
+                Slot::EditNew => a.edit_new = Some(s),
+                Slot::EditTrue => a.edit_true = Some(s),
+                Slot::ParaNew(j) => a.para_new.push((j, s)),
+                Slot::ParaTrue(j) => a.para_true.push((j, s)),
+                Slot::LocTrue(j) => a.loc_true.push((j, s)),
+                Slot::LocNew(j) => a.loc_new.push((j, s)),
             }
         }
-    }
-    // One call: score_answers computes each distinct prompt once and packs the rest.
-    let scores = score_answers(model, tok, &pairs)?;
-    let mut out = vec![RecordScores::default(); records.len()];
-    // Gather per record.
-    #[derive(Default, Clone)]
-    struct Acc {
-        edit_new: Option<AnswerScore>,
-        edit_true: Option<AnswerScore>,
-        para_new: Vec<(usize, AnswerScore)>,
-        para_true: Vec<(usize, AnswerScore)>,
-        loc_true: Vec<(usize, AnswerScore)>,
-        loc_new: Vec<(usize, AnswerScore)>,
-    }
-    let mut acc = vec![Acc::default(); records.len()];
-    for ((i, slot), s) in slots.into_iter().zip(scores) {
-        let a = &mut acc[i];
-        match slot {
-            Slot::EditNew => a.edit_new = Some(s),
-            Slot::EditTrue => a.edit_true = Some(s),
-            Slot::ParaNew(j) => a.para_new.push((j, s)),
-            Slot::ParaTrue(j) => a.para_true.push((j, s)),
-            Slot::LocTrue(j) => a.loc_true.push((j, s)),
-            Slot::LocNew(j) => a.loc_new.push((j, s)),
+        for (o, a) in out.iter_mut().zip(acc) {
+            if let Some(n) = &a.edit_new {
+                o.efficacy_token_acc = Some(n.token_accuracy);
+                o.efficacy = a.edit_true.as_ref().map(|t| (n.mean_nll < t.mean_nll) as u8 as f64);
+            }
+            if !a.para_new.is_empty() {
+                o.generalization_token_acc =
+                    mean(&a.para_new.iter().map(|(_, s)| s.token_accuracy).collect::<Vec<_>>());
+                o.generalization = preference_rate(&a.para_new, &a.para_true);
+            }
+            if !a.loc_true.is_empty() {
+                o.locality = preference_rate(&a.loc_true, &a.loc_new);
+                o.locality_argmax = a.loc_true.iter().map(|(_, s)| s.argmax.clone()).collect();
+            }
         }
+        out
     }
-    for (o, a) in out.iter_mut().zip(acc) {
-        if let Some(n) = &a.edit_new {
-            o.efficacy_token_acc = Some(n.token_accuracy);
-            o.efficacy = a.edit_true.as_ref().map(|t| (n.mean_nll < t.mean_nll) as u8 as f64);
-        }
-        if !a.para_new.is_empty() {
-            o.generalization_token_acc =
-                mean(&a.para_new.iter().map(|(_, s)| s.token_accuracy).collect::<Vec<_>>());
-            o.generalization = preference_rate(&a.para_new, &a.para_true);
-        }
-        if !a.loc_true.is_empty() {
-            o.locality = preference_rate(&a.loc_true, &a.loc_new);
-            o.locality_argmax = a.loc_true.iter().map(|(_, s)| s.argmax.clone()).collect();
-        }
-    }
-    Ok(out)
 }
 
 /// Fills `locality_agreement` of `edited` by comparing its locality argmax tokens with `base`'s.

@@ -1,21 +1,27 @@
 //! `oedit eval`: efficacy, generalization, locality and fluency of an edited model against the
-//! unedited one, on the same records, with the protocol written into every report.
+//! unedited one, on the same records, with the protocol written into every report: the
+//! teacher-forced metrics ([`metrics`]) and the generation-based ones ([`generation`]).
 
 pub mod baseline_cache;
+pub mod generation;
 pub mod metrics;
 pub mod report;
 pub mod run_eval;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::data::EditRecord;
 use crate::infer::greedy_ids;
 use crate::model::Llama;
 use crate::progress::Progress;
+use crate::scoring::{score_and_decode, score_answers};
 use crate::tokenizer::Tok;
 pub use baseline_cache::score_unedited;
-pub use metrics::{locality_agreement, ngram_entropy, score_records, MetricSet, RecordScores};
+pub use generation::{generation_locality, generation_scores, GenerationPlan};
+pub use metrics::{
+    locality_agreement, ngram_entropy, score_records, MetricSet, RecordScores, TeacherForcedPlan,
+};
 pub use report::{parse_thresholds, summaries, Report, Threshold, Timing};
 pub use run_eval::{evaluate, read_records, EvalOptions, EvalRecords, EvalRun};
 
@@ -26,37 +32,65 @@ const RECORDS_PER_BATCH: usize = 256;
 /// Records per fluency batch (greedy generation of all their prompts at once).
 const RECORDS_PER_GENERATION: usize = 16;
 
-/// Mean and count of one metric on one model.
+/// Mean and count of one metric on one model, with the protocol it was measured under.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Summary {
     pub mean: f64,
     pub count: usize,
+    /// [`TEACHER_FORCED`] or [`GENERATION`].
+    pub protocol: &'static str,
 }
 
-/// Summarises one metric over records.
-pub fn summarize(values: impl Iterator<Item = Option<f64>>) -> Option<Summary> {
+/// Protocol label of a metric scored on given answers under teacher forcing.
+pub const TEACHER_FORCED: &str = "teacher-forced";
+/// Protocol label of a metric computed from the model's own greedy generations.
+pub const GENERATION: &str = "generation";
+
+/// Summarises one metric, measured under `protocol`, over records.
+pub fn summarize(values: impl Iterator<Item = Option<f64>>, protocol: &'static str) -> Option<Summary> {
     let v: Vec<f64> = values.flatten().collect();
-    (!v.is_empty()).then(|| Summary { mean: v.iter().sum::<f64>() / v.len() as f64, count: v.len() })
+    (!v.is_empty()).then(|| Summary {
+        mean: v.iter().sum::<f64>() / v.len() as f64,
+        count: v.len(),
+        protocol,
+    })
 }
 
 /// Reads one metric of a record's scores.
 pub type MetricGetter = fn(&RecordScores) -> Option<f64>;
 
-/// The names of the reported metrics, in report order, with an accessor.
-pub fn metric_columns() -> Vec<(&'static str, MetricGetter)> {
+/// One reported metric.
+#[derive(Clone, Copy)]
+pub struct MetricColumn {
+    /// Its name in reports and `--fail-under`.
+    pub name: &'static str,
+    /// [`TEACHER_FORCED`] or [`GENERATION`].
+    pub protocol: &'static str,
+    /// Reads it from a record's scores.
+    pub get: MetricGetter,
+}
+
+/// The reported metrics, in report order.
+pub fn metric_columns() -> Vec<MetricColumn> {
+    let col = |name, protocol, get| MetricColumn { name, protocol, get };
     vec![
-        ("efficacy", |r| r.efficacy),
-        ("efficacy_token_acc", |r| r.efficacy_token_acc),
-        ("generalization", |r| r.generalization),
-        ("generalization_token_acc", |r| r.generalization_token_acc),
-        ("locality", |r| r.locality),
-        ("locality_agreement", |r| r.locality_agreement),
-        ("fluency", |r| r.fluency),
+        col("efficacy", TEACHER_FORCED, |r| r.efficacy),
+        col("efficacy_token_acc", TEACHER_FORCED, |r| r.efficacy_token_acc),
+        col("generalization", TEACHER_FORCED, |r| r.generalization),
+        col("generalization_token_acc", TEACHER_FORCED, |r| r.generalization_token_acc),
+        col("locality", TEACHER_FORCED, |r| r.locality),
+        col("locality_agreement", TEACHER_FORCED, |r| r.locality_agreement),
+        col("gen_efficacy", GENERATION, |r| r.gen_efficacy),
+        col("gen_generalization", GENERATION, |r| r.gen_generalization),
+        col("gen_locality", GENERATION, |r| r.gen_locality),
+        col("fluency", GENERATION, |r| r.fluency),
     ]
 }
 
 /// Scores all `records` on `model` in batches, with a progress bar; fluency from greedy
-/// generations of `gen_tokens` tokens on the generation prompts (else the edit prompt).
+/// generations of `gen_tokens` tokens on the generation prompts (else the edit prompt); the
+/// generation metrics with `reference`, the unedited model's scores of the same records when
+/// `model` is an edited one (see [`generation_scores`]).
 pub fn score_all(
     model: &Llama,
     tok: &Tok,
@@ -64,11 +98,17 @@ pub fn score_all(
     which: MetricSet,
     gen_tokens: usize,
     label: &str,
+    reference: Option<&[RecordScores]>,
 ) -> Result<Vec<RecordScores>> {
+    if let Some(r) = reference.filter(|r| r.len() != records.len()) {
+        bail!("{} reference scores for {} records", r.len(), records.len());
+    }
     let bar = Progress::new(records.len() as u64, label, "records");
     let mut out = Vec::with_capacity(records.len());
-    for chunk in records.chunks(RECORDS_PER_BATCH) {
-        let mut s = score_records(model, tok, chunk, which)?;
+    for (c, chunk) in records.chunks(RECORDS_PER_BATCH).enumerate() {
+        let at = c * RECORDS_PER_BATCH;
+        let refs = reference.map(|r| &r[at..at + chunk.len()]);
+        let mut s = score_chunk(model, tok, chunk, which, refs)?;
         if which.fluency {
             for (scores, recs) in
                 s.chunks_mut(RECORDS_PER_GENERATION).zip(chunk.chunks(RECORDS_PER_GENERATION))
@@ -85,6 +125,28 @@ pub fn score_all(
     }
     bar.finish();
     Ok(out)
+}
+
+/// The teacher-forced and generation metrics of `records`, in one set of packed passes (prompts
+/// that are both scored and continued are computed once).
+fn score_chunk(
+    model: &Llama,
+    tok: &Tok,
+    records: &[EditRecord],
+    which: MetricSet,
+    reference: Option<&[RecordScores]>,
+) -> Result<Vec<RecordScores>> {
+    let tf = TeacherForcedPlan::new(records, which);
+    if !which.generation() {
+        let answers = score_answers(model, tok, &tf.pairs)?;
+        return Ok(tf.fill(answers));
+    }
+    let plan = GenerationPlan::new(tok, records, which, reference)?;
+    let (answers, gens) =
+        score_and_decode(model, tok, &tf.pairs, plan.requests(), &mut |k, t| plan.stop(tok, k, t))?;
+    let mut scores = tf.fill(answers);
+    plan.fill(tok, gens, &mut scores)?;
+    Ok(scores)
 }
 
 /// Generation entropy of the greedy continuations of each record's generation prompts (the

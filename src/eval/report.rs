@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use serde::Serialize;
 
+use super::generation::SLACK_TOKENS;
 use super::{metric_columns, summarize, RecordScores, Summary};
 use crate::data::RecordError;
 use crate::errors::InputError;
@@ -122,6 +123,15 @@ pub struct Protocol {
     pub locality_agreement: &'static str,
     /// Definition of `fluency` (with the generated token count).
     pub fluency: String,
+    /// Definition of `gen_efficacy`.
+    pub gen_efficacy: String,
+    /// Definition of `gen_generalization`.
+    pub gen_generalization: &'static str,
+    /// Definition of `gen_locality`.
+    pub gen_locality: &'static str,
+    /// The protocol of each metric: `teacher-forced` (answers given, scored token by token) or
+    /// `generation` (the model's own greedy continuation).
+    pub metric_protocols: BTreeMap<&'static str, &'static str>,
     /// How prompts and answers are tokenised.
     pub prompt_form: PromptForm,
 }
@@ -148,6 +158,10 @@ impl Protocol {
             locality: "binary: mean NLL(true answer) < mean NLL(target_new) on neighbourhood prompts (neighbourhood score)",
             locality_agreement: "fraction of the locality answer's tokens whose teacher-forced argmax is unchanged from the unedited model",
             fluency: format!("generation entropy: mean of (2/3)H2 and (4/3)H3 of word n-grams (bits) of {gen_tokens} greedy tokens per generation prompt (edit prompt when none)"),
+            gen_efficacy: format!("binary: the greedy continuation of the edit prompt (at most target_new's token count + {SLACK_TOKENS} tokens) starts with target_new, compared as text after dropping its leading whitespace, case-insensitively, ending at a word boundary (end of text or a non-alphanumeric character)"),
+            gen_generalization: "as gen_efficacy, averaged over the paraphrase prompts",
+            gen_locality: "fraction of neighbourhood prompts whose greedy answer (as many tokens as the true answer has) is token for token the unedited model's (1.0 for the unedited model by definition)",
+            metric_protocols: metric_columns().iter().map(|c| (c.name, c.protocol)).collect(),
             prompt_form: PromptForm {
                 bos,
                 answer_leading_space: "a space is inserted between prompt and answer unless the prompt ends with whitespace; answer tokens are the suffix of the joint tokenisation",
@@ -182,7 +196,7 @@ pub struct PerRecord {
 pub fn summaries(scores: &[RecordScores]) -> Summaries {
     metric_columns()
         .into_iter()
-        .filter_map(|(name, get)| summarize(scores.iter().map(get)).map(|s| (name.to_string(), s)))
+        .filter_map(|c| summarize(scores.iter().map(c.get), c.protocol).map(|s| (c.name.to_string(), s)))
         .collect()
 }
 
@@ -197,7 +211,7 @@ pub struct Threshold {
 
 /// Parses `efficacy=0.9,locality=0.5` (an [`InputError`] for an unknown metric or a bad value).
 pub fn parse_thresholds(s: &str) -> Result<Vec<Threshold>> {
-    let known: Vec<&str> = metric_columns().iter().map(|(n, _)| *n).collect();
+    let known: Vec<&str> = metric_columns().iter().map(|c| c.name).collect();
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {

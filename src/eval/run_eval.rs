@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use super::report::{
     summaries, Metrics, ModelInfo, PerRecord, Protocol, RecordsInfo, Report, RunInfo, Skipped, Timing,
 };
-use super::{locality_agreement, score_all, score_unedited, MetricSet, RecordScores};
+use super::{generation_locality, locality_agreement, score_all, score_unedited, MetricSet, RecordScores};
 use crate::data::{EditReader, EditRecord};
 use crate::edit::AppliedUpdate;
 use crate::errors::InputError;
@@ -197,7 +197,7 @@ pub fn evaluate(
         if opts.use_cache {
             score_unedited(model, tok, fp, records, which, gen_tokens)
         } else {
-            score_all(model, tok, records, which, gen_tokens, "unedited")
+            score_all(model, tok, records, which, gen_tokens, "unedited", None)
         }
     };
     let (mut base_scores, mut edited_scores, n_edits) = match (&opts.run, opts.timing) {
@@ -207,7 +207,8 @@ pub fn evaluate(
             let n = opts.at.unwrap_or(state.n_edits);
             let updates = updates_of_first(run.dir, &state, n, run.manifest)?;
             replay(&mut lm.model, updates)?;
-            let edited = score_all(&lm.model, &lm.tok, records, which, gen_tokens, "edited")?;
+            // The unedited greedy answers are the drafts of the edited model's gen_locality.
+            let edited = score_all(&lm.model, &lm.tok, records, which, gen_tokens, "edited", Some(&base))?;
             (Some(base), edited, Some(n))
         }
         (Some(run), Timing::AfterEach) => {
@@ -232,11 +233,13 @@ pub fn evaluate(
     if let Some(base) = &base_scores {
         if opts.timing == Timing::AfterAll {
             locality_agreement(&mut edited_scores, base);
+            generation_locality(&mut edited_scores, base);
         }
     }
     if let Some(b) = base_scores.as_mut() {
         let copy = b.clone();
         locality_agreement(b, &copy);
+        generation_locality(b, &copy);
     }
 
     let per_record = opts.per_record.then(|| {

@@ -44,7 +44,8 @@ pub struct Taps<'a> {
     /// Capture every run layer's attention keys/values (after rope, before head repetition).
     pub capture_kv: bool,
     /// Keys/values of the full sequences per layer (indexed by layer), for a suffix run
-    /// (a [`LayerCtx::suffix`] context): only the suffix positions are recomputed.
+    /// (a [`LayerCtx::suffix`] context): only the suffix positions are recomputed; or the keys/values
+    /// a decoding step ([`LayerCtx::step`]) attends to before its own token.
     pub kv_cache: Option<&'a [(Tensor, Tensor)]>,
 }
 
@@ -56,7 +57,8 @@ pub struct Captured {
     /// MLP output at that same layer, `[batch, seq, hidden]`.
     pub mlp_out: Option<Tensor>,
     /// Attention keys/values `[batch, kv_heads, seq, head_dim]` of each run layer, in order
-    /// (full length: for a suffix run, the cache with the suffix spliced in).
+    /// (full length: for a suffix run, the cache with the suffix spliced in; for a decoding step,
+    /// the cache with the step's token appended).
     pub kv: Vec<(Tensor, Tensor)>,
 }
 
@@ -73,9 +75,13 @@ struct Splice {
 pub struct LayerCtx {
     cos: Tensor,
     sin: Tensor,
+    /// The first halves of `cos`/`sin` as `[b, t, head_dim / 2]`, for the fused rotary kernel.
+    rope: (Tensor, Tensor),
     bias: Tensor,
     mode: Mode,
     splice: Option<Splice>,
+    /// Attend to the cached keys/values followed by this pass's own (incremental decoding).
+    append: bool,
 }
 
 /// The suffix of each row from a start position, padded to a common length.
@@ -95,7 +101,8 @@ impl LayerCtx {
     pub fn new(model: &Llama, batch: &Batch, mode: Mode) -> Result<Self> {
         let (cos, sin) = model.rotary(batch)?;
         let bias = batch.attention_bias(model.cfg.sliding_window, model.device())?;
-        Ok(Self { cos, sin, bias, mode, splice: None })
+        let rope = rope_halves(&cos, &sin)?;
+        Ok(Self { cos, sin, rope, bias, mode, splice: None, append: false })
     }
 
     /// The same tables for another mode.
@@ -103,9 +110,11 @@ impl LayerCtx {
         Self {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
+            rope: self.rope.clone(),
             bias: self.bias.clone(),
             mode,
             splice: self.splice.clone(),
+            append: self.append,
         }
     }
 
@@ -132,13 +141,33 @@ impl LayerCtx {
             }
         }
         let (dev, dt) = (model.device(), model.dtype());
+        let cos = Tensor::from_vec(cos, (b, 1, t, half * 2), dev)?.to_dtype(dt)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, half * 2), dev)?.to_dtype(dt)?;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (b, 1, t, half * 2), dev)?.to_dtype(dt)?,
-            sin: Tensor::from_vec(sin, (b, 1, t, half * 2), dev)?.to_dtype(dt)?,
+            rope: rope_halves(&cos, &sin)?,
+            cos,
+            sin,
             bias: Tensor::from_vec(bias, (b, 1, t, t), dev)?,
             mode,
             splice: None,
+            append: false,
         })
+    }
+
+    /// A context for one decoding step: one new token per row at rotary position
+    /// `positions[r]`, attending to `kv_len` cached keys/values (see [`Taps::kv_cache`]) followed
+    /// by itself; `bias` is the additive bias `[rows, 1, 1, kv_len + 1]` over those (0 where
+    /// visible, a large negative value where masked, e.g. a row's left padding).
+    pub fn step(model: &Llama, positions: &[usize], bias: Vec<f32>, kv_len: usize) -> Result<Self> {
+        let b = positions.len();
+        if bias.len() != b * (kv_len + 1) {
+            candle_core::bail!("decoding step: bias does not match {b} rows of {} keys", kv_len + 1);
+        }
+        let one: Vec<Vec<usize>> = positions.iter().map(|&p| vec![p]).collect();
+        let mut ctx = Self::custom(model, &one, vec![0.0; b], Mode::Inference)?;
+        ctx.bias = Tensor::from_vec(bias, (b, 1, 1, kv_len + 1), model.device())?;
+        ctx.append = true;
+        Ok(ctx)
     }
 
     /// A context for recomputing only positions `starts[r]..` of each row of a right-padded
@@ -182,11 +211,15 @@ impl LayerCtx {
         }
         let dev = model.device();
         let dt = model.dtype();
+        let cos = Tensor::from_vec(cos, (b, 1, s, half * 2), dev)?.to_dtype(dt)?;
+        let sin = Tensor::from_vec(sin, (b, 1, s, half * 2), dev)?.to_dtype(dt)?;
         let ctx = LayerCtx {
-            cos: Tensor::from_vec(cos, (b, 1, s, half * 2), dev)?.to_dtype(dt)?,
-            sin: Tensor::from_vec(sin, (b, 1, s, half * 2), dev)?.to_dtype(dt)?,
+            rope: rope_halves(&cos, &sin)?,
+            cos,
+            sin,
             bias: Tensor::from_vec(bias, (b, 1, s, t), dev)?,
             mode,
+            append: false,
             splice: Some(Splice {
                 place: Tensor::from_vec(place, (b, 1, t, s), dev)?.to_dtype(dt)?,
                 keep: Tensor::from_vec(keep, (b, 1, t, 1), dev)?.to_dtype(dt)?,
@@ -211,6 +244,26 @@ fn lin(x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Inference => linear(x, w),
         Mode::Differentiable => linear_const_grad(x, w),
+    }
+}
+
+/// The first halves of the rotary tables `[b, 1, t, hd]` (whose halves are equal) as
+/// contiguous `[b, t, hd / 2]`, the layout of candle's fused rotary kernel.
+fn rope_halves(cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    let half = |x: &Tensor| -> Result<Tensor> {
+        let hd = x.dim(D::Minus1)?;
+        x.squeeze(1)?.narrow(D::Minus1, 0, hd / 2)?.contiguous()
+    };
+    Ok((half(cos)?, half(sin)?))
+}
+
+/// The rotary embedding of `x: [b, heads, t, hd]` (contiguous) for `ctx`: candle's fused kernel
+/// in inference (the same products and sums, one pass, in parallel), [`apply_rotary`]'s ops
+/// (which have a backward) otherwise.
+fn rotary(x: &Tensor, ctx: &LayerCtx) -> Result<Tensor> {
+    match ctx.mode {
+        Mode::Inference => candle_nn::rotary_emb::rope(x, &ctx.rope.0, &ctx.rope.1),
+        Mode::Differentiable => apply_rotary(x, &ctx.cos, &ctx.sin),
     }
 }
 
@@ -262,8 +315,8 @@ impl Attention {
         let heads = |w: &Linear, n: usize| -> Result<Tensor> {
             proj(x, w, mode)?.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = apply_rotary(&heads(&self.q_proj, self.n_head)?, &ctx.cos, &ctx.sin)?;
-        let k = apply_rotary(&heads(&self.k_proj, self.n_kv)?, &ctx.cos, &ctx.sin)?;
+        let q = rotary(&heads(&self.q_proj, self.n_head)?, ctx)?;
+        let k = rotary(&heads(&self.k_proj, self.n_kv)?, ctx)?;
         let v = heads(&self.v_proj, self.n_kv)?;
         let (k, v) = match (&ctx.splice, cache) {
             (Some(sp), Some((kc, vc))) => {
@@ -271,6 +324,10 @@ impl Attention {
                     c.broadcast_mul(&sp.keep)?.broadcast_add(&sp.place.broadcast_matmul(new)?)
                 };
                 (splice(kc, &k)?, splice(vc, &v)?)
+            }
+            (None, Some((kc, vc))) if ctx.append => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            (None, None) if ctx.append => {
+                candle_core::bail!("a decoding step needs the cached keys/values of every layer")
             }
             (Some(_), None) => candle_core::bail!("a suffix run needs the cached keys/values of every layer"),
             _ => (k, v),

@@ -13,6 +13,7 @@ mod eval;
 mod fluency;
 mod forward;
 mod generate;
+mod geneval;
 mod gguf_tokenizer;
 mod limits;
 mod loaders;
