@@ -2,6 +2,8 @@
 //! the live weights. The sequential run and its checkpoints live in
 //! [`crate::run`] and [`crate::session`].
 
+pub mod batch;
+pub mod batch_value;
 pub mod methods;
 pub mod prompts;
 pub mod subspace;
@@ -23,7 +25,7 @@ use crate::scoring::score_answers;
 use crate::stats::KeyStats;
 use crate::tokenizer::Tok;
 pub use methods::Method;
-use methods::{EditContext, UpdateRule};
+use methods::{BatchContext, EditContext, UpdateRule};
 use subspace::{AppendReport, Subspace};
 
 /// Adds ΔW = r uᵀ to the down-projection of `layer` in f32; the layer keeps the f32 sum as its
@@ -165,5 +167,66 @@ impl Editor {
             update_seconds,
         };
         Ok((outcome, applied))
+    }
+
+    /// Applies a batch of edits to `model`: every record's k\* and v\* computed on the same
+    /// weights (the v\* optimisations stacked, see [`batch_value`]), then one joint update in the
+    /// method's batch form. One report and the applied factors per record, in order. A batch of
+    /// one is [`Self::edit`], bit for bit.
+    pub fn edit_batch(
+        &mut self,
+        model: &mut Llama,
+        tok: &Tok,
+        recs: &[EditRecord],
+    ) -> Result<Vec<(EditOutcome, Vec<AppliedUpdate>)>> {
+        if let [rec] = recs {
+            return Ok(vec![self.edit(model, tok, rec)?]);
+        }
+        let before =
+            recs.iter().map(|r| Ok(target_probability(model, tok, r)?.0)).collect::<Result<Vec<f64>>>()?;
+        let prompts = recs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                prompts::build(tok, r, &self.templates).with_context(|| format!("record {i} of the batch"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let target_layer = *self.layers().last().context("no edited layer")?;
+        let mut vhp = self.hparams.clone();
+        vhp.layer = target_layer;
+        let refs: Vec<&prompts::EditPrompts> = prompts.iter().collect();
+        let kvs = batch_value::compute_key_values(model, &refs, &vhp)?;
+        let t = Instant::now();
+        let mut ctx = BatchContext::new(model, &prompts, &kvs, target_layer)?;
+        let reports = self.rule.edit_batch(&mut ctx)?;
+        let applied = ctx.finish();
+        if reports.len() != recs.len() || applied.len() != recs.len() {
+            anyhow::bail!("internal error: {} reports for a batch of {}", reports.len(), recs.len());
+        }
+        let update_seconds = t.elapsed().as_secs_f64();
+        let basis_size = self.basis_size();
+        let mut out = Vec::with_capacity(recs.len());
+        for (((rec, kv), (report, (applied, update_norm))), p_before) in
+            recs.iter().zip(&kvs).zip(reports.into_iter().zip(applied)).zip(before)
+        {
+            let (p_after, wins) = target_probability(model, tok, rec)?;
+            let outcome = EditOutcome {
+                steps: kv.steps,
+                loss_first: kv.loss_first,
+                loss_last: kv.loss_last,
+                basis_size,
+                update_norm,
+                retained: report.retained,
+                p_target_before: p_before,
+                p_target_after: p_after,
+                target_wins: wins,
+                subspace: report.subspace,
+                key_seconds: kv.key_seconds,
+                value_seconds: kv.value_seconds,
+                update_seconds,
+            };
+            out.push((outcome, applied));
+        }
+        Ok(out)
     }
 }

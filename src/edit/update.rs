@@ -111,6 +111,47 @@ pub fn rank_one_in(
     }
 }
 
+/// The joint update of a batch in `metric`: for keys k_i (and residuals handled by the caller),
+/// directions u_j with u_jᵀk_i = δ_ij (every edit of the batch lands exactly), zero on every
+/// stored direction, and of all such the least change in the metric (O-Edit+: the C-minimum-norm
+/// solution; O-Edit: P C⁻¹K (KᵀP C⁻¹K)⁻¹, its Euclidean projection). With an empty subspace this
+/// is ROME's batch form U = C⁻¹K (KᵀC⁻¹K)⁻¹. `retained` of record j is 1 / ((G⁻¹)_jj · full_j):
+/// the share of its key left once the stored subspace and the batch's other keys are taken out
+/// (for one key, [`RankOne::retained`]).
+pub fn joint_in(
+    metric: Metric,
+    pre: &Preconditioner,
+    subspace: Option<&Subspace>,
+    keys: &[Vec<f64>],
+) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
+    let project = |x: Vec<f64>| match subspace {
+        Some(s) if !s.is_empty() => s.basis.project_out(&x),
+        _ => x,
+    };
+    let mut coords = Vec::with_capacity(keys.len());
+    let mut dirs = Vec::with_capacity(keys.len());
+    let mut full = Vec::with_capacity(keys.len());
+    for k in keys {
+        let (a, d) = match metric {
+            Metric::Euclidean => (k.clone(), pre.solve(k)),
+            Metric::Covariance => {
+                let w = pre.chol.solve_lower(k);
+                (w.clone(), w)
+            }
+        };
+        full.push(check_key_energy(dot(&a, &d))?);
+        dirs.push(project(d));
+        coords.push(a);
+    }
+    let joint = super::batch::exact_joint(&coords, &dirs)?;
+    let retained = joint.inverse_diagonal.iter().zip(&full).map(|(g, f)| 1.0 / (g * f)).collect();
+    let u = match metric {
+        Metric::Euclidean => joint.u,
+        Metric::Covariance => joint.u.iter().map(|x| pre.chol.solve_upper_t(x)).collect(),
+    };
+    Ok((u, retained))
+}
+
 /// For each stored direction, how much `retained` would grow if it were dropped, and `retained`
 /// now (before the projection; see [`RankOne::retained`]). The basis is orthonormal, so the
 /// gains add up: retained = 1 − Σ gains.
