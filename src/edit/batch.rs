@@ -115,9 +115,9 @@ pub fn exact_joint(a: &[Vec<f64>], v: &[Vec<f64>]) -> Result<ExactJoint> {
         bail!("internal error: {b} keys, {} directions", v.len());
     }
     let mut g = Mat::zeros(b, b);
-    for i in 0..b {
-        for j in 0..b {
-            g.set(i, j, dot(&a[i], &v[j]));
+    for (i, ai) in a.iter().enumerate() {
+        for (j, vj) in v.iter().enumerate() {
+            g.set(i, j, dot(ai, vj));
         }
     }
     let inv = invert(&g)?;

@@ -319,6 +319,15 @@ mod tests {
         let lines = read(&format!("{a}\n{b}\n")).unwrap();
         assert_eq!(committed(lines.clone(), 1, &[]).len(), 1);
         let c = committed(read(&format!("{a}\n")).unwrap(), 2, &[entry(1)]);
-        assert_eq!(c.iter().map(|(e, l)| (e.index, l.clone())).collect::<Vec<_>>(), vec![(0, a), (1, b)]);
+        assert_eq!(
+            c.iter().map(|(e, l)| (e.index, l.clone())).collect::<Vec<_>>(),
+            vec![(0, a.clone()), (1, b.clone())]
+        );
+        // A batch's entries kept in the checkpoint: those missing from the file come back, in
+        // order, and the ones present are not doubled.
+        let c = committed(read(&format!("{a}\n{b}\n")).unwrap(), 4, &[entry(1), entry(2), entry(3)]);
+        assert_eq!(c.iter().map(|(e, _)| e.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        let c = committed(read("").unwrap(), 3, &[entry(1), entry(2)]);
+        assert!(c.is_empty(), "entries after a gap are not restored");
     }
 }
