@@ -68,10 +68,69 @@ fn record_rows(t: &Tensor, batch: &Batch, p: &EditPrompts, offset: usize) -> Res
     Ok(t.reshape(((), t.dim(D::Minus1)?))?.index_select(&idx, 0)?)
 }
 
+/// Most suffix positions (rows × padded suffix length) one stacked optimisation runs at once.
+/// A stack's activations for the backward pass grow with it (about 1 MB per position on
+/// SmolLM2-135M: 24 layers after the edit layer, f32), so a large batch is optimised in several
+/// stacks of at most this size, one after another; each record's result is the same either way
+/// (no record's loss depends on another's δ). 4,096 positions hold about 60 CounterFact records
+/// with the SmolLM2 preset's 6 templates.
+pub const STACK_POSITIONS: usize = 4096;
+
+/// The suffix positions record `p` adds to a stack whose padded suffix length is `len`, and its
+/// own longest suffix.
+fn suffix_extent(p: &EditPrompts) -> usize {
+    (0..p.batch.batch_size())
+        .map(|r| p.batch.len_of(r) - p.subject_last[r].min(p.batch.len_of(r) - 1))
+        .max()
+        .unwrap_or(1)
+}
+
+/// Splits the records into consecutive stacks of at most `budget` padded suffix positions (at
+/// least one record each).
+fn stacks(prompts: &[&EditPrompts], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut rows, mut len) = (0, 0, 0);
+    for (i, p) in prompts.iter().enumerate() {
+        let (r, l) = (p.batch.batch_size(), suffix_extent(p));
+        if i > start && (rows + r) * len.max(l) > budget {
+            out.push(start..i);
+            (start, rows, len) = (i, 0, 0);
+        }
+        rows += r;
+        len = len.max(l);
+    }
+    if start < prompts.len() {
+        out.push(start..prompts.len());
+    }
+    out
+}
+
 /// Computes k\* and v\* of every record of `prompts` at `hp.layer` on the current weights, the
-/// v\* optimisations stacked (see the module documentation). The records' `key_seconds`,
-/// `value_seconds` and `shape` are those of the whole batch.
+/// v\* optimisations stacked (see the module documentation) in stacks of at most
+/// [`STACK_POSITIONS`] suffix positions. A record's `key_seconds`, `value_seconds` and `shape`
+/// are those of its stack, `stack` its number.
 pub fn compute_key_values(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<KeyValue>> {
+    compute_key_values_in(model, prompts, hp, STACK_POSITIONS)
+}
+
+/// [`compute_key_values`] with stacks of at most `budget` suffix positions.
+pub fn compute_key_values_in(
+    model: &Llama,
+    prompts: &[&EditPrompts],
+    hp: &Hparams,
+    budget: usize,
+) -> Result<Vec<KeyValue>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for (n, range) in stacks(prompts, budget).into_iter().enumerate() {
+        let mut kvs = stacked(model, &prompts[range], hp)?;
+        kvs.iter_mut().for_each(|kv| kv.stack = n);
+        out.extend(kvs);
+    }
+    Ok(out)
+}
+
+/// One stacked optimisation of all of `prompts`.
+fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<KeyValue>> {
     let n = prompts.len();
     if n == 0 {
         return Ok(Vec::new());
@@ -216,6 +275,8 @@ pub fn compute_key_values(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams)
         seq_len: batch.seq_len(),
         logit_rows: n_target_rows + n,
         layers: n_layers - layer - 1,
+        passes: track.iter().map(|t| t.losses.len()).max().unwrap_or(0),
+        backward: track.iter().map(|t| t.steps).max().unwrap_or(0),
     };
     let dv: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
     let mut out = Vec::with_capacity(n);
@@ -237,6 +298,7 @@ pub fn compute_key_values(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams)
             key_seconds,
             value_seconds,
             shape,
+            stack: 0,
         });
     }
     Ok(out)

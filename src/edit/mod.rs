@@ -60,6 +60,11 @@ pub struct EditOutcome {
     pub key_seconds: f64,
     pub value_seconds: f64,
     pub update_seconds: f64,
+    /// The shapes and passes of the v\* optimisation (for a batch: of its stack).
+    pub value_shape: target::StepShape,
+    /// For a batch: the v\* stack the record was optimised in (records of one stack share
+    /// `value_shape` and `value_seconds`).
+    pub value_stack: usize,
 }
 
 /// One rank-one factor pair applied by an edit, stored in the checkpoint.
@@ -97,6 +102,31 @@ fn target_probability(model: &Llama, tok: &Tok, rec: &EditRecord) -> Result<(f64
         None => s[0].token_accuracy == 1.0,
     };
     Ok((p, wins))
+}
+
+/// [`target_probability`] of every record, scored together (one packed scoring pass).
+fn target_probabilities(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result<Vec<(f64, bool)>> {
+    let mut pairs = Vec::new();
+    let mut at = Vec::with_capacity(recs.len());
+    for rec in recs {
+        at.push(pairs.len());
+        pairs.push((rec.prompt.as_str(), rec.target_new.as_str()));
+        if let Some(gt) = &rec.ground_truth {
+            pairs.push((rec.prompt.as_str(), gt.as_str()));
+        }
+    }
+    let s = score_answers(model, tok, &pairs)?;
+    Ok(recs
+        .iter()
+        .zip(at)
+        .map(|(rec, i)| {
+            let wins = match rec.ground_truth {
+                Some(_) => s[i].mean_nll < s[i + 1].mean_nll,
+                None => s[i].token_accuracy == 1.0,
+            };
+            ((-s[i].sum_nll).exp(), wins)
+        })
+        .collect())
 }
 
 impl Editor {
@@ -165,6 +195,8 @@ impl Editor {
             key_seconds: kv.key_seconds,
             value_seconds: kv.value_seconds,
             update_seconds,
+            value_shape: kv.shape,
+            value_stack: kv.stack,
         };
         Ok((outcome, applied))
     }
@@ -182,8 +214,7 @@ impl Editor {
         if let [rec] = recs {
             return Ok(vec![self.edit(model, tok, rec)?]);
         }
-        let before =
-            recs.iter().map(|r| Ok(target_probability(model, tok, r)?.0)).collect::<Result<Vec<f64>>>()?;
+        let before: Vec<f64> = target_probabilities(model, tok, recs)?.into_iter().map(|(p, _)| p).collect();
         let prompts = recs
             .iter()
             .enumerate()
@@ -205,11 +236,11 @@ impl Editor {
         }
         let update_seconds = t.elapsed().as_secs_f64();
         let basis_size = self.basis_size();
+        let after = target_probabilities(model, tok, recs)?;
         let mut out = Vec::with_capacity(recs.len());
-        for (((rec, kv), (report, (applied, update_norm))), p_before) in
-            recs.iter().zip(&kvs).zip(reports.into_iter().zip(applied)).zip(before)
+        for ((kv, (report, (applied, update_norm))), (p_before, (p_after, wins))) in
+            kvs.iter().zip(reports.into_iter().zip(applied)).zip(before.into_iter().zip(after))
         {
-            let (p_after, wins) = target_probability(model, tok, rec)?;
             let outcome = EditOutcome {
                 steps: kv.steps,
                 loss_first: kv.loss_first,
@@ -224,6 +255,8 @@ impl Editor {
                 key_seconds: kv.key_seconds,
                 value_seconds: kv.value_seconds,
                 update_seconds,
+                value_shape: kv.shape,
+                value_stack: kv.stack,
             };
             out.push((outcome, applied));
         }

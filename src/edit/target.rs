@@ -39,10 +39,12 @@ pub struct KeyValue {
     pub value_seconds: f64,
     /// The shapes of one optimisation step (for a batch: the whole stacked step).
     pub shape: StepShape,
+    /// For a batch: the number of the stack the record was optimised in (0 otherwise).
+    pub stack: usize,
 }
 
 /// The shapes of one v\* optimisation step, from which its floating-point work is counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StepShape {
     /// Rows of the step (every prompt of every record in it).
     pub rows: usize,
@@ -54,6 +56,10 @@ pub struct StepShape {
     pub logit_rows: usize,
     /// The layers re-run per step (those after the edit layer).
     pub layers: usize,
+    /// Forward passes of the optimisation (for a stack: while any record ran).
+    pub passes: usize,
+    /// Backward passes (optimiser steps) of the optimisation.
+    pub backward: usize,
 }
 
 /// Rows of `t: [batch, seq, n]` at the subject's last token of each rewrite row: `[rows, n]`.
@@ -171,6 +177,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
     }
     let dv = to_f64(delta.as_tensor())?;
     let v_star = v_orig.iter().zip(&dv).map(|(a, b)| a + b).collect();
+    let passes = losses.len();
     Ok(KeyValue {
         k_star,
         template_keys,
@@ -189,7 +196,10 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
             seq_len: batch.seq_len(),
             logit_rows: n_target_rows + 1,
             layers: n_layers - layer - 1,
+            passes,
+            backward: steps,
         },
+        stack: 0,
     })
 }
 

@@ -241,8 +241,16 @@ fn stacked_value_optimisation_follows_each_records_own_trajectory() {
         recs.iter().map(|r| prompts::build(&lm.tok, r, &editor.templates).unwrap()).collect();
     let refs: Vec<&prompts::EditPrompts> = ps.iter().collect();
     let batched = batch_value::compute_key_values(&lm.model, &refs, &hp).unwrap();
+    assert!(batched.iter().all(|kv| kv.stack == 0), "the tiny batch fits one stack");
+    // Stacks of one record each (the memory bound) give the same results.
+    let split = batch_value::compute_key_values_in(&lm.model, &refs, &hp, 1).unwrap();
+    assert_eq!(split.iter().map(|kv| kv.stack).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
     let mut steps = Vec::new();
-    for (p, b) in ps.iter().zip(&batched) {
+    for ((p, b), one) in ps.iter().zip(&batched).zip(&split) {
+        assert_eq!(b.losses.len(), one.losses.len());
+        for (x, y) in b.losses.iter().zip(&one.losses) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3));
+        }
         let single = target::compute_key_value(&lm.model, p, &hp).unwrap();
         assert_eq!(single.steps, b.steps);
         assert_eq!(single.losses.len(), b.losses.len());
