@@ -8,7 +8,8 @@
 #   usage: scripts/batch_protocol.sh [N] [B] [OUT] [EDITS]
 #   defaults: 2000, 100, runs/batch-N-B, ../shared/data/counterfact.jsonl
 #   env: OEDIT (binary; default: built with cargo into target/release/oedit), THREADS (default 2),
-#        METHODS (default "alphaedit memit oedit-plus oedit-soft")
+#        METHODS (default "alphaedit memit oedit-plus oedit-soft"), MODEL (default smollm2-135m),
+#        HPARAMS (a hyper-parameters file; default the model preset's)
 # Cost: the v* optimisation dominates as in sequential editing (several s per record on 2 cores),
 # so N = 2,000 takes hours per method; N = 20, B = 10 checks the pipeline in minutes.
 set -euo pipefail
@@ -19,6 +20,9 @@ out="${3:-runs/batch-$n-$b}"
 edits="${4:-../shared/data/counterfact.jsonl}"
 threads="${THREADS:-2}"
 methods="${METHODS:-alphaedit memit oedit-plus oedit-soft}"
+model="${MODEL:-smollm2-135m}"
+hp_args=()
+[ -n "${HPARAMS:-}" ] && hp_args=(--hparams "$HPARAMS")
 if [ ! -f "$edits" ]; then
     echo "error: $edits: no such file (give the CounterFact JSONL as the 4th argument)" >&2
     exit 2
@@ -32,9 +36,9 @@ mkdir -p "$out"
 for m in $methods; do
     run="$out/$m"
     echo "== $m: $n edits in batches of $b -> $run" >&2
-    "$OEDIT" --threads "$threads" edit --model smollm2-135m --edits "$edits" --run "$run" \
+    "$OEDIT" --threads "$threads" edit --model "$model" "${hp_args[@]}" --edits "$edits" --run "$run" \
         --method "$m" --batch-size "$b" --limit "$n" --on-invalid skip --json > "$run.edit.jsonl"
-    "$OEDIT" --threads "$threads" eval --model smollm2-135m --run "$run" --edits "$edits" \
+    "$OEDIT" --threads "$threads" eval --model "$model" --run "$run" --edits "$edits" \
         --metrics efficacy,generalization,locality,fluency --json "$run/eval.json"
 done
 python3 - "$out" $methods <<'PY'

@@ -400,3 +400,50 @@ fn a_crash_after_a_batch_commit_loses_no_log_line() {
     assert_eq!(&log[..3], &full[..]);
     assert_eq!(log.iter().map(|l| l["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
 }
+
+#[test]
+fn a_batched_run_killed_mid_batch_resumes_to_the_same_weights() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let fx = EditFx::new();
+    // Slow batches (30 steps, no early stop), so that the kill lands inside the second batch.
+    let mut hp = tiny_hparams();
+    hp["v_steps"] = serde_json::json!(30);
+    hp["stop_loss"] = serde_json::json!(0.0);
+    let hparams = write_json(&fx.path("slow.json"), &hp);
+    let edits = fx.edits("e.jsonl", &minimal_lines(9));
+    let args = ["--method", "oedit-plus", "--batch-size", "3"];
+    let cmd = |run_dir: &std::path::Path| {
+        let mut c = edit_cmd(&fx.model, &hparams, &edits, run_dir, &fx.cache);
+        c.args(args);
+        c
+    };
+    let straight = fx.path("straight");
+    assert_ok(&run(cmd(&straight)));
+    let killed = fx.path("killed");
+    let mut child = cmd(&killed).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let lines = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("log.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while lines(&killed) < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first batch was logged");
+        assert!(Instant::now() < deadline, "no progress within 120 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success(), "the run finished before it was killed");
+    let done = lines(&killed);
+    assert!(done < 9 && done % 3 == 0, "killed with {done} logged edits");
+    let o = run(cmd(&killed));
+    assert_ok(&o);
+    assert_eq!(edit_summary(&o)["resumed_from"].as_u64().unwrap() as usize % 3, 0);
+    assert_eq!(update_files(&straight), update_files(&killed), "checkpoint records differ");
+    assert_eq!(log_without_timings(&straight), log_without_timings(&killed));
+    let (x, y) = (export_run(&straight, &fx.path("xs")), export_run(&killed, &fx.path("xk")));
+    assert!(
+        std::fs::read(x.join("model.safetensors")).unwrap()
+            == std::fs::read(y.join("model.safetensors")).unwrap(),
+        "exported weights differ"
+    );
+}
