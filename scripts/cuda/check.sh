@@ -66,10 +66,14 @@ for pair in ${BATCHES-10:20 100:100}; do
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"index"' in l]
 if rows:
-    total = sum(r["seconds"] for r in rows)
+    # Every record of a batch logs its batch's seconds and phases.
+    batches = {r.get("batch", r["index"]): r for r in rows}
+    total = sum(r["seconds"] for r in batches.values())
     wins = sum(1 for r in rows if r.get("target_wins"))
-    print(f"  {len(rows)} records, {total:.1f} s of edit time, {total / len(rows):.3f} s per edit, "
-          f"{len(rows) / total:.2f} edits/s, target wins right after {wins}/{len(rows)}")
-    print(f"  first record phases {rows[0]['phases']}, steps {rows[0]['steps']}")
+    print(f"  {len(rows)} records in {len(batches)} batches, {total:.1f} s of edit time, "
+          f"{total / len(rows):.3f} s per edit, {len(rows) / total:.2f} edits/s, "
+          f"target wins right after {wins}/{len(rows)}")
+    for b, r in batches.items():
+        print(f"  batch {b}: {r['seconds']:.2f} s, phases {r['phases']}, v* steps {r['steps']}")
 PY
 done
