@@ -357,15 +357,47 @@ impl Cholesky {
     /// # Panics
     /// If a vector's length differs from the dimension.
     pub fn solve_lower_many(&self, bs: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        self.solve_columns(bs, true, false)
+    }
+
+    /// Solves `A X = B` for several right-hand sides at once (see [`Self::solve_lower_many`]).
+    ///
+    /// # Panics
+    /// If a vector's length differs from the dimension.
+    pub fn solve_many(&self, bs: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        self.solve_columns(bs, true, true)
+    }
+
+    /// Solves `Lᵀ X = Y` for several right-hand sides at once.
+    ///
+    /// # Panics
+    /// If a vector's length differs from the dimension.
+    pub fn solve_upper_t_many(&self, ys: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        self.solve_columns(ys, false, true)
+    }
+
+    /// The triangular solves of `lower` then `upper` (Lᵀ) on the vectors as columns of one
+    /// matrix; one vector goes through the single-vector path (the same bits as before).
+    fn solve_columns(&self, bs: &[Vec<f64>], lower: bool, upper: bool) -> Vec<Vec<f64>> {
         let n = self.dim();
-        if bs.len() <= 1 {
-            return bs.iter().map(|b| self.solve_lower(b)).collect();
+        if bs.len() == 1 {
+            let b = &bs[0];
+            return vec![match (lower, upper) {
+                (true, true) => self.solve(b),
+                (true, false) => self.solve_lower(b),
+                _ => self.solve_upper_t(b),
+            }];
         }
         let mut x = faer::Mat::<f64>::from_fn(n, bs.len(), |i, j| {
-            assert_eq!(bs[j].len(), n, "Cholesky::solve_lower_many: dimension mismatch");
+            assert_eq!(bs[j].len(), n, "Cholesky: dimension mismatch");
             bs[j][i]
         });
-        solve_lower_triangular_in_place(self.l.view(), x.as_mut(), PAR);
+        if lower {
+            solve_lower_triangular_in_place(self.l.view(), x.as_mut(), PAR);
+        }
+        if upper {
+            solve_upper_triangular_in_place(self.l.view().transpose(), x.as_mut(), PAR);
+        }
         (0..bs.len()).map(|j| x.col(j).iter().copied().collect()).collect()
     }
 

@@ -88,6 +88,18 @@ pub struct Manifest {
     /// recorded read as `f32`, what those versions loaded local models in by default.
     #[serde(default = "default_dtype_name")]
     pub dtype: String,
+    /// `--batch-size`: edits solved jointly per update and per commit. Absent (written only when
+    /// not 1) reads as 1, so the manifests of runs without batching are unchanged.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub batch_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn default_dtype_name() -> String {
@@ -121,6 +133,12 @@ impl Manifest {
             return Some(format!(
                 "it was created for model `{}` (fingerprint {}), not `{}` (fingerprint {})",
                 self.model.arg, self.model.fingerprint, other.model.arg, other.model.fingerprint
+            ));
+        }
+        if self.batch_size != other.batch_size {
+            return Some(format!(
+                "it was made with --batch-size {}, not {} (resume it with --batch-size {})",
+                self.batch_size, other.batch_size, self.batch_size
             ));
         }
         if self.method != other.method {
@@ -183,6 +201,12 @@ pub struct State {
     pub persisted_updates: usize,
     /// The log entry of the last committed edit (also kept in the checkpoint's metadata).
     pub last_log: Option<LogEntry>,
+    /// The log entries of the edits of the last commit before its last one, when one commit
+    /// held several edits (a batch); kept in the checkpoint's metadata with `last_log`, so that
+    /// a crash between the commit and the log appends loses no line.
+    pub batch_log: Vec<LogEntry>,
+    /// Updates of each edit added since the last commit (see [`State::push_edit`]).
+    pending: Vec<usize>,
     /// Layout version of the run directory (see the module documentation).
     pub format: u32,
     /// Edits whose records are on disk.
@@ -203,11 +227,22 @@ impl State {
             updates: Vec::new(),
             persisted_updates: 0,
             last_log: None,
+            batch_log: Vec::new(),
+            pending: Vec::new(),
             format: FORMAT_VERSION,
             persisted_edits: 0,
             chain: 0,
             base: HashMap::new(),
         }
+    }
+
+    /// Adds one edit's updates to the state (not committed yet). Several edits may be added
+    /// before one commit (a batch); adding to `updates` and `n_edits` directly also works for
+    /// one edit per commit.
+    pub fn push_edit(&mut self, updates: Vec<AppliedUpdate>) {
+        self.pending.push(updates.len());
+        self.updates.extend(updates);
+        self.n_edits += 1;
     }
 
     /// Takes the identities of the rule's live subspaces as those of the committed rows, where
@@ -296,6 +331,36 @@ fn meta_usize(meta: &HashMap<String, String>, key: &str, file: &Path) -> Result<
     meta.get(key)
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{}: corrupt checkpoint (metadata `{key}` missing)", file.display()))
+}
+
+/// The log entries of a commit that held several edits, all but its last (metadata `batch_log`,
+/// a JSON array of log lines; absent: none).
+fn parse_batch_log(meta: &HashMap<String, String>, file: &Path) -> Result<Vec<LogEntry>> {
+    let Some(text) = meta.get("batch_log") else { return Ok(Vec::new()) };
+    let corrupt = || {
+        format!("{}: corrupt checkpoint (metadata `batch_log` is not a list of log entries)", file.display())
+    };
+    let lines: Vec<String> = serde_json::from_str(text).with_context(corrupt)?;
+    lines.iter().map(|l| LogEntry::from_line(l).with_context(corrupt)).collect()
+}
+
+/// Writes the log entries of the last commit into the checkpoint's metadata.
+fn put_logs(meta: &mut HashMap<String, String>, state: &State) -> Result<()> {
+    if let Some(l) = &state.last_log {
+        meta.insert("last_log".to_string(), l.to_line());
+    }
+    if !state.batch_log.is_empty() {
+        let lines: Vec<String> = state.batch_log.iter().map(LogEntry::to_line).collect();
+        meta.insert("batch_log".to_string(), serde_json::to_string(&lines)?);
+    }
+    Ok(())
+}
+
+impl State {
+    /// The log entries of the last commit, in order (`batch_log`, then `last_log`).
+    pub fn last_commit_log(&self) -> Vec<LogEntry> {
+        self.batch_log.iter().cloned().chain(self.last_log.clone()).collect()
+    }
 }
 
 fn parse_last_log(meta: &HashMap<String, String>, file: &Path) -> Result<Option<LogEntry>> {
@@ -413,6 +478,7 @@ impl RunDir {
         state.n_edits = meta_usize(&meta, "n_edits", &path)?;
         state.last_line = meta_usize(&meta, "last_line", &path)?;
         state.last_log = parse_last_log(&meta, &path)?;
+        state.batch_log = parse_batch_log(&meta, &path)?;
         match meta.get("format").map(String::as_str) {
             None | Some("1") => self.read_state_v1(state, &path, tensors, meta, key_dim),
             Some("2") => self.read_state_v2(state, &path, meta, key_dim),
@@ -618,34 +684,48 @@ impl RunDir {
             return self.commit_v1(state, live);
         }
         let new_edits = state.n_edits - state.persisted_edits;
-        if new_edits > 1 || (new_edits == 0 && state.updates.len() != state.persisted_updates) {
-            bail!("internal error: the state must be committed after every edit");
+        // Updates per new edit: as pushed (a batch), or all of them for a single edit.
+        let counts = if state.pending.len() == new_edits {
+            state.pending.clone()
+        } else if new_edits <= 1 {
+            vec![state.updates.len() - state.persisted_updates; new_edits]
+        } else {
+            bail!("internal error: {new_edits} edits to commit without their update counts");
+        };
+        if counts.iter().sum::<usize>() != state.updates.len() - state.persisted_updates {
+            bail!("internal error: the uncommitted updates do not match their edits");
         }
         std::fs::create_dir_all(self.path.join("updates"))
             .with_context(|| format!("{}: cannot create", self.path.join("updates").display()))?;
         let mut bytes = 0;
         let mut chain = state.chain;
         let mut base = HashMap::new();
-        let mut packed = None;
-        if new_edits == 1 {
-            let edit = state.n_edits - 1;
-            let mut layers: Vec<&(usize, &Subspace)> = live.iter().collect();
-            layers.sort_by_key(|(l, _)| *l);
+        let mut packed = Vec::new();
+        let mut next_update = state.persisted_updates;
+        for (j, &count) in counts.iter().enumerate() {
+            let edit = state.persisted_edits + j;
+            // The basis changes of a commit are those of its last edit's record (a batch appends
+            // its keys together, after its joint update).
             let mut changes = Vec::new();
             let key_dim = live.first().map(|(_, s)| s.basis.dim());
-            for (l, s) in layers {
-                let empty = Vec::new();
-                let (change, ids) = journal::diff(*l, state.base.get(l).unwrap_or(&empty), s);
-                changes.extend(change);
-                base.insert(*l, ids);
+            if j + 1 == new_edits {
+                let mut layers: Vec<&(usize, &Subspace)> = live.iter().collect();
+                layers.sort_by_key(|(l, _)| *l);
+                for (l, s) in layers {
+                    let empty = Vec::new();
+                    let (change, ids) = journal::diff(*l, state.base.get(l).unwrap_or(&empty), s);
+                    changes.extend(change);
+                    base.insert(*l, ids);
+                }
             }
-            let updates = state.updates[state.persisted_updates..].to_vec();
+            let updates = state.updates[next_update..next_update + count].to_vec();
+            next_update += count;
             let key_dim = key_dim.or(updates.first().map(|u| u.u.len())).unwrap_or(0);
             let rec = journal::EditRecord { updates, changes };
             chain = journal::chain(chain, rec.hash());
             let (t, meta) = journal::encode(edit, std::slice::from_ref(&rec), key_dim)?;
             bytes += write_safetensors(&self.edit_path(edit), &t, meta)?;
-            if state.n_edits.is_multiple_of(CHUNK) {
+            if (edit + 1).is_multiple_of(CHUNK) {
                 let chunk = edit / CHUNK;
                 let first = chunk * CHUNK;
                 let mut records = Vec::with_capacity(CHUNK);
@@ -656,16 +736,15 @@ impl RunDir {
                 records.push(rec);
                 let (t, meta) = journal::encode(first, &records, key_dim)?;
                 bytes += write_safetensors(&self.chunk_path(chunk), &t, meta)?;
-                packed = Some(first..edit + 1);
+                packed.push(first..edit + 1);
             }
         }
         bytes += self.write_state_v2(state, chain)?;
-        if let Some(edits) = packed {
-            for e in edits {
-                let _ = std::fs::remove_file(self.edit_path(e));
-            }
+        for e in packed.into_iter().flatten() {
+            let _ = std::fs::remove_file(self.edit_path(e));
         }
         state.chain = chain;
+        state.pending.clear();
         state.base.extend(base);
         state.persisted_updates = state.updates.len();
         state.persisted_edits = state.n_edits;
@@ -684,9 +763,7 @@ impl RunDir {
             ("chain".to_string(), format!("{chain:016x}")),
             ("hash".to_string(), format!("{:016x}", h.finish())),
         ]);
-        if let Some(l) = &state.last_log {
-            meta.insert("last_log".to_string(), l.to_line());
-        }
+        put_logs(&mut meta, state)?;
         // safetensors needs at least one tensor to carry metadata portably.
         let tensors = HashMap::from([("empty".to_string(), Tensor::zeros(1, DType::F32, &Device::Cpu)?)]);
         write_safetensors(&self.state_path(), &tensors, meta)
@@ -728,6 +805,7 @@ impl RunDir {
         bytes += self.write_state(state)?;
         state.persisted_updates = n;
         state.persisted_edits = state.n_edits;
+        state.pending.clear();
         Ok(CommitStats { bytes_written: bytes })
     }
 
@@ -785,9 +863,7 @@ impl RunDir {
             ("n_updates".to_string(), state.updates.len().to_string()),
             ("hash".to_string(), format!("{:016x}", h.finish())),
         ]);
-        if let Some(l) = &state.last_log {
-            meta.insert("last_log".to_string(), l.to_line());
-        }
+        put_logs(&mut meta, state)?;
         if tensors.is_empty() {
             // safetensors needs at least one tensor to carry metadata portably.
             tensors.insert("empty".to_string(), Tensor::zeros(1, DType::F32, &Device::Cpu)?);
@@ -827,8 +903,9 @@ impl RunDir {
         let meta = read_header_metadata(&path)?;
         let n_edits = meta_usize(&meta, "n_edits", &path)?;
         let last_line = meta_usize(&meta, "last_line", &path)?;
-        let last = parse_last_log(&meta, &path)?;
-        let log = log::committed(log::read_jsonl(&self.log_path())?, n_edits, last.as_ref());
+        let tail: Vec<LogEntry> =
+            parse_batch_log(&meta, &path)?.into_iter().chain(parse_last_log(&meta, &path)?).collect();
+        let log = log::committed(log::read_jsonl(&self.log_path())?, n_edits, &tail);
         Ok(Some(Committed { n_edits, last_line, log: log.into_iter().map(|(e, _)| e).collect() }))
     }
 
@@ -837,7 +914,7 @@ impl RunDir {
     /// committed log line if it is missing, and returns the committed log entries. A line that
     /// does not parse (other than a torn last one) is a corrupt-log error naming file and line.
     pub fn reconcile(&self, state: &State) -> Result<Vec<LogEntry>> {
-        let log = log::committed(log::read_jsonl(&self.log_path())?, state.n_edits, state.last_log.as_ref());
+        let log = log::committed(log::read_jsonl(&self.log_path())?, state.n_edits, &state.last_commit_log());
         let text: String = log.iter().map(|(_, l)| format!("{l}\n")).collect();
         atomic_write(&self.log_path(), text.as_bytes())?;
         if self.rejected_path().is_file() {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::data::RecordError;
+use crate::data::{EditRecord, RecordError};
 use crate::edit::{templates::context_templates, Editor, Method};
 use crate::errors::InputError;
 use crate::eval::{locality_agreement, score_records, MetricSet};
@@ -19,7 +19,8 @@ use crate::loader::LoadedModel;
 use crate::progress::Progress;
 use crate::run::log::by_line;
 use crate::run::{
-    replay, LogEntry, Manifest, ModelIdentity, Phases, RejectedLine, RunDir, StatsIdentity, FORMAT_VERSION,
+    replay, LogEntry, Manifest, ModelIdentity, Phases, RejectedLine, RunDir, State, StatsIdentity,
+    FORMAT_VERSION,
 };
 use crate::stats::{load_or_compute, Corpus};
 
@@ -55,6 +56,9 @@ pub struct SessionOptions {
     pub eval_each: bool,
     /// Limits on input lines and on the tokens of prompts and answers.
     pub limits: crate::limits::InputLimits,
+    /// Edits solved jointly per update and per commit (`--batch-size`, at least 1; recorded in
+    /// the manifest, a resume must give the same).
+    pub batch_size: usize,
 }
 
 /// Summary of a session.
@@ -76,11 +80,11 @@ fn reject_line(rd: &RunDir, e: &RecordError) -> Result<()> {
 }
 
 /// Runs (or resumes) the session on `lm`.
-pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary> {
+pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSummary> {
     let t_start = Instant::now();
     let hp = opts.hparams.clone();
     hp.validate(lm.model.num_layers()).map_err(|e| InputError(format!("invalid hyper-parameters: {e:#}")))?;
-    let mut input = match opts.input {
+    let mut input = match opts.input.take() {
         Some(i) => i,
         None => EditInput::open(&opts.edits, opts.limits.max_line_bytes)?,
     };
@@ -103,6 +107,7 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         Some(m) => {
             let probe = Manifest {
                 templates: m.templates.clone(),
+                batch_size: opts.batch_size.max(1),
                 ..new_manifest(identity, opts.method, &hp, vec![], stats_id, &opts.edits, &dtype)
             };
             if let Some(why) = m.incompatibility(&probe) {
@@ -116,7 +121,10 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         }
         None => {
             let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
-            let m = new_manifest(identity, opts.method, &hp, templates, stats_id, &opts.edits, &dtype);
+            let m = Manifest {
+                batch_size: opts.batch_size.max(1),
+                ..new_manifest(identity, opts.method, &hp, templates, stats_id, &opts.edits, &dtype)
+            };
             rd.write_manifest(&m)?;
             m
         }
@@ -163,113 +171,69 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
     let mut rejected = 0usize;
     let mut this_session = 0usize;
     let mut stopped_by_limit = false;
-    while let Some(item) = input.next() {
-        if opts.limit.is_some_and(|l| state.n_edits >= l) {
-            stopped_by_limit = true;
+    let batch_size = opts.batch_size.max(1);
+    let mut next_batch = next_batch_number(&state);
+    loop {
+        // Gather up to --batch-size good records (fewer at --limit or at the end of the input).
+        let mut batch: Vec<(usize, EditRecord)> = Vec::with_capacity(batch_size);
+        let mut bad: Option<RecordError> = None;
+        let mut ended = true;
+        while let Some(item) = input.next() {
+            if opts.limit.is_some_and(|l| state.n_edits + batch.len() >= l) {
+                stopped_by_limit = true;
+                break;
+            }
+            // Lines an earlier session consumed: skipped, after checking that they are the
+            // facts the run edited there.
+            let consumed = match &item {
+                Ok((line, _)) => *line <= state.last_line,
+                Err(e) => e.line <= state.last_line,
+            };
+            if consumed {
+                input.check_consumed(&logged, &item)?;
+                continue;
+            }
+            match item {
+                Ok(x) => batch.push(x),
+                Err(e) => match opts.on_invalid {
+                    OnInvalid::Stop => {
+                        bad = Some(e);
+                        break;
+                    }
+                    OnInvalid::Skip => {
+                        reject_line(&rd, &e)?;
+                        state.last_line = state.last_line.max(e.line);
+                        rejected += 1;
+                        continue;
+                    }
+                },
+            }
+            if batch.len() == batch_size {
+                ended = false;
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            let ctx = BatchRun { rd: &rd, opts: &opts, edited_layers: &edited_layers, json_lines };
+            let number = (batch_size > 1).then_some(next_batch);
+            wins += ctx.apply(lm, &mut editor, &mut state, &batch, number)?;
+            next_batch += 1;
+            this_session += batch.len();
+            bar.set_position(state.n_edits as u64);
+            bar.set_message(format!("target wins {:.1}%", 100.0 * wins as f64 / state.n_edits as f64));
+        }
+        if let Some(e) = bad {
+            // The records before the bad line are applied and checkpointed above.
+            return Err(InputError(format!(
+                "{e} (stopped; {} edits are checkpointed in {})",
+                state.n_edits,
+                opts.run_dir.display()
+            ))
+            .into());
+        }
+        if stopped_by_limit || ended {
             break;
         }
-        // Lines an earlier session consumed: skipped, after checking that they are the facts
-        // the run edited there.
-        let consumed = match &item {
-            Ok((line, _)) => *line <= state.last_line,
-            Err(e) => e.line <= state.last_line,
-        };
-        if consumed {
-            input.check_consumed(&logged, &item)?;
-            continue;
-        }
-        let (line, rec) = match item {
-            Ok(x) => x,
-            Err(e) => match opts.on_invalid {
-                OnInvalid::Stop => {
-                    return Err(InputError(format!(
-                        "{e} (stopped; {} edits are checkpointed in {})",
-                        state.n_edits,
-                        opts.run_dir.display()
-                    ))
-                    .into())
-                }
-                OnInvalid::Skip => {
-                    reject_line(&rd, &e)?;
-                    state.last_line = e.line;
-                    rejected += 1;
-                    continue;
-                }
-            },
-        };
-        let t = Instant::now();
-        let all = MetricSet { efficacy: true, generalization: true, locality: true, ..MetricSet::default() };
-        let before = if opts.eval_each {
-            Some(score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?)
-        } else {
-            None
-        };
-        let (outcome, applied) = editor
-            .edit(&mut lm.model, &lm.tok, &rec)
-            .with_context(|| format!("{}:{line}: edit failed", opts.edits.display()))?;
-        let index = state.n_edits;
-        state.updates.extend(applied);
-        state.n_edits += 1;
-        state.last_line = line;
-        let eval = match &before {
-            Some(before) => {
-                let mut after = score_records(&lm.model, &lm.tok, std::slice::from_ref(&rec), all)?;
-                locality_agreement(&mut after, before);
-                after.into_iter().next()
-            }
-            None => None,
-        };
-        let mut entry = LogEntry {
-            index,
-            line,
-            case_id: rec.case_id,
-            subject: rec.subject.clone(),
-            target_new: rec.target_new.clone(),
-            ground_truth: rec.ground_truth.clone(),
-            method: opts.method.name().to_string(),
-            layer: edited_layers.last().copied(),
-            layers: edited_layers.clone(),
-            seconds: t.elapsed().as_secs_f64(),
-            phases: Phases {
-                key: outcome.key_seconds,
-                value: outcome.value_seconds,
-                update: outcome.update_seconds,
-                checkpoint: 0.0,
-                checkpoint_bytes: None,
-            },
-            steps: outcome.steps,
-            loss_first: outcome.loss_first,
-            loss_last: outcome.loss_last,
-            basis_size: outcome.basis_size,
-            update_norm: outcome.update_norm,
-            retained: outcome.retained,
-            p_target_before: outcome.p_target_before,
-            p_target_after: outcome.p_target_after,
-            target_wins: outcome.target_wins,
-            subspace_added: outcome.subspace.added,
-            subspace_compressed_away: outcome.subspace.compressed_away,
-            subspace_released: outcome.subspace.released,
-            peak_rss_mb: peak_rss_mb(),
-            eval,
-        };
-        // The checkpoint keeps this edit's entry (timed up to the commit), so that a crash
-        // between the commit and the append below loses no log line.
-        state.last_log = Some(entry.clone());
-        let tc = Instant::now();
-        let stats = rd.commit(&mut state, &editor.subspaces())?;
-        entry.phases.checkpoint = tc.elapsed().as_secs_f64();
-        entry.phases.checkpoint_bytes = Some(stats.bytes_written);
-        entry.seconds = t.elapsed().as_secs_f64();
-        let line_text = entry.to_line();
-        rd.append_line(&rd.log_path(), &line_text)?;
-        state.last_log = Some(entry);
-        if json_lines {
-            println!("{line_text}");
-        }
-        wins += outcome.target_wins as usize;
-        this_session += 1;
-        bar.set_position(state.n_edits as u64);
-        bar.set_message(format!("target wins {:.1}%", 100.0 * wins as f64 / state.n_edits as f64));
     }
     bar.finish();
     if !stopped_by_limit {
@@ -288,6 +252,120 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         target_wins_rate: (state.n_edits > 0).then(|| wins as f64 / state.n_edits as f64),
         seconds: t_start.elapsed().as_secs_f64(),
     })
+}
+
+/// The number of the run's next batch: one more than the last logged edit's batch (its index
+/// when it was not batched).
+fn next_batch_number(state: &State) -> usize {
+    state.last_log.as_ref().map_or(0, |l| l.batch.unwrap_or(l.index) + 1)
+}
+
+/// What applying one batch needs besides the model, the editor and the state.
+struct BatchRun<'a> {
+    rd: &'a RunDir,
+    opts: &'a SessionOptions,
+    edited_layers: &'a [usize],
+    json_lines: bool,
+}
+
+impl BatchRun<'_> {
+    /// Edits `batch` (one joint update; a batch of one is a plain edit), commits it, appends
+    /// one log line per record; returns how many targets won. `number` is the batch's number
+    /// for the log (None: unbatched run).
+    fn apply(
+        &self,
+        lm: &mut LoadedModel,
+        editor: &mut Editor,
+        state: &mut State,
+        batch: &[(usize, EditRecord)],
+        number: Option<usize>,
+    ) -> Result<usize> {
+        let opts = self.opts;
+        let t = Instant::now();
+        let recs: Vec<EditRecord> = batch.iter().map(|(_, r)| r.clone()).collect();
+        let all = MetricSet { efficacy: true, generalization: true, locality: true, ..MetricSet::default() };
+        let before = if opts.eval_each { Some(score_records(&lm.model, &lm.tok, &recs, all)?) } else { None };
+        let (first, last) = (batch[0].0, batch[batch.len() - 1].0);
+        let edited = editor.edit_batch(&mut lm.model, &lm.tok, &recs).with_context(|| match batch.len() {
+            1 => format!("{}:{first}: edit failed", opts.edits.display()),
+            n => format!("{}:{first}-{last}: edit of a batch of {n} failed", opts.edits.display()),
+        })?;
+        let evals: Vec<Option<crate::eval::RecordScores>> = match &before {
+            Some(before) => {
+                let mut after = score_records(&lm.model, &lm.tok, &recs, all)?;
+                locality_agreement(&mut after, before);
+                after.into_iter().map(Some).collect()
+            }
+            None => vec![None; recs.len()],
+        };
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut wins = 0;
+        for (((line, rec), (outcome, applied)), eval) in batch.iter().zip(edited).zip(evals) {
+            let index = state.n_edits;
+            state.push_edit(applied);
+            state.last_line = state.last_line.max(*line);
+            wins += outcome.target_wins as usize;
+            entries.push(LogEntry {
+                index,
+                line: *line,
+                case_id: rec.case_id,
+                subject: rec.subject.clone(),
+                target_new: rec.target_new.clone(),
+                ground_truth: rec.ground_truth.clone(),
+                method: opts.method.name().to_string(),
+                layer: self.edited_layers.last().copied(),
+                layers: self.edited_layers.to_vec(),
+                seconds: t.elapsed().as_secs_f64(),
+                phases: Phases {
+                    key: outcome.key_seconds,
+                    value: outcome.value_seconds,
+                    update: outcome.update_seconds,
+                    checkpoint: 0.0,
+                    checkpoint_bytes: None,
+                },
+                steps: outcome.steps,
+                loss_first: outcome.loss_first,
+                loss_last: outcome.loss_last,
+                basis_size: outcome.basis_size,
+                update_norm: outcome.update_norm,
+                retained: outcome.retained,
+                p_target_before: outcome.p_target_before,
+                p_target_after: outcome.p_target_after,
+                target_wins: outcome.target_wins,
+                subspace_added: outcome.subspace.added,
+                subspace_compressed_away: outcome.subspace.compressed_away,
+                subspace_released: outcome.subspace.released,
+                peak_rss_mb: peak_rss_mb(),
+                batch: number,
+                eval,
+            });
+        }
+        // The checkpoint keeps the batch's entries (timed up to the commit), so that a crash
+        // between the commit and the appends below loses no log line.
+        let seconds = t.elapsed().as_secs_f64();
+        for e in entries.iter_mut() {
+            e.seconds = seconds;
+        }
+        state.last_log = entries.last().cloned();
+        state.batch_log = entries[..entries.len() - 1].to_vec();
+        let tc = Instant::now();
+        let stats = self.rd.commit(state, &editor.subspaces())?;
+        let checkpoint = tc.elapsed().as_secs_f64();
+        let seconds = t.elapsed().as_secs_f64();
+        for entry in entries.iter_mut() {
+            entry.phases.checkpoint = checkpoint;
+            entry.phases.checkpoint_bytes = Some(stats.bytes_written);
+            entry.seconds = seconds;
+            let line_text = entry.to_line();
+            self.rd.append_line(&self.rd.log_path(), &line_text)?;
+            if self.json_lines {
+                println!("{line_text}");
+            }
+        }
+        state.last_log = entries.pop();
+        state.batch_log = entries;
+        Ok(wins)
+    }
 }
 
 fn new_manifest(
@@ -309,6 +387,7 @@ fn new_manifest(
         stats,
         edits: Some(edits.display().to_string()),
         dtype: dtype.to_string(),
+        batch_size: 1,
     }
 }
 

@@ -2,7 +2,10 @@
 # CUDA check, run from the repository root on the GPU machine (python3 with PyTorch there draws
 # the random weights): the same 5 CounterFact edits and their evaluation on CUDA and on CPU, on
 # one random SmolLM2-shaped model (f32), must agree; then 3 edits on a random Llama-2-7B-shaped
-# model (bf16) are timed (SKIP_7B=1 skips them). Results under OUT (default /tmp/oedit-cuda-check).
+# model (bf16) are timed (SKIP_7B=1 skips them), then batched edits on it: BATCHES="B:N ..." runs N
+# records at --batch-size B for each pair (default "10:20 100:100"; empty skips). SMOL_EDITS (default
+# 5) sets the size of the agreement check, COV_TOKENS_7B (default 100000) the 7B key statistics.
+# Results under OUT (default /tmp/oedit-cuda-check).
 #   usage: BUNDLE=DIR scripts/cuda/check.sh     (DIR from scripts/cuda/bundle.sh)
 set -uo pipefail
 : "${BUNDLE:?BUNDLE=DIR (from scripts/cuda/bundle.sh)}"
@@ -12,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 . scripts/cuda/env.sh
 ldd "$O" | grep -E "not found|libcuda|cublas|curand|nvrtc"
 python3 "$BUNDLE/gen_random_llama.py" /tmp/m-smol smol
-head -5 data/counterfact-sample.jsonl > /tmp/e5.jsonl
+head -"${SMOL_EDITS:-5}" data/counterfact-sample.jsonl > /tmp/e5.jsonl
 common=(edit --model /tmp/m-smol --hparams configs/smollm2-135m.json --dtype f32 --edits /tmp/e5.jsonl --json)
 for dev in cuda cpu; do
   rm -rf "/tmp/r-$dev"
@@ -41,7 +44,7 @@ echo "agreement rc=$?"
 [ "${SKIP_7B:-0}" = 1 ] && exit 0
 python3 "$BUNDLE/gen_random_llama.py" /tmp/m-7b 7b
 head -3 data/counterfact-sample.jsonl > /tmp/e3.jsonl
-python3 -c "import json; p=json.load(open('configs/llama-2-7b.json')); p['hparams']['cov_tokens']=100000; json.dump(p, open('/tmp/hp7b.json','w'))"
+python3 -c "import json; p=json.load(open('configs/llama-2-7b.json')); p['hparams']['cov_tokens']=${COV_TOKENS_7B:-100000}; json.dump(p, open('/tmp/hp7b.json','w'))"
 rm -rf /tmp/r-7b
 timeout 300 "$O" edit --model /tmp/m-7b --hparams /tmp/hp7b.json --dtype bf16 --device cuda --edits /tmp/e3.jsonl \
   --run /tmp/r-7b --json > "$OUT/edit-7b.jsonl"; echo "7b edit rc=$?"
@@ -51,3 +54,26 @@ for l in open('$OUT/edit-7b.jsonl'):
     e = json.loads(l)
     if 'index' in e: print(f\"7B-shaped edit {e['index']}: {e['seconds']:.2f} s, {e['steps']} v* steps, phases {e['phases']}\")
 "
+for pair in ${BATCHES-10:20 100:100}; do
+  b=${pair%%:*}; n=${pair##*:}
+  rm -rf "/tmp/r-7b-b$b"
+  t0=$(date +%s.%N)
+  timeout 600 "$O" edit --model /tmp/m-7b --hparams /tmp/hp7b.json --dtype bf16 --device cuda \
+    --edits data/counterfact-sample.jsonl --limit "$n" --batch-size "$b" --run "/tmp/r-7b-b$b" --json \
+    > "$OUT/edit-7b-b$b.jsonl"; rc=$?
+  echo "7b batch $b x $n records rc=$rc, $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s with loading and statistics"
+  python3 - "$OUT/edit-7b-b$b.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"index"' in l]
+if rows:
+    # Every record of a batch logs its batch's seconds and phases.
+    batches = {r.get("batch", r["index"]): r for r in rows}
+    total = sum(r["seconds"] for r in batches.values())
+    wins = sum(1 for r in rows if r.get("target_wins"))
+    print(f"  {len(rows)} records in {len(batches)} batches, {total:.1f} s of edit time, "
+          f"{total / len(rows):.3f} s per edit, {len(rows) / total:.2f} edits/s, "
+          f"target wins right after {wins}/{len(rows)}")
+    for b, r in batches.items():
+        print(f"  batch {b}: {r['seconds']:.2f} s, phases {r['phases']}, v* steps {r['steps']}")
+PY
+done

@@ -48,6 +48,12 @@ pub struct EditArgs {
     /// and record it in log.jsonl, for `oedit eval --timing after-each`.
     #[arg(long)]
     pub eval_each: bool,
+    /// Edits solved together: B records are read, their k* and v* computed on the same weights
+    /// (the v* optimisations stacked in one forward/backward), one joint update applied in the
+    /// method's batch form, and the run checkpointed once per batch. 1 (default) edits one
+    /// record at a time. A run keeps the batch size it was started with.
+    #[arg(long, default_value_t = 1, value_parser = RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub batch_size: usize,
     /// Print one JSON line per edit on standard output (also the default when it is not a terminal),
     /// and a JSON summary at the end.
     #[arg(long)]
@@ -113,6 +119,7 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
                 max_line_bytes: args.max_line_bytes,
                 max_prompt_tokens: args.max_prompt_tokens,
             },
+            batch_size: args.batch_size,
         },
     )?;
     if json {

@@ -2,6 +2,8 @@
 //! the live weights. The sequential run and its checkpoints live in
 //! [`crate::run`] and [`crate::session`].
 
+pub mod batch;
+pub mod batch_value;
 pub mod methods;
 pub mod prompts;
 pub mod subspace;
@@ -23,7 +25,7 @@ use crate::scoring::score_answers;
 use crate::stats::KeyStats;
 use crate::tokenizer::Tok;
 pub use methods::Method;
-use methods::{EditContext, UpdateRule};
+use methods::{BatchContext, EditContext, UpdateRule};
 use subspace::{AppendReport, Subspace};
 
 /// Adds ΔW = r uᵀ to the down-projection of `layer` in f32; the layer keeps the f32 sum as its
@@ -58,6 +60,11 @@ pub struct EditOutcome {
     pub key_seconds: f64,
     pub value_seconds: f64,
     pub update_seconds: f64,
+    /// The shapes and passes of the v\* optimisation (for a batch: of its stack).
+    pub value_shape: target::StepShape,
+    /// For a batch: the v\* stack the record was optimised in (records of one stack share
+    /// `value_shape` and `value_seconds`).
+    pub value_stack: usize,
 }
 
 /// One rank-one factor pair applied by an edit, stored in the checkpoint.
@@ -95,6 +102,31 @@ fn target_probability(model: &Llama, tok: &Tok, rec: &EditRecord) -> Result<(f64
         None => s[0].token_accuracy == 1.0,
     };
     Ok((p, wins))
+}
+
+/// [`target_probability`] of every record, scored together (one packed scoring pass).
+fn target_probabilities(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result<Vec<(f64, bool)>> {
+    let mut pairs = Vec::new();
+    let mut at = Vec::with_capacity(recs.len());
+    for rec in recs {
+        at.push(pairs.len());
+        pairs.push((rec.prompt.as_str(), rec.target_new.as_str()));
+        if let Some(gt) = &rec.ground_truth {
+            pairs.push((rec.prompt.as_str(), gt.as_str()));
+        }
+    }
+    let s = score_answers(model, tok, &pairs)?;
+    Ok(recs
+        .iter()
+        .zip(at)
+        .map(|(rec, i)| {
+            let wins = match rec.ground_truth {
+                Some(_) => s[i].mean_nll < s[i + 1].mean_nll,
+                None => s[i].token_accuracy == 1.0,
+            };
+            ((-s[i].sum_nll).exp(), wins)
+        })
+        .collect())
 }
 
 impl Editor {
@@ -163,7 +195,71 @@ impl Editor {
             key_seconds: kv.key_seconds,
             value_seconds: kv.value_seconds,
             update_seconds,
+            value_shape: kv.shape,
+            value_stack: kv.stack,
         };
         Ok((outcome, applied))
+    }
+
+    /// Applies a batch of edits to `model`: every record's k\* and v\* computed on the same
+    /// weights (the v\* optimisations stacked, see [`batch_value`]), then one joint update in the
+    /// method's batch form. One report and the applied factors per record, in order. A batch of
+    /// one is [`Self::edit`], bit for bit.
+    pub fn edit_batch(
+        &mut self,
+        model: &mut Llama,
+        tok: &Tok,
+        recs: &[EditRecord],
+    ) -> Result<Vec<(EditOutcome, Vec<AppliedUpdate>)>> {
+        if let [rec] = recs {
+            return Ok(vec![self.edit(model, tok, rec)?]);
+        }
+        let before: Vec<f64> = target_probabilities(model, tok, recs)?.into_iter().map(|(p, _)| p).collect();
+        let prompts = recs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                prompts::build(tok, r, &self.templates).with_context(|| format!("record {i} of the batch"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let target_layer = *self.layers().last().context("no edited layer")?;
+        let mut vhp = self.hparams.clone();
+        vhp.layer = target_layer;
+        let refs: Vec<&prompts::EditPrompts> = prompts.iter().collect();
+        let kvs = batch_value::compute_key_values(model, &refs, &vhp)?;
+        let t = Instant::now();
+        let mut ctx = BatchContext::new(model, &prompts, &kvs, target_layer)?;
+        let reports = self.rule.edit_batch(&mut ctx)?;
+        let applied = ctx.finish();
+        if reports.len() != recs.len() || applied.len() != recs.len() {
+            anyhow::bail!("internal error: {} reports for a batch of {}", reports.len(), recs.len());
+        }
+        let update_seconds = t.elapsed().as_secs_f64();
+        let basis_size = self.basis_size();
+        let after = target_probabilities(model, tok, recs)?;
+        let mut out = Vec::with_capacity(recs.len());
+        for ((kv, (report, (applied, update_norm))), (p_before, (p_after, wins))) in
+            kvs.iter().zip(reports.into_iter().zip(applied)).zip(before.into_iter().zip(after))
+        {
+            let outcome = EditOutcome {
+                steps: kv.steps,
+                loss_first: kv.loss_first,
+                loss_last: kv.loss_last,
+                basis_size,
+                update_norm,
+                retained: report.retained,
+                p_target_before: p_before,
+                p_target_after: p_after,
+                target_wins: wins,
+                subspace: report.subspace,
+                key_seconds: kv.key_seconds,
+                value_seconds: kv.value_seconds,
+                update_seconds,
+                value_shape: kv.shape,
+                value_stack: kv.stack,
+            };
+            out.push((outcome, applied));
+        }
+        Ok(out)
     }
 }

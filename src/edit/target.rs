@@ -33,9 +33,33 @@ pub struct KeyValue {
     pub nll_last: f64,
     /// The loss at every step (the last one is where it stopped).
     pub losses: Vec<f64>,
-    /// Seconds spent on the keys (prefix pass) and on the v* optimisation.
+    /// Seconds spent on the keys (prefix pass) and on the v* optimisation (for a batch: the
+    /// whole batch's).
     pub key_seconds: f64,
     pub value_seconds: f64,
+    /// The shapes of one optimisation step (for a batch: the whole stacked step).
+    pub shape: StepShape,
+    /// For a batch: the number of the stack the record was optimised in (0 otherwise).
+    pub stack: usize,
+}
+
+/// The shapes of one v\* optimisation step, from which its floating-point work is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepShape {
+    /// Rows of the step (every prompt of every record in it).
+    pub rows: usize,
+    /// Positions recomputed per row (the padded suffix from the subject's last token).
+    pub suffix_len: usize,
+    /// Full (padded) length of the rows: the attention span of the suffix positions.
+    pub seq_len: usize,
+    /// Rows of the LM head (target tokens and the KL position of every record).
+    pub logit_rows: usize,
+    /// The layers re-run per step (those after the edit layer).
+    pub layers: usize,
+    /// Forward passes of the optimisation (for a stack: while any record ran).
+    pub passes: usize,
+    /// Backward passes (optimiser steps) of the optimisation.
+    pub backward: usize,
 }
 
 /// Rows of `t: [batch, seq, n]` at the subject's last token of each rewrite row: `[rows, n]`.
@@ -153,6 +177,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
     }
     let dv = to_f64(delta.as_tensor())?;
     let v_star = v_orig.iter().zip(&dv).map(|(a, b)| a + b).collect();
+    let passes = losses.len();
     Ok(KeyValue {
         k_star,
         template_keys,
@@ -165,6 +190,16 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         losses,
         key_seconds,
         value_seconds: t1.elapsed().as_secs_f64(),
+        shape: StepShape {
+            rows,
+            suffix_len: s_len,
+            seq_len: batch.seq_len(),
+            logit_rows: n_target_rows + 1,
+            layers: n_layers - layer - 1,
+            passes,
+            backward: steps,
+        },
+        stack: 0,
     })
 }
 

@@ -124,6 +124,15 @@ impl KeyImage {
         Self { metric, key: key.to_vec(), image }
     }
 
+    /// The images of several keys, with one pass over the factor for all of them.
+    pub fn many(metric: Metric, pre: &Preconditioner, keys: &[Vec<f64>]) -> Vec<Self> {
+        let images = match metric {
+            Metric::Euclidean => pre.chol.solve_many(keys),
+            Metric::Covariance => pre.chol.solve_lower_many(keys),
+        };
+        keys.iter().zip(images).map(|(k, image)| Self { metric, key: k.clone(), image }).collect()
+    }
+
     /// The key in the coordinates its subspace is kept in (see [`Preconditioner::to_metric`]).
     pub fn in_metric(&self) -> &[f64] {
         match self.metric {
@@ -192,6 +201,44 @@ pub fn rank_one_in(
     r: &[f64],
 ) -> Result<RankOne> {
     KeyImage::new(metric, pre, k_star).rank_one(pre, subspace, r)
+}
+
+/// The joint update of a batch in `metric`: for keys k_i (and residuals handled by the caller),
+/// directions u_j with u_jᵀk_i = δ_ij (every edit of the batch lands exactly), zero on every
+/// stored direction, and of all such the least change in the metric (O-Edit+: the C-minimum-norm
+/// solution; O-Edit: P C⁻¹K (KᵀP C⁻¹K)⁻¹, its Euclidean projection). With an empty subspace this
+/// is ROME's batch form U = C⁻¹K (KᵀC⁻¹K)⁻¹. `retained` of record j is 1 / ((G⁻¹)_jj · full_j):
+/// the share of its key left once the stored subspace and the batch's other keys are taken out
+/// (for one key, [`RankOne::retained`]).
+pub fn joint_in(
+    metric: Metric,
+    pre: &Preconditioner,
+    subspace: Option<&Subspace>,
+    keys: &[Vec<f64>],
+) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
+    joint_of(&KeyImage::many(metric, pre, keys), pre, subspace)
+}
+
+/// [`joint_in`] for keys whose images are already computed.
+pub fn joint_of(
+    images: &[KeyImage],
+    pre: &Preconditioner,
+    subspace: Option<&Subspace>,
+) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
+    let project = |x: &[f64]| match subspace {
+        Some(s) if !s.is_empty() => s.basis.project_out(x),
+        _ => x.to_vec(),
+    };
+    let full = images.iter().map(|im| check_key_energy(im.energy())).collect::<Result<Vec<_>>>()?;
+    let coords: Vec<Vec<f64>> = images.iter().map(|im| im.in_metric().to_vec()).collect();
+    let dirs: Vec<Vec<f64>> = images.iter().map(|im| project(&im.image)).collect();
+    let joint = super::batch::exact_joint(&coords, &dirs)?;
+    let retained = joint.inverse_diagonal.iter().zip(&full).map(|(g, f)| 1.0 / (g * f)).collect();
+    let u = match images.first().map(|im| im.metric) {
+        Some(Metric::Covariance) => pre.chol.solve_upper_t_many(&joint.u),
+        _ => joint.u,
+    };
+    Ok((u, retained))
 }
 
 /// For each stored direction, how much `retained` would grow if it were dropped, and `retained`

@@ -56,6 +56,17 @@ impl Batch {
         Ok(Self { seqs, seq_len, padding, pad_id })
     }
 
+    /// The rows of `batches` one after another, padded to the longest (all must share padding
+    /// side and pad id; the first one's are used).
+    pub fn concat(batches: &[&Batch]) -> Result<Self> {
+        let first = batches.first().ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?;
+        if batches.iter().any(|b| b.padding != first.padding || b.pad_id != first.pad_id) {
+            candle_core::bail!("batches with different padding cannot be concatenated");
+        }
+        let seqs = batches.iter().flat_map(|b| b.seqs.iter().cloned()).collect();
+        Self::new(seqs, first.padding, first.pad_id)
+    }
+
     /// Number of sequences.
     pub fn batch_size(&self) -> usize {
         self.seqs.len()

@@ -101,6 +101,10 @@ pub struct LogEntry {
     /// Peak resident memory of the process so far, MiB.
     #[serde(default)]
     pub peak_rss_mb: Option<f64>,
+    /// With `--batch-size` above 1: the 0-based number (in the run) of the batch this edit was
+    /// applied in; the edits of one batch share it (absent for unbatched runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
     /// With `--eval-each`: the record's scores right after its edit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<RecordScores>,
@@ -229,14 +233,15 @@ pub fn read_log(path: &Path) -> Result<Vec<LogEntry>> {
 }
 
 /// The log of the committed edits, each entry with its line's text: the lines of edits
-/// `0..n_edits`, plus the copy of the last committed edit's entry kept in the checkpoint when a
-/// crash came between the commit and the append.
-pub fn committed(log: Lines<LogEntry>, n_edits: usize, last: Option<&LogEntry>) -> Vec<(LogEntry, String)> {
+/// `0..n_edits`, plus the copies of the last commit's entries kept in the checkpoint (`tail`, in
+/// order: one entry, or a batch's) for those a crash between the commit and the appends left
+/// out.
+pub fn committed(log: Lines<LogEntry>, n_edits: usize, tail: &[LogEntry]) -> Vec<(LogEntry, String)> {
     let mut out: Vec<(LogEntry, String)> =
         log.items.into_iter().zip(log.raw).filter(|(e, _)| e.index < n_edits).collect();
-    if out.len() + 1 == n_edits {
-        if let Some(last) = last {
-            out.push((last.clone(), last.to_line()));
+    for e in tail {
+        if e.index == out.len() && e.index < n_edits {
+            out.push((e.clone(), e.to_line()));
         }
     }
     out
@@ -277,6 +282,7 @@ mod tests {
             subspace_compressed_away: 0,
             subspace_released: 0,
             peak_rss_mb: None,
+            batch: None,
             eval: None,
         }
     }
@@ -311,8 +317,17 @@ mod tests {
         }
         // The committed entries: lines past the commit dropped, the checkpoint's copy restored.
         let lines = read(&format!("{a}\n{b}\n")).unwrap();
-        assert_eq!(committed(lines.clone(), 1, None).len(), 1);
-        let c = committed(read(&format!("{a}\n")).unwrap(), 2, Some(&entry(1)));
-        assert_eq!(c.iter().map(|(e, l)| (e.index, l.clone())).collect::<Vec<_>>(), vec![(0, a), (1, b)]);
+        assert_eq!(committed(lines.clone(), 1, &[]).len(), 1);
+        let c = committed(read(&format!("{a}\n")).unwrap(), 2, &[entry(1)]);
+        assert_eq!(
+            c.iter().map(|(e, l)| (e.index, l.clone())).collect::<Vec<_>>(),
+            vec![(0, a.clone()), (1, b.clone())]
+        );
+        // A batch's entries kept in the checkpoint: those missing from the file come back, in
+        // order, and the ones present are not doubled.
+        let c = committed(read(&format!("{a}\n{b}\n")).unwrap(), 4, &[entry(1), entry(2), entry(3)]);
+        assert_eq!(c.iter().map(|(e, _)| e.index).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        let c = committed(read("").unwrap(), 3, &[entry(1), entry(2)]);
+        assert!(c.is_empty(), "entries after a gap are not restored");
     }
 }

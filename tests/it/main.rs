@@ -4,6 +4,7 @@
 
 mod common;
 
+mod batch;
 mod bf16;
 mod checkpoint;
 mod chunks;

@@ -55,6 +55,7 @@ fn sample_entry() -> LogEntry {
         subspace_compressed_away: 0,
         subspace_released: 2,
         peak_rss_mb: Some(1300.5),
+        batch: None,
         eval: Some(RecordScores { efficacy: Some(1.0), locality_agreement: Some(0.5), ..Default::default() }),
     }
 }

@@ -6,7 +6,11 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
-use super::{add_outer_to_inverse, single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use super::{
+    add_outer_to_inverse, single_layer, stats_of, BatchContext, EditContext, MethodSpec, RuleReport,
+    UpdateRule,
+};
+use crate::edit::batch::ridge_joint;
 use crate::edit::subspace::Subspace;
 use crate::edit::update::RankOne;
 use crate::edit::{to_f32, AppliedUpdate};
@@ -87,6 +91,27 @@ impl UpdateRule for AlphaEdit {
         ctx.apply(self.layer, &upd, k)?;
         self.add_past(&to_f32(k));
         Ok(RuleReport { retained: upd.retained, ..RuleReport::default() })
+    }
+
+    /// The batch: (P₀(K Kᵀ + Σ past k kᵀ) + αI) X = P₀ K in null-space coordinates, i.e.
+    /// X = Uᵀ (A + Y Yᵀ)⁻¹ Y with Y = U K, then every key added to the memory in order.
+    fn edit_batch(&mut self, ctx: &mut BatchContext<'_>) -> Result<Vec<RuleReport>> {
+        let keys = ctx.keys();
+        let y: Vec<Vec<f64>> = keys.iter().map(|k| self.null_basis.matvec(k)).collect();
+        let z: Vec<Vec<f64>> = y.iter().map(|y| self.inverse.matvec(y)).collect();
+        let coords = ridge_joint(&y, &z, 1.0)?;
+        let r = ctx.residuals()?;
+        let mut reports = Vec::with_capacity(keys.len());
+        for (i, (r, c)) in r.into_iter().zip(&coords).enumerate() {
+            let u = self.null_basis.matvec_t(c);
+            let upd = RankOne { r, retained: dot(&u, &keys[i]), u };
+            ctx.apply(i, self.layer, &upd, &keys[i])?;
+            reports.push(RuleReport { retained: upd.retained, ..RuleReport::default() });
+        }
+        for k in &keys {
+            self.add_past(&to_f32(k));
+        }
+        Ok(reports)
     }
 
     fn restore(&mut self, _: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()> {

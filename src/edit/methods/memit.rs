@@ -1,11 +1,13 @@
-//! MEMIT with a batch of one: the change v\* − v at the last layer is spread over several
-//! layers, each solving (λC + k kᵀ) Δᵀ = k residᵀ for its share of the remaining residual.
+//! MEMIT: the change v\* − v at the last layer is spread over several layers, each solving
+//! (λC + K Kᵀ) Δᵀ = K Residᵀ for its share of the remaining residual: a batch of one per edit
+//! with `--batch-size 1`, MEMIT's own batch form with B records (ΔW = Resid Kᵀ (λC + K Kᵀ)⁻¹).
 
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
-use super::{stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use super::{stats_of, BatchContext, EditContext, MethodSpec, RuleReport, UpdateRule};
+use crate::edit::batch::ridge_joint;
 use crate::edit::subspace::Subspace;
 use crate::edit::target::subject_state;
 use crate::edit::update::{Preconditioner, RankOne};
@@ -66,6 +68,38 @@ impl UpdateRule for Memit {
             ctx.apply(*l, &upd, &k)?;
         }
         Ok(RuleReport::default())
+    }
+
+    fn edit_batch(&mut self, ctx: &mut BatchContext<'_>) -> Result<Vec<RuleReport>> {
+        let n = ctx.len();
+        let delta: Vec<Vec<f64>> = (0..n)
+            .map(|i| ctx.kv(i).v_star.iter().zip(&ctx.kv(i).v_orig).map(|(a, b)| a - b).collect())
+            .collect();
+        let mut z_star: Option<Vec<Vec<f64>>> = None;
+        let layers = self.layers.len();
+        for (li, (l, pre)) in self.layers.iter().enumerate() {
+            // Each layer sees the hidden states the updates of the layers below it left.
+            let states = (0..n)
+                .map(|i| subject_state(ctx.model(), ctx.prompts(i), *l, ctx.target_layer))
+                .collect::<Result<Vec<_>>>()?;
+            let z_star = z_star.get_or_insert_with(|| {
+                states
+                    .iter()
+                    .zip(&delta)
+                    .map(|((_, z), d)| z.iter().zip(d).map(|(a, b)| a + b).collect())
+                    .collect()
+            });
+            let remaining = (layers - li) as f64;
+            let keys: Vec<Vec<f64>> = states.iter().map(|(k, _)| k.clone()).collect();
+            let solved: Vec<Vec<f64>> = keys.iter().map(|k| pre.solve(k)).collect();
+            let u = ridge_joint(&keys, &solved, self.lambda)?;
+            for (i, (u, (k, z))) in u.into_iter().zip(&states).enumerate() {
+                let resid: Vec<f64> = z_star[i].iter().zip(z).map(|(a, b)| (a - b) / remaining).collect();
+                let retained = dot(&u, k);
+                ctx.apply(i, *l, &RankOne { r: resid, u, retained }, k)?;
+            }
+        }
+        Ok(vec![RuleReport::default(); n])
     }
 
     fn restore(&mut self, _: &HashMap<usize, Subspace>, _: &[AppliedUpdate]) -> Result<()> {

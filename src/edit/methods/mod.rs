@@ -170,6 +170,14 @@ pub trait UpdateRule: Send {
     /// applies each through [`EditContext::apply`] and updates the rule's own memory.
     fn edit(&mut self, ctx: &mut EditContext<'_>) -> Result<RuleReport>;
 
+    /// Computes the joint update of a batch of edits whose k\* and v\* were all computed on the
+    /// same weights (`ctx`), applies it through [`BatchContext::apply`] (record by record, in
+    /// order) and updates the rule's memory as if the batch were one edit: one report per
+    /// record. Rules without a batch form refuse.
+    fn edit_batch(&mut self, ctx: &mut BatchContext<'_>) -> Result<Vec<RuleReport>> {
+        bail!("this method has no batch form ({} records given); use --batch-size 1", ctx.len())
+    }
+
     /// The subspaces the rule keeps per layer, written to the checkpoint after every edit.
     fn subspaces(&self) -> Vec<(usize, &Subspace)> {
         Vec::new()
@@ -232,6 +240,108 @@ impl<'a> EditContext<'a> {
     /// The updates applied so far and ‖ΔW‖_F over all of them.
     pub fn finish(self) -> (Vec<AppliedUpdate>, f64) {
         (self.applied, self.norm_sq.sqrt())
+    }
+}
+
+/// Everything an update rule may use for a batch of edits, and the record of what it applied
+/// for each of them.
+pub struct BatchContext<'a> {
+    model: &'a mut Llama,
+    prompts: &'a [EditPrompts],
+    kvs: &'a [KeyValue],
+    /// The layer v\* was optimised at (the last layer the method edits).
+    pub target_layer: usize,
+    applied: Vec<Vec<AppliedUpdate>>,
+    norm_sq: Vec<f64>,
+}
+
+impl<'a> BatchContext<'a> {
+    /// A context for the batch of `prompts` with their k\*/v\* `kvs` (same order).
+    pub fn new(
+        model: &'a mut Llama,
+        prompts: &'a [EditPrompts],
+        kvs: &'a [KeyValue],
+        target_layer: usize,
+    ) -> Result<Self> {
+        if prompts.len() != kvs.len() || prompts.is_empty() {
+            bail!("internal error: a batch of {} prompts and {} key/values", prompts.len(), kvs.len());
+        }
+        let n = prompts.len();
+        Ok(Self { model, prompts, kvs, target_layer, applied: vec![Vec::new(); n], norm_sq: vec![0.0; n] })
+    }
+
+    /// Records in the batch.
+    pub fn len(&self) -> usize {
+        self.kvs.len()
+    }
+
+    /// Whether the batch is empty (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.kvs.is_empty()
+    }
+
+    /// The model as it stands (with the updates applied so far).
+    pub fn model(&self) -> &Llama {
+        self.model
+    }
+
+    /// The prompts of record `i`.
+    pub fn prompts(&self, i: usize) -> &EditPrompts {
+        &self.prompts[i]
+    }
+
+    /// k\*, v\* and the template keys of record `i`.
+    pub fn kv(&self, i: usize) -> &KeyValue {
+        &self.kvs[i]
+    }
+
+    /// k\* of every record.
+    pub fn keys(&self) -> Vec<Vec<f64>> {
+        self.kvs.iter().map(|kv| kv.k_star.clone()).collect()
+    }
+
+    /// v\*_i − W k\*_i at the target layer for every record, against the current W.
+    pub fn residuals(&self) -> Result<Vec<Vec<f64>>> {
+        let w = self.model.down_proj(self.target_layer).to_dtype(DType::F64)?;
+        self.kvs
+            .iter()
+            .map(|kv| {
+                let k = &kv.k_star;
+                let kt = Tensor::from_slice(k, (k.len(), 1), w.device())?;
+                let wk: Vec<f64> = w.matmul(&kt)?.flatten_all()?.to_vec1()?;
+                Ok(kv.v_star.iter().zip(&wk).map(|(a, b)| a - b).collect())
+            })
+            .collect()
+    }
+
+    /// Applies record `record`'s share ΔW = r uᵀ to `layer` and records it (with its key).
+    pub fn apply(&mut self, record: usize, layer: usize, update: &RankOne, key: &[f64]) -> Result<()> {
+        let a = AppliedUpdate { layer, r: to_f32(&update.r), u: to_f32(&update.u), key: to_f32(key) };
+        apply_rank_one(self.model, layer, &a.r, &a.u)?;
+        self.norm_sq[record] += update.norm().powi(2);
+        self.applied[record].push(a);
+        Ok(())
+    }
+
+    /// Runs `rule`'s single edit for each record in turn (each against the weights the previous
+    /// ones left, with the v\* computed for the batch): the fallback of rules whose joint solve
+    /// is ill-posed for this batch.
+    pub fn edit_sequentially(&mut self, rule: &mut dyn UpdateRule) -> Result<Vec<RuleReport>> {
+        let mut reports = Vec::with_capacity(self.len());
+        for i in 0..self.len() {
+            let mut ctx =
+                EditContext::new(&mut *self.model, &self.prompts[i], &self.kvs[i], self.target_layer);
+            reports.push(rule.edit(&mut ctx)?);
+            let (applied, norm) = ctx.finish();
+            self.applied[i].extend(applied);
+            self.norm_sq[i] += norm * norm;
+        }
+        Ok(reports)
+    }
+
+    /// Per record, the updates applied and ‖ΔW‖_F over them.
+    pub fn finish(self) -> Vec<(Vec<AppliedUpdate>, f64)> {
+        self.applied.into_iter().zip(self.norm_sq).map(|(a, n)| (a, n.sqrt())).collect()
     }
 }
 

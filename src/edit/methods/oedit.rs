@@ -6,9 +6,11 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 
-use super::{check_width, single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use super::{
+    check_width, single_layer, stats_of, BatchContext, EditContext, MethodSpec, RuleReport, UpdateRule,
+};
 use crate::edit::subspace::Subspace;
-use crate::edit::update::{KeyImage, Metric, Preconditioner};
+use crate::edit::update::{joint_of, KeyImage, Metric, Preconditioner, RankOne};
 use crate::edit::AppliedUpdate;
 use crate::hparams::{Hparams, SubspacePolicy};
 use crate::stats::KeyStats;
@@ -85,6 +87,51 @@ impl UpdateRule for HardProjection {
         report.released = released;
         report.compressed_away += compressed;
         Ok(RuleReport { retained: upd.retained, subspace: report })
+    }
+
+    /// The batch: each key's conflicts with the stored subspace released first (as its single
+    /// edit would), then one joint update landing every edit exactly and vanishing on every
+    /// stored direction ([`joint_in`]), then all keys appended in order. When a key of the batch
+    /// keeps less than `subspace.min_retained` once the others are taken out (two records of
+    /// one subject in a batch), the joint update would blow up: the batch is then edited one
+    /// record after another, as sequential O-Edit would.
+    fn edit_batch(&mut self, ctx: &mut BatchContext<'_>) -> Result<Vec<RuleReport>> {
+        let keys = ctx.keys();
+        // One multi-RHS triangular solve for all the batch's keys, shared by the conflict
+        // checks, the joint update and the append.
+        let images = KeyImage::many(self.metric, &self.pre, &keys);
+        let mut released = Vec::with_capacity(keys.len());
+        for image in &images {
+            let (gains, retained) = image.retention_gains(&self.subspace);
+            released.push(self.subspace.release_conflicts(&gains, retained, self.policy.min_retained));
+        }
+        let floor = self.policy.min_retained.max(1e-6);
+        let joint = joint_of(&images, &self.pre, Some(&self.subspace))
+            .ok()
+            .filter(|(_, retained)| retained.iter().all(|&x| x.is_finite() && x >= floor));
+        let Some((u, retained)) = joint else {
+            let mut reports = ctx.edit_sequentially(self)?;
+            for (r, n) in reports.iter_mut().zip(released) {
+                r.subspace.released += n;
+            }
+            return Ok(reports);
+        };
+        let r = ctx.residuals()?;
+        for (i, ((r, u), k)) in r.into_iter().zip(u).zip(&keys).enumerate() {
+            ctx.apply(i, self.layer, &RankOne { r, u, retained: retained[i] }, k)?;
+        }
+        let mut reports = Vec::with_capacity(keys.len());
+        for (i, image) in images.iter().enumerate() {
+            let templates = if self.policy.max_directions_per_edit > 1 {
+                self.pre.to_metric_many(&ctx.kv(i).template_keys, self.metric)
+            } else {
+                Vec::new()
+            };
+            let mut report = self.subspace.append(image.in_metric(), &templates, &self.policy);
+            report.released = released[i];
+            reports.push(RuleReport { retained: retained[i], subspace: report });
+        }
+        Ok(reports)
     }
 
     fn subspaces(&self) -> Vec<(usize, &Subspace)> {

@@ -6,7 +6,11 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 
-use super::{add_outer_to_inverse, single_layer, stats_of, EditContext, MethodSpec, RuleReport, UpdateRule};
+use super::{
+    add_outer_to_inverse, single_layer, stats_of, BatchContext, EditContext, MethodSpec, RuleReport,
+    UpdateRule,
+};
+use crate::edit::batch::ridge_joint;
 use crate::edit::subspace::Subspace;
 use crate::edit::update::{Preconditioner, RankOne};
 use crate::edit::{to_f32, AppliedUpdate};
@@ -70,6 +74,25 @@ impl UpdateRule for SoftOedit {
         ctx.apply(self.layer, &RankOne { r, u, retained }, k)?;
         self.add_past(&to_f32(k));
         Ok(RuleReport { retained, ..RuleReport::default() })
+    }
+
+    /// The batch, in its regularised joint form: U = (A + K Kᵀ)⁻¹ K, the minimiser of
+    /// λ·E‖ΔW k₀‖² + Σ_p ‖ΔW k_p‖² + Σ_i ‖ΔW k_i − r_i‖²; then every key added in order.
+    fn edit_batch(&mut self, ctx: &mut BatchContext<'_>) -> Result<Vec<RuleReport>> {
+        let keys = ctx.keys();
+        let z: Vec<Vec<f64>> = keys.iter().map(|k| self.inverse.matvec(k)).collect();
+        let u = ridge_joint(&keys, &z, 1.0)?;
+        let r = ctx.residuals()?;
+        let mut reports = Vec::with_capacity(keys.len());
+        for (i, (r, u)) in r.into_iter().zip(u).enumerate() {
+            let retained = dot(&u, &keys[i]);
+            ctx.apply(i, self.layer, &RankOne { r, u, retained }, &keys[i])?;
+            reports.push(RuleReport { retained, ..RuleReport::default() });
+        }
+        for k in &keys {
+            self.add_past(&to_f32(k));
+        }
+        Ok(reports)
     }
 
     fn restore(&mut self, _: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()> {

@@ -1,0 +1,305 @@
+//! k\* and v\* of a batch of edits, computed together on the same weights.
+//!
+//! The prompts of every record go into one padded batch: one prefix pass gives every record's
+//! keys and the cached keys/values, then the v\* optimisations run as one stacked
+//! forward/backward per step. Each record has its own trainable δ (a row of one `[B, d]` Var), its
+//! own loss (NLL + KL + weight decay, exactly the single-record loss of [`super::target`]), and
+//! the step minimises the sum of the losses of the records still running: no record's loss
+//! depends on another record's δ (the rows of different records never attend to each other), so
+//! each δ gets the gradient of its own loss. Adam works element by element, so one stacked Var
+//! evolves as B separate ones. A record whose target NLL falls below `stop_loss` is frozen at
+//! that step (its δ is put back after every later optimiser step) and keeps its own step count
+//! and losses; each δ is clamped to its own norm bound. Per record the trajectory is the one the
+//! single-record optimisation takes, up to float rounding (checked by a test).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+use super::prompts::EditPrompts;
+use super::target::{KeyValue, StepShape};
+use crate::hparams::Hparams;
+use crate::infer::log_softmax;
+use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Taps};
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+}
+
+/// Per-record progress of the stacked optimisation.
+#[derive(Debug, Clone, Default)]
+struct Track {
+    losses: Vec<f64>,
+    nll_last: f64,
+    steps: usize,
+    running: bool,
+}
+
+/// Where each record's rows sit in the stacked batch.
+struct Layout {
+    /// First row of each record.
+    offset: Vec<usize>,
+    /// The record of each row.
+    record_of_row: Vec<u32>,
+    /// The subject's last token of every row.
+    subject_last: Vec<usize>,
+}
+
+impl Layout {
+    fn new(prompts: &[&EditPrompts]) -> Self {
+        let mut offset = Vec::with_capacity(prompts.len());
+        let mut record_of_row = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            offset.push(record_of_row.len());
+            record_of_row.extend(std::iter::repeat_n(i as u32, p.batch.batch_size()));
+        }
+        let subject_last = prompts.iter().flat_map(|p| p.subject_last.iter().copied()).collect();
+        Self { offset, record_of_row, subject_last }
+    }
+}
+
+/// Rows of `t: [rows, seq, n]` at the subject's last token of record `i`'s rewrite rows.
+fn record_rows(t: &Tensor, batch: &Batch, p: &EditPrompts, offset: usize) -> Result<Tensor> {
+    let idx: Vec<u32> =
+        (0..p.rewrite_rows).map(|r| batch.flat_index(offset + r, p.subject_last[r]) as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), t.device())?;
+    Ok(t.reshape(((), t.dim(D::Minus1)?))?.index_select(&idx, 0)?)
+}
+
+/// Most suffix positions (rows × padded suffix length) one stacked optimisation runs at once.
+/// A stack's activations for the backward pass grow with it (about 1 MB per position on
+/// SmolLM2-135M: 24 layers after the edit layer, f32), so a large batch is optimised in several
+/// stacks of at most this size, one after another; each record's result is the same either way
+/// (no record's loss depends on another's δ). 4,096 positions hold about 60 CounterFact records
+/// with the SmolLM2 preset's 6 templates.
+pub const STACK_POSITIONS: usize = 4096;
+
+/// The suffix positions record `p` adds to a stack whose padded suffix length is `len`, and its
+/// own longest suffix.
+fn suffix_extent(p: &EditPrompts) -> usize {
+    (0..p.batch.batch_size())
+        .map(|r| p.batch.len_of(r) - p.subject_last[r].min(p.batch.len_of(r) - 1))
+        .max()
+        .unwrap_or(1)
+}
+
+/// Splits the records into consecutive stacks of at most `budget` padded suffix positions (at
+/// least one record each).
+fn stacks(prompts: &[&EditPrompts], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut rows, mut len) = (0, 0, 0);
+    for (i, p) in prompts.iter().enumerate() {
+        let (r, l) = (p.batch.batch_size(), suffix_extent(p));
+        if i > start && (rows + r) * len.max(l) > budget {
+            out.push(start..i);
+            (start, rows, len) = (i, 0, 0);
+        }
+        rows += r;
+        len = len.max(l);
+    }
+    if start < prompts.len() {
+        out.push(start..prompts.len());
+    }
+    out
+}
+
+/// Computes k\* and v\* of every record of `prompts` at `hp.layer` on the current weights, the
+/// v\* optimisations stacked (see the module documentation) in stacks of at most
+/// [`STACK_POSITIONS`] suffix positions. A record's `key_seconds`, `value_seconds` and `shape`
+/// are those of its stack, `stack` its number.
+pub fn compute_key_values(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<KeyValue>> {
+    compute_key_values_in(model, prompts, hp, STACK_POSITIONS)
+}
+
+/// [`compute_key_values`] with stacks of at most `budget` suffix positions.
+pub fn compute_key_values_in(
+    model: &Llama,
+    prompts: &[&EditPrompts],
+    hp: &Hparams,
+    budget: usize,
+) -> Result<Vec<KeyValue>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for (n, range) in stacks(prompts, budget).into_iter().enumerate() {
+        let mut kvs = stacked(model, &prompts[range], hp)?;
+        kvs.iter_mut().for_each(|kv| kv.stack = n);
+        out.extend(kvs);
+    }
+    Ok(out)
+}
+
+/// One stacked optimisation of all of `prompts`.
+fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<KeyValue>> {
+    let n = prompts.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let t0 = Instant::now();
+    let layer = hp.layer;
+    let dev = model.device();
+    let n_layers = model.num_layers();
+    let batch = Batch::concat(&prompts.iter().map(|p| &p.batch).collect::<Vec<_>>())?;
+    let rows = batch.batch_size();
+    let lay = Layout::new(prompts);
+
+    // The prefix pass: keys, MLP outputs and every layer's keys/values for all records at once.
+    let ctx = LayerCtx::new(model, &batch, Mode::Inference)?;
+    let mut cap = Captured::default();
+    let taps = Taps { capture_keys: Some(layer), capture_kv: true, ..Default::default() };
+    let h_layer = model.run_layers(model.embed(&batch)?, 0..layer + 1, &ctx, &taps, &mut cap)?;
+    let keys = cap.keys.take().context("key capture failed")?;
+    let outs = cap.mlp_out.take().context("output capture failed")?;
+    let d = outs.dim(D::Minus1)?;
+    let mut template_keys = Vec::with_capacity(n);
+    let mut k_star = Vec::with_capacity(n);
+    let mut v_orig = Vec::with_capacity(n);
+    for (i, p) in prompts.iter().enumerate() {
+        let k_rows = record_rows(&keys, &batch, p, lay.offset[i])?;
+        let v_rows = record_rows(&outs, &batch, p, lay.offset[i])?;
+        template_keys.push((0..p.rewrite_rows).map(|r| to_f64(&k_rows.get(r)?)).collect::<Result<Vec<_>>>()?);
+        k_star.push(to_f64(&k_rows.mean(0)?)?);
+        v_orig.push(to_f64(&v_rows.mean(0)?)?);
+    }
+    let h_final = model.run_layers(h_layer.clone(), layer + 1..n_layers, &ctx, &taps, &mut cap)?;
+    let kv_cache = std::mem::take(&mut cap.kv);
+    let key_seconds = t0.elapsed().as_secs_f64();
+
+    // The stacked optimisation problem.
+    let t1 = Instant::now();
+    let suffix = LayerCtx::suffix(model, &batch, &lay.subject_last, Mode::Differentiable)?;
+    let s_len = suffix.len;
+    let hs_layer = h_layer.reshape(((), d))?.index_select(&suffix.gather, 0)?.reshape((rows, s_len, d))?;
+    let at_start: Vec<f32> = (0..rows * s_len).map(|i| (i % s_len == 0) as u8 as f32).collect();
+    let mask = Tensor::from_vec(at_start, (rows, s_len, 1), dev)?.to_dtype(model.dtype())?;
+    let record_of_row = Tensor::new(lay.record_of_row.as_slice(), dev)?;
+    // Target rows of every record (in record order), then the KL row of every record.
+    let mut target_rows = Vec::new();
+    let mut target_ids = Vec::new();
+    let mut segments = Vec::with_capacity(n);
+    for (i, p) in prompts.iter().enumerate() {
+        let start = target_ids.len();
+        for r in 0..p.rewrite_rows {
+            let row = lay.offset[i] + r;
+            for (j, &t) in p.target_ids.iter().enumerate() {
+                target_rows.push((row * s_len + p.prompt_last[r] + j - p.subject_last[r]) as u32);
+                target_ids.push(t);
+            }
+        }
+        segments.push((start, target_ids.len() - start));
+    }
+    let n_target_rows = target_ids.len();
+    let mut kl_full_rows = Vec::with_capacity(n);
+    for (i, p) in prompts.iter().enumerate() {
+        let kl_row = lay.offset[i] + p.batch.batch_size() - 1;
+        let kl_last = batch.len_of(kl_row) - 1;
+        target_rows.push((kl_row * s_len + kl_last - lay.subject_last[kl_row]) as u32);
+        kl_full_rows.push(batch.flat_index(kl_row, kl_last) as u32);
+    }
+    let rows_t = Tensor::new(target_rows.as_slice(), dev)?;
+    let ids_t = Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?;
+    // NLL of record i = −Σ over its segment / (its target tokens × its rewrite rows): one product.
+    let mut seg = vec![0f32; n * n_target_rows];
+    for (i, &(start, len)) in segments.iter().enumerate() {
+        let w = -1.0 / len.max(1) as f64;
+        seg[i * n_target_rows + start..i * n_target_rows + start + len].fill(w as f32);
+    }
+    let kl_full = Tensor::new(kl_full_rows.as_slice(), dev)?;
+    let lp_init = log_softmax(&model.logits_at(&h_final, &kl_full, Mode::Inference)?)?;
+    let p_init = lp_init.exp()?;
+    let seg = Tensor::from_vec(seg, (n, n_target_rows), dev)?.to_dtype(lp_init.dtype())?;
+
+    let v_norm: Vec<f64> =
+        v_orig.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12)).collect();
+    let max_norm: Vec<f64> = v_norm.iter().map(|v| hp.clamp_norm_factor * v).collect();
+    let wd_scale: Vec<f32> = v_norm.iter().map(|v| (hp.weight_decay / (v * v)) as f32).collect();
+    let wd_scale = Tensor::from_vec(wd_scale, n, dev)?;
+    let delta = Var::zeros((n, d), DType::F32, dev)?;
+    let mut opt = AdamW::new(
+        vec![delta.clone()],
+        ParamsAdamW { lr: hp.v_lr, weight_decay: 0.0, ..Default::default() },
+    )?;
+    let mut track = vec![Track { running: true, nll_last: f64::NAN, ..Track::default() }; n];
+    let mut saved = vec![0f32; n * d];
+    let suffix_taps = Taps { kv_cache: Some(&kv_cache), ..Default::default() };
+    for step in 0..hp.v_steps {
+        let dm = delta.as_tensor().to_dtype(model.dtype())?.index_select(&record_of_row, 0)?;
+        let h = hs_layer.broadcast_add(&mask.broadcast_mul(&dm.reshape((rows, 1, d))?)?)?;
+        let h =
+            model.run_layers(h, layer + 1..n_layers, &suffix.ctx, &suffix_taps, &mut Captured::default())?;
+        let lp = log_softmax(&model.logits_at(&h, &rows_t, Mode::Differentiable)?)?;
+        let picked = lp.narrow(0, 0, n_target_rows)?.gather(&ids_t, 1)?;
+        let nll = seg.matmul(&picked)?.squeeze(1)?;
+        let lp_kl = lp.narrow(0, n_target_rows, n)?;
+        let kl = (&p_init * (&lp_init - &lp_kl)?)?.sum(1)?;
+        let wd = (delta.as_tensor().sqr()?.sum(1)? * &wd_scale)?;
+        let loss = ((&nll + (kl * hp.kl_weight)?)? + wd)?;
+        let loss_v: Vec<f32> = loss.to_dtype(DType::F32)?.to_vec1()?;
+        let nll_v: Vec<f32> = nll.to_dtype(DType::F32)?.to_vec1()?;
+        for (i, t) in track.iter_mut().enumerate().filter(|(_, t)| t.running) {
+            t.losses.push(loss_v[i] as f64);
+            t.nll_last = nll_v[i] as f64;
+            if (nll_v[i] as f64) < hp.stop_loss {
+                t.running = false;
+            }
+        }
+        if track.iter().all(|t| !t.running) {
+            break;
+        }
+        let running: Vec<f32> = track.iter().map(|t| t.running as u8 as f32).collect();
+        let running = Tensor::from_vec(running, n, dev)?.to_dtype(loss.dtype())?;
+        let grads = (loss * running)?.sum_all()?.backward()?;
+        opt.step(&grads)?;
+        // Frozen records get their δ back; the others are clamped to their own norm bound.
+        let mut now: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
+        for (i, t) in track.iter_mut().enumerate() {
+            let row = &mut now[i * d..(i + 1) * d];
+            if !t.running {
+                row.copy_from_slice(&saved[i * d..(i + 1) * d]);
+                continue;
+            }
+            t.steps = step + 1;
+            let norm = row.iter().map(|&x| x * x).sum::<f32>().sqrt();
+            if norm as f64 > max_norm[i] {
+                let s = max_norm[i] / norm as f64;
+                row.iter_mut().for_each(|x| *x = (*x as f64 * s) as f32);
+            }
+        }
+        delta.set(&Tensor::from_vec(now.clone(), (n, d), dev)?)?;
+        saved = now;
+    }
+    let value_seconds = t1.elapsed().as_secs_f64();
+    let shape = StepShape {
+        rows,
+        suffix_len: s_len,
+        seq_len: batch.seq_len(),
+        logit_rows: n_target_rows + n,
+        layers: n_layers - layer - 1,
+        passes: track.iter().map(|t| t.losses.len()).max().unwrap_or(0),
+        backward: track.iter().map(|t| t.steps).max().unwrap_or(0),
+    };
+    let dv: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
+    let mut out = Vec::with_capacity(n);
+    for (i, t) in track.into_iter().enumerate() {
+        if t.losses.is_empty() && hp.v_steps > 0 {
+            bail!("internal error: record {i} of the batch has no loss");
+        }
+        let v_star = v_orig[i].iter().zip(&dv[i * d..(i + 1) * d]).map(|(a, &b)| a + b as f64).collect();
+        out.push(KeyValue {
+            k_star: std::mem::take(&mut k_star[i]),
+            template_keys: std::mem::take(&mut template_keys[i]),
+            v_orig: std::mem::take(&mut v_orig[i]),
+            v_star,
+            steps: t.steps,
+            loss_first: t.losses.first().copied().unwrap_or(f64::NAN),
+            loss_last: t.losses.last().copied().unwrap_or(f64::NAN),
+            nll_last: t.nll_last,
+            losses: t.losses,
+            key_seconds,
+            value_seconds,
+            shape,
+            stack: 0,
+        });
+    }
+    Ok(out)
+}
