@@ -34,11 +34,11 @@ fn list(var: &str, default: &str) -> Vec<usize> {
 /// ticks of 1/100 s). On a shared machine wall time depends on what else runs; CPU time does not.
 fn cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
-    // Fields after the command name (which ends with the last ')'): utime and stime are the
-    // 12th and 13th of them.
+    // Fields after the command name (which ends with the last ')'), from `state` on: utime and
+    // stime are the 12th and 13th of them (fields 14 and 15 of the line).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    match (f.get(11), f.get(12)) {
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    match (f.get(11).and_then(|x| x.parse::<f64>().ok()), f.get(12).and_then(|x| x.parse::<f64>().ok())) {
         (Some(u), Some(s)) => (u + s) / 100.0,
         _ => f64::NAN,
     }

@@ -43,7 +43,7 @@ impl Default for SubspacePolicy {
     }
 }
 
-/// MEMIT: the update spread over several layers (batch of one, applied sequentially).
+/// MEMIT: the update spread over several layers (a batch of one per edit, or its batch form with `--batch-size`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MemitParams {

@@ -49,9 +49,9 @@ pub struct EditArgs {
     #[arg(long)]
     pub eval_each: bool,
     /// Edits solved together: B records are read, their k* and v* computed on the same weights
-    /// (the v* optimisations stacked in one forward/backward), one joint update applied in the
-    /// method's batch form, and the run checkpointed once per batch. 1 (default) edits one
-    /// record at a time. A run keeps the batch size it was started with.
+    /// (the v* optimisations stacked, up to 256 suffix positions per forward/backward), one
+    /// joint update applied in the method's batch form, and the run checkpointed once per batch.
+    /// 1 (default) edits one record at a time. A run keeps the batch size it was started with.
     #[arg(long, default_value_t = 1, value_parser = RangedU64ValueParser::<usize>::new().range(1..=4096))]
     pub batch_size: usize,
     /// Print one JSON line per edit on standard output (also the default when it is not a terminal),

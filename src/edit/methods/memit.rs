@@ -19,7 +19,7 @@ use crate::stats::KeyStats;
 /// Registry entry.
 pub const SPEC: MethodSpec = MethodSpec {
     name: "memit",
-    about: "MEMIT, batch of one: the residual spread over memit.layers",
+    about: "MEMIT: the residual spread over memit.layers (its batch form with --batch-size)",
     hparam_sections: &["memit"],
     layers: Hparams::memit_layers,
     build,
