@@ -280,7 +280,7 @@ fn main() -> Result<()> {
     }
     let out = out.context("usage: random_llama OUT --tokenizer tokenizer.json [options]")?;
     let tokenizer = tokenizer.context("--tokenizer tokenizer.json is required")?;
-    if s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 {
+    if !s.hidden.is_multiple_of(s.heads) || !s.heads.is_multiple_of(s.kv_heads) {
         bail!("hidden must divide into heads, and heads into kv-heads");
     }
     if bos as usize >= s.vocab || eos as usize >= s.vocab {
