@@ -307,27 +307,22 @@ impl Cholesky {
     }
 
     /// The factorisation itself (see [`Self::new`]).
+    ///
+    /// The factorisation runs in one n×n buffer, which then becomes the row-major factor: the
+    /// work matrix is a column-major view of it, transposed in place at the end (n² f64 less
+    /// at once than a separate work matrix: 0.97 GB at n = 11,008).
     fn compute(a: &Mat) -> Result<Self, LinalgError> {
         let n = a.rows;
-        let mut w = faer::Mat::<f64>::zeros(n, n);
-        w.as_mut().copy_from_triangular_lower(a.view());
+        let mut data = vec![0f64; n * n];
+        let mut w = MatMut::from_column_major_slice_mut(&mut data, n, n);
+        w.copy_from_triangular_lower(a.view());
         let mut buf = MemBuffer::new(cholesky_in_place_scratch::<f64>(n, PAR, Default::default()));
-        let res = cholesky_in_place(
-            w.as_mut(),
-            Default::default(),
-            PAR,
-            MemStack::new(&mut buf),
-            Default::default(),
-        );
+        let res = cholesky_in_place(w.as_mut(), Default::default(), PAR, MemStack::new(&mut buf), Default::default());
         if let Err(LltError::NonPositivePivot { index }) = res {
-            return Err(LinalgError::NotPositiveDefinite {
-                pivot: index,
-                value: schur_pivot(a, w.as_ref(), index),
-            });
+            return Err(LinalgError::NotPositiveDefinite { pivot: index, value: schur_pivot(a, w.as_ref(), index) });
         }
-        let mut l = Mat::zeros(n, n);
-        l.view_mut().copy_from_triangular_lower(w.as_ref());
-        Ok(Cholesky { l })
+        lower_col_major_to_row_major(&mut data, n);
+        Ok(Cholesky { l: Mat::from_vec(n, n, data) })
     }
 
     /// The lower-triangular factor `L`.
@@ -412,6 +407,26 @@ fn schur_pivot(a: &Mat, partial: MatRef<'_, f64>, p: usize) -> f64 {
         PAR,
     );
     a.get(p, p) - dot(&y, &y)
+}
+
+/// Turns the lower triangle of the column-major n×n matrix in `m` into the row-major
+/// lower-triangular matrix with a zero upper triangle, in place, tile by tile (faer leaves
+/// working values in the upper triangle).
+fn lower_col_major_to_row_major(m: &mut [f64], n: usize) {
+    const T: usize = 64;
+    for bi in (0..n).step_by(T) {
+        for bj in (bi..n).step_by(T) {
+            for i in bi..(bi + T).min(n) {
+                let start = if bi == bj { i + 1 } else { bj };
+                for j in start..(bj + T).min(n) {
+                    // i < j: position i·n + j holds L(j, i) in column-major order; row-major wants
+                    // it at j·n + i, and a zero at i·n + j.
+                    m[j * n + i] = m[i * n + j];
+                    m[i * n + j] = 0.0;
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -157,6 +157,8 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
         Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)
     })?;
     report_timing("method state (factorisations computed or read)", t);
+    // The rule holds what it needs; C itself (f²·8 bytes) is not used again.
+    drop(stats);
     editor.restore(&state.subspaces, &state.updates)?;
     state.track(&editor.subspaces());
     replay(&mut lm.model, &state.updates)?;
