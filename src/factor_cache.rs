@@ -72,15 +72,25 @@ impl FactorCache {
     fn read_cholesky(&self, key: &MatKey) -> Result<Option<Mat>> {
         let Some((path, files)) = self.open("cholesky", key)? else { return Ok(None) };
         let n = key.rows;
-        let (shape, packed) = files.read_f64("lower")?;
-        if shape != [n * (n + 1) / 2] {
-            bail!("{}: `lower` has shape {shape:?}, not [{}]", path.display(), n * (n + 1) / 2);
-        }
+        // Unpacked row by row as the blocks arrive: no packed copy is held.
         let mut l = Mat::zeros(n, n);
-        let mut at = 0;
-        for i in 0..n {
-            l.row_mut(i)[..=i].copy_from_slice(&packed[at..at + i + 1]);
-            at += i + 1;
+        let (mut row, mut col) = (0usize, 0usize);
+        let shape = files.visit_f64("lower", |block| {
+            for &x in block {
+                if row >= n {
+                    bail!("more values than a {n}×{n} triangle holds");
+                }
+                l.row_mut(row)[col] = x;
+                col += 1;
+                if col > row {
+                    row += 1;
+                    col = 0;
+                }
+            }
+            Ok(())
+        })?;
+        if shape != [n * (n + 1) / 2] || row != n {
+            bail!("{}: `lower` has shape {shape:?}, not [{}]", path.display(), n * (n + 1) / 2);
         }
         Ok(Some(l))
     }
@@ -92,9 +102,8 @@ impl FactorCache {
         if (0..n).any(|i| l.row(i)[i + 1..].iter().any(|&x| x.to_bits() != 0)) {
             bail!("the Cholesky factor has a non-zero upper triangle");
         }
-        let mut packed = Vec::with_capacity(n * (n + 1) / 2);
-        (0..n).for_each(|i| packed.extend_from_slice(&l.row(i)[..=i]));
-        self.write("cholesky", key, &[Data::F64("lower", vec![packed.len()], &packed)])
+        let rows: Vec<&[f64]> = (0..n).map(|i| &l.row(i)[..=i]).collect();
+        self.write("cholesky", key, &[Data::F64Parts("lower", vec![n * (n + 1) / 2], rows)])
     }
 
     fn read_eigen(&self, key: &MatKey) -> Result<Option<SymEigen>> {
@@ -125,6 +134,7 @@ impl FactorCache {
         all.extend(tensors.iter().map(|t| match t {
             Data::F64(n, s, v) => Data::F64(n, s.clone(), v),
             Data::I64(n, s, v) => Data::I64(n, s.clone(), v),
+            Data::F64Parts(n, s, p) => Data::F64Parts(n, s.clone(), p.clone()),
         }));
         tensor_file::write(&self.path(kind, key), &all)
     }

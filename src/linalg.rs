@@ -317,9 +317,18 @@ impl Cholesky {
         let mut w = MatMut::from_column_major_slice_mut(&mut data, n, n);
         w.copy_from_triangular_lower(a.view());
         let mut buf = MemBuffer::new(cholesky_in_place_scratch::<f64>(n, PAR, Default::default()));
-        let res = cholesky_in_place(w.as_mut(), Default::default(), PAR, MemStack::new(&mut buf), Default::default());
+        let res = cholesky_in_place(
+            w.as_mut(),
+            Default::default(),
+            PAR,
+            MemStack::new(&mut buf),
+            Default::default(),
+        );
         if let Err(LltError::NonPositivePivot { index }) = res {
-            return Err(LinalgError::NotPositiveDefinite { pivot: index, value: schur_pivot(a, w.as_ref(), index) });
+            return Err(LinalgError::NotPositiveDefinite {
+                pivot: index,
+                value: schur_pivot(a, w.as_ref(), index),
+            });
         }
         lower_col_major_to_row_major(&mut data, n);
         Ok(Cholesky { l: Mat::from_vec(n, n, data) })

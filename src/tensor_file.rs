@@ -17,6 +17,9 @@ pub enum Data<'a> {
     F64(&'a str, Vec<usize>, &'a [f64]),
     /// i64 values (row-major).
     I64(&'a str, Vec<usize>, &'a [i64]),
+    /// f64 values given as consecutive pieces (e.g. the rows of a triangle), written as one
+    /// tensor without gathering them first.
+    F64Parts(&'a str, Vec<usize>, Vec<&'a [f64]>),
 }
 
 impl Data<'_> {
@@ -24,6 +27,7 @@ impl Data<'_> {
         match self {
             Data::F64(n, s, v) => (n, "F64", s, v.len()),
             Data::I64(n, s, v) => (n, "I64", s, v.len()),
+            Data::F64Parts(n, s, parts) => (n, "F64", s, parts.iter().map(|p| p.len()).sum()),
         }
     }
 }
@@ -69,6 +73,17 @@ pub fn write(path: &Path, tensors: &[Data<'_>]) -> Result<()> {
                         f.write_all(&buf)?;
                     }
                 }
+                Data::F64Parts(_, _, parts) => {
+                    buf.clear();
+                    for x in parts.iter().flat_map(|p| p.iter()) {
+                        buf.extend_from_slice(&x.to_le_bytes());
+                        if buf.len() >= BLOCK * 8 {
+                            f.write_all(&buf)?;
+                            buf.clear();
+                        }
+                    }
+                    f.write_all(&buf)?;
+                }
             }
         }
         f.flush()?;
@@ -87,13 +102,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.safetensors");
         let a: Vec<f64> = (0..200_000).map(|i| (i as f64).sin() * 1e-300 + i as f64).collect();
-        write(&p, &[Data::F64("a", vec![400, 500], &a), Data::I64("n", vec![2], &[-3, i64::MAX])]).unwrap();
+        let parts: Vec<&[f64]> = a.chunks(333).collect();
+        write(
+            &p,
+            &[
+                Data::F64("a", vec![400, 500], &a),
+                Data::I64("n", vec![2], &[-3, i64::MAX]),
+                Data::F64Parts("parts", vec![200_000], parts),
+            ],
+        )
+        .unwrap();
         let m = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
         assert_eq!(m["n"].to_vec1::<i64>().unwrap(), vec![-3, i64::MAX]);
         let files = TensorFiles::open(std::slice::from_ref(&p)).unwrap();
         let (shape, back) = files.read_f64("a").unwrap();
         assert_eq!(shape, vec![400, 500]);
         assert!(back.iter().zip(&a).all(|(x, y)| x.to_bits() == y.to_bits()));
+        let (shape, joined) = files.read_f64("parts").unwrap();
+        assert_eq!(shape, vec![200_000]);
+        assert!(joined.iter().zip(&a).all(|(x, y)| x.to_bits() == y.to_bits()));
         assert!(files.read_f64("n").is_err());
         assert!(write(&p, &[Data::F64("a", vec![3], &a[..2])]).is_err());
     }

@@ -77,25 +77,37 @@ impl TensorFiles {
     /// The f64 tensor `name` as its shape and row-major values, read straight into the returned
     /// vector (no intermediate copy of the bytes).
     pub fn read_f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+        let mut out = Vec::new();
+        let shape = self.visit_f64(name, |block| {
+            out.extend_from_slice(block);
+            Ok(())
+        })?;
+        Ok((shape, out))
+    }
+
+    /// Streams the f64 tensor `name`: `visit` gets its row-major values in order, a block of at
+    /// most 1 Mi values at a time. Returns the tensor's shape.
+    pub fn visit_f64(&self, name: &str, mut visit: impl FnMut(&[f64]) -> Result<()>) -> Result<Vec<usize>> {
         let e = self.entries.get(name).with_context(|| format!("no tensor `{name}` in the file"))?;
         let (path, file) = &self.files[e.file];
         if e.dtype != DType::F64 {
             bail!("{}: tensor `{name}` is {:?}, not F64", path.display(), e.dtype);
         }
-        let n = ((e.end - e.start) / 8) as usize;
-        let mut out = Vec::with_capacity(n);
         let mut buf = vec![0u8; 8 << 20];
+        let mut values = Vec::with_capacity(1 << 20);
         let mut pos = e.start;
         while pos < e.end {
             let len = (buf.len() as u64).min(e.end - pos) as usize;
             file.read_exact_at(&mut buf[..len], pos)
                 .with_context(|| format!("{}: cannot read tensor `{name}`", path.display()))?;
-            out.extend(
+            values.clear();
+            values.extend(
                 buf[..len].chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))),
             );
+            visit(&values)?;
             pos += len as u64;
         }
-        Ok((e.shape.clone(), out))
+        Ok(e.shape.clone())
     }
 
     /// Whether a tensor called `name` exists.
