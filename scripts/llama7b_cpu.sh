@@ -9,7 +9,9 @@
 #          from configs/llama-2-7b.json (200,000 and 25), to keep the run affordable;
 #          THREADS (default: the number of cores); KEEP_MODEL=1 reuses an existing OUT/model.
 #
-# Needs ~14 GB of disk for the model, ~1.5 GB for the caches, and ~18 GB of RAM.
+# Needs ~14 GB of disk for the model, ~1.5 GB for the caches, and ~16 GB of free RAM (peak RSS
+# 15.2 GiB: the 13.1 GiB model plus three f×f f64 matrices while the method state is built).
+# Measured figures and logs: bench-results/llama7b-cpu/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-/tmp/oedit-llama7b-cpu}"
