@@ -8,6 +8,7 @@ pub mod device;
 pub mod edit;
 pub mod eval;
 pub mod export;
+pub mod factor_cache;
 pub mod fingerprint;
 pub mod fsutil;
 pub mod hparams;
@@ -23,6 +24,7 @@ pub mod run;
 pub mod scoring;
 pub mod session;
 pub mod stats;
+pub mod tensor_file;
 pub mod threads;
 pub mod tokenizer;
 

@@ -51,3 +51,26 @@ impl Progress {
         self.bar.finish_and_clear();
     }
 }
+
+/// Whether `OEDIT_TIMINGS` asks for the one-off phase timings on standard error.
+pub fn timings_enabled() -> bool {
+    std::env::var_os("OEDIT_TIMINGS").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Prints `timing: WHAT S s (peak RSS M MiB)` on standard error when [`timings_enabled`]: the
+/// one-off costs of a session (model load, key statistics, the method's factorisations), which
+/// the per-edit log does not hold.
+pub fn report_timing(what: &str, start: std::time::Instant) {
+    if timings_enabled() {
+        let rss = peak_rss_mib().map(|m| format!(" (peak RSS {m:.0} MiB)")).unwrap_or_default();
+        eprintln!("timing: {what} {:.1} s{rss}", start.elapsed().as_secs_f64());
+    }
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), when known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 =
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

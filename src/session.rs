@@ -13,9 +13,12 @@ use crate::data::{EditRecord, RecordError};
 use crate::edit::{templates::context_templates, Editor, Method};
 use crate::errors::InputError;
 use crate::eval::{locality_agreement, score_records, MetricSet};
+use crate::factor_cache::FactorCache;
 use crate::fingerprint::model_fingerprint;
 use crate::hparams::Hparams;
+use crate::linalg::with_factor_memo;
 use crate::loader::LoadedModel;
+use crate::progress::report_timing;
 use crate::progress::Progress;
 use crate::run::log::by_line;
 use crate::run::{
@@ -120,7 +123,9 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
             m
         }
         None => {
+            let t = Instant::now();
             let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
+            report_timing("context templates", t);
             let m = Manifest {
                 batch_size: opts.batch_size.max(1),
                 ..new_manifest(identity, opts.method, &hp, templates, stats_id, &opts.edits, &dtype)
@@ -149,9 +154,19 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
     }
     let logged = by_line(&log);
     let edited_layers = opts.method.layers(&hp);
+    let t = Instant::now();
     let stats =
         load_or_compute(&lm.model, &lm.tok, &fingerprint, &edited_layers, hp.cov_tokens, &opts.corpus)?;
-    let mut editor = Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)?;
+    report_timing("key statistics (computed or read)", t);
+    // The method's factorisations of C (Cholesky, eigendecomposition) come from the factor
+    // cache beside the statistics when an earlier session computed them.
+    let t = Instant::now();
+    let mut editor = with_factor_memo(FactorCache::beside_stats().into_memo(), || {
+        Editor::new(opts.method, hp.clone(), manifest.templates.clone(), &stats)
+    })?;
+    report_timing("method state (factorisations computed or read)", t);
+    // The rule holds what it needs; C itself (f²·8 bytes) is not used again.
+    drop(stats);
     editor.restore(&state.subspaces, &state.updates)?;
     state.track(&editor.subspaces());
     replay(&mut lm.model, &state.updates)?;
@@ -335,7 +350,7 @@ impl BatchRun<'_> {
                 subspace_added: outcome.subspace.added,
                 subspace_compressed_away: outcome.subspace.compressed_away,
                 subspace_released: outcome.subspace.released,
-                peak_rss_mb: peak_rss_mb(),
+                peak_rss_mb: crate::progress::peak_rss_mib(),
                 batch: number,
                 eval,
             });
@@ -389,14 +404,6 @@ fn new_manifest(
         dtype: dtype.to_string(),
         batch_size: 1,
     }
-}
-
-/// Peak resident memory of this process in MiB (Linux `VmHWM`), when known.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 =
-        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 fn count_lines(path: &std::path::Path) -> u64 {

@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 use crate::fingerprint::Fnv;
-use crate::fsutil::atomic_write_with;
+use crate::loader::reader::TensorFiles;
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Padding, Taps};
 use crate::progress::Progress;
+use crate::tensor_file::{self, Data};
 use crate::tokenizer::Tok;
 
 /// The public-domain corpus shipped with oedit (data/corpus), used when no corpus is given.
@@ -254,29 +255,32 @@ pub fn load_or_compute(
     found.into_iter().map(|s| s.context("statistics missing")).collect()
 }
 
+/// Writes C (f64, streamed: no second copy of the f²·8 bytes) and its token count.
 fn write(path: &Path, s: &KeyStats) -> Result<()> {
-    let t = Tensor::from_slice(&s.second_moment, (s.dim, s.dim), &candle_core::Device::Cpu)?;
-    let tokens = Tensor::new(&[s.tokens as i64], &candle_core::Device::Cpu)?;
-    atomic_write_with(path, |p| {
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([
-                ("second_moment".to_string(), t),
-                ("tokens".to_string(), tokens),
-            ]),
-            p,
-        )
-        .map_err(anyhow::Error::from)
-    })
+    let tokens = [s.tokens as i64];
+    tensor_file::write(
+        path,
+        &[
+            Data::F64("second_moment", vec![s.dim, s.dim], &s.second_moment),
+            Data::I64("tokens", vec![1], &tokens),
+        ],
+    )
 }
 
+/// Reads C straight into its vector (no memory map, no intermediate tensor).
 fn read(path: &Path, layer: usize) -> Result<KeyStats> {
     crate::loader::hf::check_safetensors(path)?;
-    let m = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+    let files = TensorFiles::open(&[path.to_path_buf()])
         .with_context(|| format!("{}: cannot read statistics", path.display()))?;
-    let c = m.get("second_moment").with_context(|| format!("{}: no `second_moment`", path.display()))?;
-    let tokens: Vec<i64> =
-        m.get("tokens").with_context(|| format!("{}: no `tokens`", path.display()))?.to_vec1()?;
-    let (f, f2) = c.dims2()?;
+    let (shape, second_moment) =
+        files.read_f64("second_moment").with_context(|| format!("{}: no `second_moment`", path.display()))?;
+    let tokens: Vec<i64> = files
+        .load("tokens", &candle_core::Device::Cpu)
+        .with_context(|| format!("{}: no `tokens`", path.display()))?
+        .to_vec1()?;
+    let [f, f2] = shape[..] else {
+        bail!("{}: second moment is not a matrix", path.display());
+    };
     if f != f2 {
         bail!("{}: second moment is not square", path.display());
     }
@@ -284,6 +288,6 @@ fn read(path: &Path, layer: usize) -> Result<KeyStats> {
         layer,
         tokens: tokens.first().copied().unwrap_or(0).max(0) as usize,
         dim: f,
-        second_moment: c.flatten_all()?.to_vec1()?,
+        second_moment,
     })
 }

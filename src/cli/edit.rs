@@ -83,7 +83,9 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
     let input = EditInput::prepare(&args.edits, &args.run, args.limit, args.on_invalid, args.max_line_bytes)?;
     // JSON lines and the summary line go to standard output with --json or when it is not a terminal.
     let json = args.json || !std::io::stdout().is_terminal();
+    let t = std::time::Instant::now();
     let mut lm = args.model.load()?;
+    crate::progress::report_timing("model load", t);
     let mut hp = match (from_file, &lm.spec.preset) {
         (Some(hp), _) => hp,
         (None, Some(p)) => p.hparams.clone(),

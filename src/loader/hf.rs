@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::reader::TensorFiles;
 use crate::model::{HfConfig, Llama};
 use crate::tokenizer::Tok;
 
@@ -64,10 +65,10 @@ pub fn load_files(
     for w in weights {
         check_safetensors(w)?;
     }
-    // SAFETY: the files are memory-mapped read-only and not modified while mapped; tensors are
-    // copied out of the mapping before it is dropped.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
-        .with_context(|| format!("{}: cannot map safetensors", weights[0].display()))?;
+    // Tensors are read one at a time (no memory map), so loading peaks at the model plus one
+    // tensor rather than at the model plus every mapped page (see `reader`).
+    let files = TensorFiles::open(weights)?;
+    let vb = VarBuilder::from_backend(Box::new(files), dtype, device.clone());
     let model = Llama::load(vb, &cfg).with_context(|| {
         format!(
             "{}: weights do not match config.json",

@@ -4,6 +4,7 @@
 pub mod gguf;
 pub mod hf;
 pub mod hub;
+pub mod reader;
 
 use std::path::{Path, PathBuf};
 
