@@ -249,6 +249,9 @@ pub fn run(lm: &mut LoadedModel, opts: SessionOptions) -> Result<SessionSummary>
             subspace_added: outcome.subspace.added,
             subspace_compressed_away: outcome.subspace.compressed_away,
             subspace_released: outcome.subspace.released,
+            attempts: outcome.attempts,
+            margin: outcome.margin,
+            landing: outcome.landing.clone(),
             peak_rss_mb: peak_rss_mb(),
             eval,
         };

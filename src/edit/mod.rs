@@ -2,6 +2,7 @@
 //! the live weights. The sequential run and its checkpoints live in
 //! [`crate::run`] and [`crate::session`].
 
+pub mod landing;
 pub mod methods;
 pub mod prompts;
 pub mod subspace;
@@ -19,7 +20,6 @@ use serde::Serialize;
 use crate::data::EditRecord;
 use crate::hparams::Hparams;
 use crate::model::Llama;
-use crate::scoring::score_answers;
 use crate::stats::KeyStats;
 use crate::tokenizer::Tok;
 pub use methods::Method;
@@ -54,6 +54,13 @@ pub struct EditOutcome {
     /// Whether target_new now beats ground_truth (mean NLL), or is the greedy answer when the
     /// record has no ground truth.
     pub target_wins: bool,
+    /// mean NLL(ground_truth) − mean NLL(target_new) on the edit prompt after the edit (None
+    /// without a ground truth).
+    pub margin: Option<f64>,
+    /// Updates made for this edit: 1, plus the further attempts of closed-loop landing.
+    pub attempts: usize,
+    /// Every attempt, the first included, when there was more than one (else empty).
+    pub landing: Vec<landing::AttemptLog>,
     pub subspace: AppendReport,
     pub key_seconds: f64,
     pub value_seconds: f64,
@@ -81,20 +88,6 @@ pub struct Editor {
 
 pub(crate) fn to_f32(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
-}
-
-fn target_probability(model: &Llama, tok: &Tok, rec: &EditRecord) -> Result<(f64, bool)> {
-    let mut pairs = vec![(rec.prompt.as_str(), rec.target_new.as_str())];
-    if let Some(gt) = &rec.ground_truth {
-        pairs.push((rec.prompt.as_str(), gt.as_str()));
-    }
-    let s = score_answers(model, tok, &pairs)?;
-    let p = (-s[0].sum_nll).exp();
-    let wins = match s.get(1) {
-        Some(gt) => s[0].mean_nll < gt.mean_nll,
-        None => s[0].token_accuracy == 1.0,
-    };
-    Ok((p, wins))
 }
 
 impl Editor {
@@ -137,18 +130,35 @@ impl Editor {
         tok: &Tok,
         rec: &EditRecord,
     ) -> Result<(EditOutcome, Vec<AppliedUpdate>)> {
-        let (p_before, _) = target_probability(model, tok, rec)?;
+        let p_before = landing::check(model, tok, rec)?.p_target;
         let prompts = prompts::build(tok, rec, &self.templates)?;
         let target_layer = *self.layers().last().context("no edited layer")?;
         let mut vhp = self.hparams.clone();
         vhp.layer = target_layer;
         let kv = target::compute_key_value(model, &prompts, &vhp)?;
         let t = Instant::now();
+        let lp = self.hparams.landing.clone();
+        let before_edit = if lp.enabled() { landing::snapshot(self.rule.as_ref()) } else { HashMap::new() };
         let mut ctx = EditContext::new(model, &prompts, &kv, target_layer);
         let report = self.rule.edit(&mut ctx)?;
-        let (applied, update_norm) = ctx.finish();
-        let update_seconds = t.elapsed().as_secs_f64();
-        let (p_after, wins) = target_probability(model, tok, rec)?;
+        let (mut applied, mut update_norm) = ctx.finish();
+        let mut update_seconds = t.elapsed().as_secs_f64();
+        let first = landing::check(model, tok, rec)?;
+        let attempt = landing::Attempt { prompts: &prompts, value_hparams: &vhp, target_layer, record: rec };
+        let more = landing::land(self.rule.as_mut(), model, tok, &attempt, &before_edit, &lp, first)?;
+        let (mut key_seconds, mut value_seconds) = (kv.key_seconds, kv.value_seconds);
+        let mut subspace = report.subspace;
+        let mut attempts = Vec::new();
+        if !more.attempts.is_empty() {
+            attempts.push(landing::AttemptLog::new(&kv, 1.0, &report, update_norm, &first));
+            attempts.extend(more.attempts);
+            applied.extend(more.applied);
+            update_norm = landing::total_norm(&applied);
+            key_seconds += more.key_seconds;
+            value_seconds += more.value_seconds;
+            update_seconds += more.update_seconds;
+            subspace = more.last_report.map_or(subspace, |r| r.subspace);
+        }
         let outcome = EditOutcome {
             steps: kv.steps,
             loss_first: kv.loss_first,
@@ -157,11 +167,14 @@ impl Editor {
             update_norm,
             retained: report.retained,
             p_target_before: p_before,
-            p_target_after: p_after,
-            target_wins: wins,
-            subspace: report.subspace,
-            key_seconds: kv.key_seconds,
-            value_seconds: kv.value_seconds,
+            p_target_after: more.check.p_target,
+            target_wins: more.check.wins,
+            margin: more.check.margin,
+            attempts: attempts.len().max(1),
+            landing: attempts,
+            subspace,
+            key_seconds,
+            value_seconds,
             update_seconds,
         };
         Ok((outcome, applied))

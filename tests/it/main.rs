@@ -14,6 +14,7 @@ mod fluency;
 mod forward;
 mod generate;
 mod gguf_tokenizer;
+mod landing;
 mod limits;
 mod loaders;
 mod methods;

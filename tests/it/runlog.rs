@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use oedit::edit::landing::AttemptLog;
 use oedit::eval::RecordScores;
 use oedit::run::{LogEntry, Phases};
 
@@ -54,6 +55,18 @@ fn sample_entry() -> LogEntry {
         subspace_added: 1,
         subspace_compressed_away: 0,
         subspace_released: 2,
+        attempts: 2,
+        margin: Some(1.25),
+        landing: vec![AttemptLog {
+            steps: 4,
+            loss_last: Some(0.5),
+            gain: 2.0,
+            retained: Some(0.5),
+            update_norm: Some(3.0),
+            p_target: Some(0.9),
+            target_wins: true,
+            margin: Some(1.25),
+        }],
         peak_rss_mb: Some(1300.5),
         eval: Some(RecordScores { efficacy: Some(1.0), locality_agreement: Some(0.5), ..Default::default() }),
     }
