@@ -112,6 +112,42 @@ impl Default for OeditSoftParams {
     }
 }
 
+/// Closed-loop landing (see `src/edit/landing.rs`): after an edit's update, check on the edit
+/// prompt that target_new beats ground_truth by at least `min_margin`; if not, re-optimise v\* on
+/// the updated weights and apply the method's rule again to what is still missing, at most
+/// `max_attempts` updates per edit in all.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LandingParams {
+    /// Most updates (attempts) per edit; 1 turns landing off (one update, as before landing
+    /// existed).
+    pub max_attempts: usize,
+    /// An edit has landed when mean NLL(ground_truth) − mean NLL(target_new) on the edit prompt
+    /// is at least this (nats per token); without a ground truth, when target_new is the greedy
+    /// answer.
+    pub min_margin: f64,
+    /// Bound on how much a later attempt scales up the rule's own step to land the whole
+    /// missing residual (rules that land only a share s of it, e.g. oedit-soft and alphaedit,
+    /// are given the residual × min(1/s, max_gain)); 1 means never scale.
+    pub max_gain: f64,
+}
+
+impl LandingParams {
+    /// Landing off: what hyper-parameter files without a `landing` section get, so that runs
+    /// made before landing existed resume unchanged.
+    pub fn off() -> Self {
+        Self { max_attempts: 1, min_margin: 0.0, max_gain: 1.0 }
+    }
+
+    /// Whether more than one update per edit may be made.
+    pub fn enabled(&self) -> bool {
+        self.max_attempts > 1
+    }
+}
+
+/// Most landing attempts per edit (each costs a v\* optimisation).
+pub const MAX_LANDING_ATTEMPTS: usize = 16;
+
 /// Hyper-parameters of one editing run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +189,9 @@ pub struct Hparams {
     /// Soft O-Edit settings.
     #[serde(default)]
     pub oedit_soft: OeditSoftParams,
+    /// Closed-loop landing (all methods). Omitted: off.
+    #[serde(default = "LandingParams::off")]
+    pub landing: LandingParams,
 }
 
 /// A model preset file, of which only the hyper-parameters are read here.
@@ -254,6 +293,16 @@ impl Hparams {
         if !(self.oedit_soft.lambda.is_finite() && self.oedit_soft.lambda > 0.0) {
             bail!("oedit_soft.lambda must be a positive number");
         }
+        let l = &self.landing;
+        if l.max_attempts == 0 || l.max_attempts > MAX_LANDING_ATTEMPTS {
+            bail!("landing.max_attempts must be in 1..={MAX_LANDING_ATTEMPTS}, got {}", l.max_attempts);
+        }
+        if !(l.min_margin.is_finite() && l.min_margin >= 0.0) {
+            bail!("landing.min_margin must be a non-negative number, got {}", l.min_margin);
+        }
+        if !(l.max_gain.is_finite() && l.max_gain >= 1.0) {
+            bail!("landing.max_gain must be a number of at least 1, got {}", l.max_gain);
+        }
         let op = &self.oedit_plus;
         if !(op.core_energy >= 0.0
             && op.core_energy <= 1.0
@@ -296,7 +345,11 @@ mod tests {
         let hp = base();
         assert_eq!(hp.oedit_soft.lambda, 3_000.0);
         hp.validate(4).unwrap();
-        let cases: [BadCase; 6] = [
+        assert_eq!(hp.landing, LandingParams::off());
+        let cases: [BadCase; 9] = [
+            ("landing.max_attempts", |h| h.landing.max_attempts = 0),
+            ("landing.min_margin", |h| h.landing.min_margin = f64::NAN),
+            ("landing.max_gain", |h| h.landing.max_gain = 0.5),
             ("context_templates must be at most 64", |h| h.context_templates = 1_000_000),
             ("template_length at most 64", |h| h.template_length = 65),
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = 0.0),

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod batch_value;
+pub mod landing;
 pub mod methods;
 pub mod prompts;
 pub mod subspace;
@@ -21,7 +22,6 @@ use serde::Serialize;
 use crate::data::EditRecord;
 use crate::hparams::Hparams;
 use crate::model::Llama;
-use crate::scoring::score_answers;
 use crate::stats::KeyStats;
 use crate::tokenizer::Tok;
 pub use methods::Method;
@@ -56,6 +56,13 @@ pub struct EditOutcome {
     /// Whether target_new now beats ground_truth (mean NLL), or is the greedy answer when the
     /// record has no ground truth.
     pub target_wins: bool,
+    /// mean NLL(ground_truth) − mean NLL(target_new) on the edit prompt after the edit (None
+    /// without a ground truth).
+    pub margin: Option<f64>,
+    /// Updates made for this edit: 1, plus the further attempts of closed-loop landing.
+    pub attempts: usize,
+    /// Every attempt, the first included, when there was more than one (else empty).
+    pub landing: Vec<landing::AttemptLog>,
     pub subspace: AppendReport,
     pub key_seconds: f64,
     pub value_seconds: f64,
@@ -90,22 +97,8 @@ pub(crate) fn to_f32(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
 
-fn target_probability(model: &Llama, tok: &Tok, rec: &EditRecord) -> Result<(f64, bool)> {
-    let mut pairs = vec![(rec.prompt.as_str(), rec.target_new.as_str())];
-    if let Some(gt) = &rec.ground_truth {
-        pairs.push((rec.prompt.as_str(), gt.as_str()));
-    }
-    let s = score_answers(model, tok, &pairs)?;
-    let p = (-s[0].sum_nll).exp();
-    let wins = match s.get(1) {
-        Some(gt) => s[0].mean_nll < gt.mean_nll,
-        None => s[0].token_accuracy == 1.0,
-    };
-    Ok((p, wins))
-}
-
-/// [`target_probability`] of every record, scored together (one packed scoring pass).
-fn target_probabilities(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result<Vec<(f64, bool)>> {
+/// [`landing::check`] of every record, scored together (one packed scoring pass).
+fn target_checks(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result<Vec<landing::Check>> {
     let mut pairs = Vec::new();
     let mut at = Vec::with_capacity(recs.len());
     for rec in recs {
@@ -115,16 +108,17 @@ fn target_probabilities(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result
             pairs.push((rec.prompt.as_str(), gt.as_str()));
         }
     }
-    let s = score_answers(model, tok, &pairs)?;
+    let s = crate::scoring::score_answers(model, tok, &pairs)?;
     Ok(recs
         .iter()
         .zip(at)
         .map(|(rec, i)| {
-            let wins = match rec.ground_truth {
-                Some(_) => s[i].mean_nll < s[i + 1].mean_nll,
+            let margin = rec.ground_truth.as_ref().map(|_| s[i + 1].mean_nll - s[i].mean_nll);
+            let wins = match margin {
+                Some(m) => m > 0.0,
                 None => s[i].token_accuracy == 1.0,
             };
-            ((-s[i].sum_nll).exp(), wins)
+            landing::Check { p_target: (-s[i].sum_nll).exp(), wins, margin }
         })
         .collect())
 }
@@ -169,18 +163,35 @@ impl Editor {
         tok: &Tok,
         rec: &EditRecord,
     ) -> Result<(EditOutcome, Vec<AppliedUpdate>)> {
-        let (p_before, _) = target_probability(model, tok, rec)?;
+        let p_before = landing::check(model, tok, rec)?.p_target;
         let prompts = prompts::build(tok, rec, &self.templates)?;
         let target_layer = *self.layers().last().context("no edited layer")?;
         let mut vhp = self.hparams.clone();
         vhp.layer = target_layer;
         let kv = target::compute_key_value(model, &prompts, &vhp)?;
         let t = Instant::now();
+        let lp = self.hparams.landing.clone();
+        let before_edit = if lp.enabled() { landing::snapshot(self.rule.as_ref()) } else { HashMap::new() };
         let mut ctx = EditContext::new(model, &prompts, &kv, target_layer);
         let report = self.rule.edit(&mut ctx)?;
-        let (applied, update_norm) = ctx.finish();
-        let update_seconds = t.elapsed().as_secs_f64();
-        let (p_after, wins) = target_probability(model, tok, rec)?;
+        let (mut applied, mut update_norm) = ctx.finish();
+        let mut update_seconds = t.elapsed().as_secs_f64();
+        let first = landing::check(model, tok, rec)?;
+        let attempt = landing::Attempt { prompts: &prompts, value_hparams: &vhp, target_layer, record: rec };
+        let more = landing::land(self.rule.as_mut(), model, tok, &attempt, &before_edit, &lp, first)?;
+        let (mut key_seconds, mut value_seconds) = (kv.key_seconds, kv.value_seconds);
+        let mut subspace = report.subspace;
+        let mut attempts = Vec::new();
+        if !more.attempts.is_empty() {
+            attempts.push(landing::AttemptLog::new(&kv, 1.0, &report, update_norm, &first));
+            attempts.extend(more.attempts);
+            applied.extend(more.applied);
+            update_norm = landing::total_norm(&applied);
+            key_seconds += more.key_seconds;
+            value_seconds += more.value_seconds;
+            update_seconds += more.update_seconds;
+            subspace = more.last_report.map_or(subspace, |r| r.subspace);
+        }
         let outcome = EditOutcome {
             steps: kv.steps,
             loss_first: kv.loss_first,
@@ -189,11 +200,14 @@ impl Editor {
             update_norm,
             retained: report.retained,
             p_target_before: p_before,
-            p_target_after: p_after,
-            target_wins: wins,
-            subspace: report.subspace,
-            key_seconds: kv.key_seconds,
-            value_seconds: kv.value_seconds,
+            p_target_after: more.check.p_target,
+            target_wins: more.check.wins,
+            margin: more.check.margin,
+            attempts: attempts.len().max(1),
+            landing: attempts,
+            subspace,
+            key_seconds,
+            value_seconds,
             update_seconds,
             value_shape: kv.shape,
             value_stack: kv.stack,
@@ -214,7 +228,7 @@ impl Editor {
         if let [rec] = recs {
             return Ok(vec![self.edit(model, tok, rec)?]);
         }
-        let before: Vec<f64> = target_probabilities(model, tok, recs)?.into_iter().map(|(p, _)| p).collect();
+        let before: Vec<f64> = target_checks(model, tok, recs)?.into_iter().map(|c| c.p_target).collect();
         let prompts = recs
             .iter()
             .enumerate()
@@ -236,9 +250,9 @@ impl Editor {
         }
         let update_seconds = t.elapsed().as_secs_f64();
         let basis_size = self.basis_size();
-        let after = target_probabilities(model, tok, recs)?;
+        let after = target_checks(model, tok, recs)?;
         let mut out = Vec::with_capacity(recs.len());
-        for ((kv, (report, (applied, update_norm))), (p_before, (p_after, wins))) in
+        for ((kv, (report, (applied, update_norm))), (p_before, check)) in
             kvs.iter().zip(reports.into_iter().zip(applied)).zip(before.into_iter().zip(after))
         {
             let outcome = EditOutcome {
@@ -249,8 +263,12 @@ impl Editor {
                 update_norm,
                 retained: report.retained,
                 p_target_before: p_before,
-                p_target_after: p_after,
-                target_wins: wins,
+                p_target_after: check.p_target,
+                target_wins: check.wins,
+                margin: check.margin,
+                // Closed-loop landing runs on single edits (batch size 1) only.
+                attempts: 1,
+                landing: Vec::new(),
                 subspace: report.subspace,
                 key_seconds: kv.key_seconds,
                 value_seconds: kv.value_seconds,

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::data::{EditRecord, RecordError};
+use crate::edit::landing::AttemptLog;
 use crate::eval::RecordScores;
 
 /// Seconds spent in each phase of one edit.
@@ -98,6 +99,17 @@ pub struct LogEntry {
     /// Directions released by the conflict policy before this edit's update.
     #[serde(default)]
     pub subspace_released: usize,
+    /// Updates made for this edit: 1, plus the further attempts of closed-loop landing (1 in
+    /// logs of earlier versions).
+    #[serde(default = "one")]
+    pub attempts: usize,
+    /// mean NLL(ground_truth) − mean NLL(target_new) on the edit prompt after the edit (null
+    /// without a ground truth; absent in logs of earlier versions).
+    #[serde(default)]
+    pub margin: Option<f64>,
+    /// Every landing attempt (the first included), when there was more than one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub landing: Vec<AttemptLog>,
     /// Peak resident memory of the process so far, MiB.
     #[serde(default)]
     pub peak_rss_mb: Option<f64>,
@@ -167,6 +179,10 @@ impl From<&RecordError> for RejectedLine {
     fn from(e: &RecordError) -> Self {
         Self { line: e.line, source: e.source.clone(), field: e.field.clone(), reason: e.reason.clone() }
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `null` (how serde_json writes NaN and infinities) reads back as NaN.
@@ -281,6 +297,9 @@ mod tests {
             subspace_added: 0,
             subspace_compressed_away: 0,
             subspace_released: 0,
+            attempts: 1,
+            margin: Some(0.5),
+            landing: Vec::new(),
             peak_rss_mb: None,
             batch: None,
             eval: None,
@@ -309,6 +328,13 @@ mod tests {
         assert_eq!((l.items.len(), l.torn_tail), (2, false));
         let l = read(&format!("{a}\n{}", &b[..b.len() / 2])).unwrap();
         assert_eq!((l.items.len(), l.torn_tail), (1, true));
+        // A line of an earlier version, without the landing fields, reads with one attempt.
+        let mut old: serde_json::Value = serde_json::from_str(&a).unwrap();
+        for k in ["attempts", "margin", "landing"] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let l = read(&format!("{old}\n")).unwrap();
+        assert_eq!((l.items[0].attempts, l.items[0].margin), (1, None));
         // A terminated bad line, last or not, is corrupt, named by its line.
         for text in [format!("{a}\n{{\"index\": 1}}\n"), format!("not json\n{a}\n")] {
             let err = format!("{:#}", read(&text).unwrap_err());

@@ -16,6 +16,7 @@ mod forward;
 mod generate;
 mod geneval;
 mod gguf_tokenizer;
+mod landing;
 mod limits;
 mod loaders;
 mod methods;

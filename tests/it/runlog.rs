@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use oedit::edit::landing::AttemptLog;
 use oedit::eval::RecordScores;
 use oedit::run::{LogEntry, Phases};
 
@@ -54,6 +55,18 @@ fn sample_entry() -> LogEntry {
         subspace_added: 1,
         subspace_compressed_away: 0,
         subspace_released: 2,
+        attempts: 2,
+        margin: Some(1.25),
+        landing: vec![AttemptLog {
+            steps: 4,
+            loss_last: Some(0.5),
+            gain: 2.0,
+            retained: Some(0.5),
+            update_norm: Some(3.0),
+            p_target: Some(0.9),
+            target_wins: true,
+            margin: Some(1.25),
+        }],
         peak_rss_mb: Some(1300.5),
         batch: None,
         eval: Some(RecordScores { efficacy: Some(1.0), locality_agreement: Some(0.5), ..Default::default() }),
@@ -98,6 +111,9 @@ fn log_entry_round_trips() {
         "subspace_added",
         "subspace_compressed_away",
         "subspace_released",
+        "attempts",
+        "margin",
+        "landing",
         "peak_rss_mb",
         "eval",
     ];
@@ -112,6 +128,8 @@ fn log_entry_round_trips() {
     let old = r#"{"basis_size":1,"case_id":null,"index":0,"layer":1,"line":1,"loss_first":3.2,"loss_last":0.04,"method":"oedit","p_target_after":0.96,"p_target_before":0.01,"phases":{"checkpoint":0.001,"key":0.01,"update":0.002,"value":0.2},"retained":1.0,"seconds":0.25,"steps":6,"subject":"Bob","subspace_added":1,"subspace_compressed_away":0,"target_new":"piano","target_wins":true,"update_norm":0.7}"#;
     let o = LogEntry::from_line(old).unwrap();
     assert_eq!((o.index, o.line, o.subject.as_str(), o.layers.len(), o.ground_truth), (0, 1, "Bob", 0, None));
+    // ... and one written before landing: one attempt, no margin.
+    assert_eq!((o.attempts, o.margin, o.landing.len()), (1, None, 0));
 
     // The lines a real run writes (with --eval-each) parse, and write back to the same JSON.
     let fx = Fx::new();

@@ -114,6 +114,10 @@ impl UpdateRule for AlphaEdit {
         Ok(reports)
     }
 
+    fn landed_share(&self, k: &[f64]) -> Result<f64> {
+        Ok(dot(&self.direction(k)?, k))
+    }
+
     fn restore(&mut self, _: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()> {
         let layer = self.layer;
         for u in updates.iter().filter(|u| u.layer == layer) {

@@ -187,6 +187,14 @@ pub trait UpdateRule: Send {
     /// stored updates of every earlier edit in order (from which a rule that remembers past
     /// keys rebuilds that memory, exactly as the live edits built it).
     fn restore(&mut self, subspaces: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()>;
+
+    /// The share uᵀk of a residual that the rule's next update at key `k` would land there
+    /// (ΔW = r uᵀ), from its current state, changing nothing: 1 (the default) for rules that
+    /// land the whole residual. Closed-loop landing ([`crate::edit::landing`]) scales a further
+    /// attempt's residual by its inverse.
+    fn landed_share(&self, _k: &[f64]) -> Result<f64> {
+        Ok(1.0)
+    }
 }
 
 /// Everything an update rule may use for one edit, and the record of what it applied.

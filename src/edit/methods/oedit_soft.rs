@@ -95,6 +95,10 @@ impl UpdateRule for SoftOedit {
         Ok(reports)
     }
 
+    fn landed_share(&self, k: &[f64]) -> Result<f64> {
+        Ok(self.direction(k)?.1)
+    }
+
     fn restore(&mut self, _: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()> {
         let layer = self.layer;
         for u in updates.iter().filter(|u| u.layer == layer) {
