@@ -313,7 +313,12 @@ impl<'a> BatchContext<'a> {
         let w = self.model.down_proj(self.target_layer);
         let keys: Vec<&[f64]> = self.kvs.iter().map(|kv| kv.k_star.as_slice()).collect();
         let wks = matvecs_f64(w, &keys, RESIDUAL_BLOCK_BYTES)?;
-        Ok(self.kvs.iter().zip(wks).map(|(kv, wk)| kv.v_star.iter().zip(&wk).map(|(a, b)| a - b).collect()).collect())
+        Ok(self
+            .kvs
+            .iter()
+            .zip(wks)
+            .map(|(kv, wk)| kv.v_star.iter().zip(&wk).map(|(a, b)| a - b).collect())
+            .collect())
     }
 
     /// Applies record `record`'s share ΔW = r uᵀ to `layer` and records it (with its key).
