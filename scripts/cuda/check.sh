@@ -4,7 +4,7 @@
 # one random SmolLM2-shaped model (f32), must agree; then 3 edits on a random Llama-2-7B-shaped
 # model (bf16) are timed (SKIP_7B=1 skips them), then batched edits on it: BATCHES="B:N ..." runs N
 # records at --batch-size B for each pair (default "10:20 100:100"; empty skips). SMOL_EDITS (default
-# 5) sets the size of the agreement check, COV_TOKENS_7B (default 100000) the 7B key statistics.
+# 5) sets the size of the agreement check (SKIP_SMOL=1 skips it), COV_TOKENS_7B (default 100000) the 7B key statistics.
 # Results under OUT (default /tmp/oedit-cuda-check).
 #   usage: BUNDLE=DIR scripts/cuda/check.sh     (DIR from scripts/cuda/bundle.sh)
 set -uo pipefail
@@ -14,6 +14,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 . scripts/cuda/env.sh
 ldd "$O" | grep -E "not found|libcuda|cublas|curand|nvrtc"
+if [ "${SKIP_SMOL:-0}" != 1 ]; then
 python3 "$BUNDLE/gen_random_llama.py" /tmp/m-smol smol
 head -"${SMOL_EDITS:-5}" data/counterfact-sample.jsonl > /tmp/e5.jsonl
 common=(edit --model /tmp/m-smol --hparams configs/smollm2-135m.json --dtype f32 --edits /tmp/e5.jsonl --json)
@@ -41,6 +42,7 @@ print(f"largest CUDA/CPU difference: {worst:.2e}")
 sys.exit(0 if worst < 1e-3 else 1)
 PY
 echo "agreement rc=$?"
+fi
 [ "${SKIP_7B:-0}" = 1 ] && exit 0
 python3 "$BUNDLE/gen_random_llama.py" /tmp/m-7b 7b
 head -3 data/counterfact-sample.jsonl > /tmp/e3.jsonl

@@ -373,6 +373,15 @@ pub fn matvecs_f64(w: &Tensor, xs: &[&[f64]], block_bytes: usize) -> Result<Vec<
     if w.dtype() == DType::F64 {
         bail!("matvec: f64 weights are not supported (the model is kept in f32, bf16 or f16)");
     }
+    // On a GPU, one transfer of W (as f32) to the host: a narrowed device tensor is read back
+    // with its whole buffer, so reading block by block would move W once per block.
+    let host;
+    let w = if w.device().is_cpu() {
+        w
+    } else {
+        host = w.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+        &host
+    };
     let block = (block_bytes / (cols.max(1) * 8)).clamp(1, rows.max(1));
     let mut out = vec![Vec::with_capacity(rows); xs.len()];
     let mut row = vec![0f64; cols];
