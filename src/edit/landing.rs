@@ -59,17 +59,32 @@ impl Check {
 
 /// Scores target_new (and ground_truth) on the record's edit prompt with the model as it stands.
 pub fn check(model: &Llama, tok: &Tok, rec: &EditRecord) -> Result<Check> {
-    let mut pairs = vec![(rec.prompt.as_str(), rec.target_new.as_str())];
-    if let Some(gt) = &rec.ground_truth {
-        pairs.push((rec.prompt.as_str(), gt.as_str()));
+    Ok(checks(model, tok, std::slice::from_ref(rec))?.remove(0))
+}
+
+/// [`check`] of every record, scored together (one packed scoring pass).
+pub fn checks(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result<Vec<Check>> {
+    let mut pairs = Vec::new();
+    let mut at = Vec::with_capacity(recs.len());
+    for rec in recs {
+        at.push(pairs.len());
+        pairs.push((rec.prompt.as_str(), rec.target_new.as_str()));
+        if let Some(gt) = &rec.ground_truth {
+            pairs.push((rec.prompt.as_str(), gt.as_str()));
+        }
     }
     let s = score_answers(model, tok, &pairs).context("scoring the edit prompt")?;
-    let p_target = (-s[0].sum_nll).exp();
-    let (wins, margin) = match s.get(1) {
-        Some(gt) => (s[0].mean_nll < gt.mean_nll, Some(gt.mean_nll - s[0].mean_nll)),
-        None => (s[0].token_accuracy == 1.0, None),
-    };
-    Ok(Check { p_target, wins, margin })
+    Ok(recs
+        .iter()
+        .zip(at)
+        .map(|(rec, i)| {
+            let (wins, margin) = match rec.ground_truth {
+                Some(_) => (s[i].mean_nll < s[i + 1].mean_nll, Some(s[i + 1].mean_nll - s[i].mean_nll)),
+                None => (s[i].token_accuracy == 1.0, None),
+            };
+            Check { p_target: (-s[i].sum_nll).exp(), wins, margin }
+        })
+        .collect())
 }
 
 /// One attempt as logged (the `landing` list of a log line: every attempt of an edit that took

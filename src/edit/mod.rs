@@ -97,32 +97,6 @@ pub(crate) fn to_f32(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
 
-/// [`landing::check`] of every record, scored together (one packed scoring pass).
-fn target_checks(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result<Vec<landing::Check>> {
-    let mut pairs = Vec::new();
-    let mut at = Vec::with_capacity(recs.len());
-    for rec in recs {
-        at.push(pairs.len());
-        pairs.push((rec.prompt.as_str(), rec.target_new.as_str()));
-        if let Some(gt) = &rec.ground_truth {
-            pairs.push((rec.prompt.as_str(), gt.as_str()));
-        }
-    }
-    let s = crate::scoring::score_answers(model, tok, &pairs)?;
-    Ok(recs
-        .iter()
-        .zip(at)
-        .map(|(rec, i)| {
-            let margin = rec.ground_truth.as_ref().map(|_| s[i + 1].mean_nll - s[i].mean_nll);
-            let wins = match margin {
-                Some(m) => m > 0.0,
-                None => s[i].token_accuracy == 1.0,
-            };
-            landing::Check { p_target: (-s[i].sum_nll).exp(), wins, margin }
-        })
-        .collect())
-}
-
 impl Editor {
     /// A fresh editor; `stats` holds the key statistics of every layer the method edits.
     pub fn new(method: Method, hparams: Hparams, templates: Vec<String>, stats: &[KeyStats]) -> Result<Self> {
@@ -228,7 +202,7 @@ impl Editor {
         if let [rec] = recs {
             return Ok(vec![self.edit(model, tok, rec)?]);
         }
-        let before: Vec<f64> = target_checks(model, tok, recs)?.into_iter().map(|c| c.p_target).collect();
+        let before: Vec<f64> = landing::checks(model, tok, recs)?.into_iter().map(|c| c.p_target).collect();
         let prompts = recs
             .iter()
             .enumerate()
@@ -250,7 +224,7 @@ impl Editor {
         }
         let update_seconds = t.elapsed().as_secs_f64();
         let basis_size = self.basis_size();
-        let after = target_checks(model, tok, recs)?;
+        let after = landing::checks(model, tok, recs)?;
         let mut out = Vec::with_capacity(recs.len());
         for ((kv, (report, (applied, update_norm))), (p_before, check)) in
             kvs.iter().zip(reports.into_iter().zip(applied)).zip(before.into_iter().zip(after))

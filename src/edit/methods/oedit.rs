@@ -52,6 +52,16 @@ impl HardProjection {
             policy: hp.subspace.clone(),
         })
     }
+
+    /// The template keys in the subspace's metric, when they feed extra directions
+    /// (`max_directions_per_edit > 1`); else none (one multi-RHS solve when they do).
+    fn template_directions(&self, template_keys: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        if self.policy.max_directions_per_edit > 1 {
+            self.pre.to_metric_many(template_keys, self.metric)
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 impl UpdateRule for HardProjection {
@@ -77,12 +87,7 @@ impl UpdateRule for HardProjection {
             }
         };
         ctx.apply(self.layer, &upd, k)?;
-        // The template keys only feed extra directions (more than one per edit).
-        let templates = if self.policy.max_directions_per_edit > 1 {
-            self.pre.to_metric_many(&kv.template_keys, self.metric)
-        } else {
-            Vec::new()
-        };
+        let templates = self.template_directions(&kv.template_keys);
         let mut report = self.subspace.append(image.in_metric(), &templates, &self.policy);
         report.released = released;
         report.compressed_away += compressed;
@@ -122,11 +127,7 @@ impl UpdateRule for HardProjection {
         }
         let mut reports = Vec::with_capacity(keys.len());
         for (i, image) in images.iter().enumerate() {
-            let templates = if self.policy.max_directions_per_edit > 1 {
-                self.pre.to_metric_many(&ctx.kv(i).template_keys, self.metric)
-            } else {
-                Vec::new()
-            };
+            let templates = self.template_directions(&ctx.kv(i).template_keys);
             let mut report = self.subspace.append(image.in_metric(), &templates, &self.policy);
             report.released = released[i];
             reports.push(RuleReport { retained: retained[i], subspace: report });
