@@ -71,11 +71,15 @@ pub struct AlphaEditParams {
     pub min_nullspace_dim: usize,
     /// Ridge α of the solve (AlphaEdit's L2).
     pub l2: f64,
+    /// Layers `alphaedit` edits, ascending (`alphaedit-single` edits `layer` alone); the target
+    /// value is optimised at the last one. Empty: the five layers `layer-4 ..= layer`.
+    #[serde(default)]
+    pub layers: Vec<usize>,
 }
 
 impl Default for AlphaEditParams {
     fn default() -> Self {
-        Self { nullspace_threshold: 1e-2, min_nullspace_dim: 0, l2: 10.0 }
+        Self { nullspace_threshold: 1e-2, min_nullspace_dim: 0, l2: 10.0, layers: Vec::new() }
     }
 }
 
@@ -110,6 +114,37 @@ impl Default for OeditSoftParams {
     fn default() -> Self {
         Self { lambda: 3_000.0 }
     }
+}
+
+/// Spread soft O-Edit (`oedit-spread`): soft O-Edit's solve at each of several layers, the
+/// residual spread over them as MEMIT does.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OeditSpreadParams {
+    /// Edited layers, ascending; the target value is optimised at the last one. Empty: the five
+    /// layers `layer-4 ..= layer`.
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    /// λ in u = (λ·C + Σ k_p k_pᵀ + k kᵀ)⁻¹ k at each layer.
+    pub lambda: f64,
+}
+
+impl Default for OeditSpreadParams {
+    fn default() -> Self {
+        Self { layers: Vec::new(), lambda: 15_000.0 }
+    }
+}
+
+/// How the norm of the optimised value v\* is controlled.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueNorm {
+    /// v\* = v + δ as optimised (‖δ‖ clamped by `clamp_norm_factor` only).
+    #[default]
+    Free,
+    /// v\* rescaled to the norm of the value it replaces, ‖v\*‖ = ‖v‖ (norm growth of v\* is
+    /// what the literature finds behind collapse in long edit sequences).
+    Original,
 }
 
 /// Closed-loop landing (see `src/edit/landing.rs`): after an edit's update, check on the edit
@@ -170,6 +205,13 @@ pub struct Hparams {
     pub clamp_norm_factor: f64,
     /// Stop the v* optimisation once the target NLL is below this.
     pub stop_loss: f64,
+    /// Also stop the v\* optimisation at the first step where every target token is the most
+    /// probable one on every rewrite prompt (ENCORE's most-probable early stopping). Omitted: off.
+    #[serde(default)]
+    pub stop_at_argmax: bool,
+    /// Norm control of v\* (see [`ValueNorm`]). Omitted: free.
+    #[serde(default)]
+    pub value_norm: ValueNorm,
     /// Corpus tokens used for the key statistics C.
     pub cov_tokens: usize,
     /// Ridge added to C, relative to its mean diagonal.
@@ -189,6 +231,9 @@ pub struct Hparams {
     /// Soft O-Edit settings.
     #[serde(default)]
     pub oedit_soft: OeditSoftParams,
+    /// Spread soft O-Edit settings.
+    #[serde(default)]
+    pub oedit_spread: OeditSpreadParams,
     /// Closed-loop landing (all methods). Omitted: off.
     #[serde(default = "LandingParams::off")]
     pub landing: LandingParams,
@@ -276,13 +321,20 @@ impl Hparams {
         if s.max_directions_per_edit == 0 {
             bail!("subspace.max_directions_per_edit must be at least 1");
         }
-        for &l in &self.memit_layers() {
-            if l >= num_layers {
-                bail!("memit.layers: layer {l} out of range: the model has {num_layers} layers");
+        let spreads = [
+            ("memit.layers", &self.memit.layers),
+            ("alphaedit.layers", &self.alphaedit.layers),
+            ("oedit_spread.layers", &self.oedit_spread.layers),
+        ];
+        for (name, layers) in spreads {
+            for &l in &self.spread_layers(layers) {
+                if l >= num_layers {
+                    bail!("{name}: layer {l} out of range: the model has {num_layers} layers");
+                }
             }
-        }
-        if !self.memit.layers.windows(2).all(|w| w[0] < w[1]) {
-            bail!("memit.layers must be strictly ascending");
+            if !layers.windows(2).all(|w| w[0] < w[1]) {
+                bail!("{name} must be strictly ascending");
+            }
         }
         if !(self.memit.mom2_weight.is_finite() && self.memit.mom2_weight >= 0.0) {
             bail!("memit.mom2_weight must be a non-negative number");
@@ -292,6 +344,9 @@ impl Hparams {
         }
         if !(self.oedit_soft.lambda.is_finite() && self.oedit_soft.lambda > 0.0) {
             bail!("oedit_soft.lambda must be a positive number");
+        }
+        if !(self.oedit_spread.lambda.is_finite() && self.oedit_spread.lambda > 0.0) {
+            bail!("oedit_spread.lambda must be a positive number");
         }
         let l = &self.landing;
         if l.max_attempts == 0 || l.max_attempts > MAX_LANDING_ATTEMPTS {
@@ -316,10 +371,25 @@ impl Hparams {
 
     /// The layers MEMIT edits (ascending).
     pub fn memit_layers(&self) -> Vec<usize> {
-        if self.memit.layers.is_empty() {
+        self.spread_layers(&self.memit.layers)
+    }
+
+    /// The layers the multi-layer AlphaEdit edits (ascending).
+    pub fn alphaedit_layers(&self) -> Vec<usize> {
+        self.spread_layers(&self.alphaedit.layers)
+    }
+
+    /// The layers spread soft O-Edit edits (ascending).
+    pub fn oedit_spread_layers(&self) -> Vec<usize> {
+        self.spread_layers(&self.oedit_spread.layers)
+    }
+
+    /// A multi-layer method's layers: `layers`, or the five layers `layer-4 ..= layer` when empty.
+    fn spread_layers(&self, layers: &[usize]) -> Vec<usize> {
+        if layers.is_empty() {
             (self.layer.saturating_sub(4)..=self.layer).collect()
         } else {
-            self.memit.layers.clone()
+            layers.to_vec()
         }
     }
 }

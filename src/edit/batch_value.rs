@@ -19,7 +19,7 @@ use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::prompts::EditPrompts;
-use super::target::{KeyValue, StepShape};
+use super::target::{control_norm, KeyValue, StepShape};
 use crate::hparams::Hparams;
 use crate::infer::log_softmax;
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Taps};
@@ -252,10 +252,19 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
         let loss = ((&nll + (kl * hp.kl_weight)?)? + wd)?;
         let loss_v: Vec<f32> = loss.to_dtype(DType::F32)?.to_vec1()?;
         let nll_v: Vec<f32> = nll.to_dtype(DType::F32)?.to_vec1()?;
+        let best: Option<Vec<u32>> = if hp.stop_at_argmax {
+            Some(lp.narrow(0, 0, n_target_rows)?.argmax(D::Minus1)?.to_vec1()?)
+        } else {
+            None
+        };
         for (i, t) in track.iter_mut().enumerate().filter(|(_, t)| t.running) {
             t.losses.push(loss_v[i] as f64);
             t.nll_last = nll_v[i] as f64;
-            if (nll_v[i] as f64) < hp.stop_loss {
+            let (start, len) = segments[i];
+            let argmax = best.as_ref().is_some_and(|b| {
+                b[start..start + len].iter().zip(&target_ids[start..start + len]).all(|(a, b)| a == b)
+            });
+            if (nll_v[i] as f64) < hp.stop_loss || argmax {
                 t.running = false;
             }
         }
@@ -300,7 +309,9 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
         if t.losses.is_empty() && hp.v_steps > 0 {
             bail!("internal error: record {i} of the batch has no loss");
         }
-        let v_star = v_orig[i].iter().zip(&dv[i * d..(i + 1) * d]).map(|(a, &b)| a + b as f64).collect();
+        let mut v_star: Vec<f64> =
+            v_orig[i].iter().zip(&dv[i * d..(i + 1) * d]).map(|(a, &b)| a + b as f64).collect();
+        control_norm(&mut v_star, &v_orig[i], hp.value_norm);
         out.push(KeyValue {
             k_star: std::mem::take(&mut k_star[i]),
             template_keys: std::mem::take(&mut template_keys[i]),

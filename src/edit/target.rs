@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::prompts::EditPrompts;
-use crate::hparams::Hparams;
+use crate::hparams::{Hparams, ValueNorm};
 use crate::infer::log_softmax;
 use crate::model::{Captured, LayerCtx, Llama, Mode, Taps};
 
@@ -162,7 +162,9 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         loss_last = loss_v as f64;
         nll_last = nll_v as f64;
         losses.push(loss_last);
-        if (nll_v as f64) < hp.stop_loss {
+        if (nll_v as f64) < hp.stop_loss
+            || (hp.stop_at_argmax && all_argmax(&lp.narrow(0, 0, n_target_rows)?, &target_ids)?)
+        {
             break;
         }
         let grads = loss.backward()?;
@@ -176,7 +178,8 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         }
     }
     let dv = to_f64(delta.as_tensor())?;
-    let v_star = v_orig.iter().zip(&dv).map(|(a, b)| a + b).collect();
+    let mut v_star: Vec<f64> = v_orig.iter().zip(&dv).map(|(a, b)| a + b).collect();
+    control_norm(&mut v_star, &v_orig, hp.value_norm);
     let passes = losses.len();
     Ok(KeyValue {
         k_star,
@@ -203,6 +206,25 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
     })
 }
 
+/// Whether `ids[i]` is the most probable token of row `i` of the log-probabilities `lp`
+/// (`[ids.len(), vocab]`) for every row: the most-probable early stop of the v\* optimisation.
+pub fn all_argmax(lp: &Tensor, ids: &[u32]) -> Result<bool> {
+    let best: Vec<u32> = lp.argmax(D::Minus1)?.to_vec1()?;
+    Ok(best.len() == ids.len() && best.iter().zip(ids).all(|(a, b)| a == b))
+}
+
+/// Applies the norm control `mode` to an optimised value: with [`ValueNorm::Original`], v\* is
+/// rescaled to ‖v_orig‖ (a zero v\* is left alone).
+pub fn control_norm(v_star: &mut [f64], v_orig: &[f64], mode: ValueNorm) {
+    if mode == ValueNorm::Original {
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let (now, want) = (norm(v_star), norm(v_orig));
+        if now > 0.0 && now.is_finite() {
+            v_star.iter_mut().for_each(|x| *x *= want / now);
+        }
+    }
+}
+
 /// Template-averaged key at `key_layer` and residual stream after `out_layer` (both at the
 /// subject's last token), for the current weights. MEMIT re-reads both after each layer's update.
 pub fn subject_state(
@@ -220,4 +242,33 @@ pub fn subject_state(
     let k = to_f64(&at_subject(&keys, p)?.mean(0)?)?;
     let z = to_f64(&at_subject(&h, p)?.mean(0)?)?;
     Ok((k, z))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn all_argmax_needs_every_row_on_its_target() {
+        let lp = Tensor::new(&[[-3.0f32, -0.1, -2.0], [-0.2, -1.0, -4.0]], &Device::Cpu).unwrap();
+        assert!(all_argmax(&lp, &[1, 0]).unwrap());
+        assert!(!all_argmax(&lp, &[1, 1]).unwrap());
+        assert!(!all_argmax(&lp, &[2, 0]).unwrap());
+        assert!(!all_argmax(&lp, &[1]).unwrap());
+    }
+
+    #[test]
+    fn norm_control_rescales_to_the_original_norm_only_when_asked() {
+        let orig = [3.0, 4.0];
+        let mut v = vec![6.0, 8.0 + 6.0];
+        control_norm(&mut v, &orig, ValueNorm::Free);
+        assert_eq!(v, vec![6.0, 14.0]);
+        control_norm(&mut v, &orig, ValueNorm::Original);
+        let n = (v[0] * v[0] + v[1] * v[1]).sqrt();
+        assert!((n - 5.0).abs() < 1e-12 && (v[1] / v[0] - 14.0 / 6.0).abs() < 1e-12);
+        let mut zero = vec![0.0, 0.0];
+        control_norm(&mut zero, &orig, ValueNorm::Original);
+        assert_eq!(zero, vec![0.0, 0.0]);
+    }
 }

@@ -186,7 +186,7 @@ fn soft_oedit_batch_solves_its_regularised_joint_form() {
 #[test]
 fn alphaedit_batch_solves_its_null_space_normal_equation() {
     let (threshold, min_dim, l2) = (1e-2, 16, 1.0);
-    let (mut lm, mut editor, stats) = setup("alphaedit", |hp| {
+    let (mut lm, mut editor, stats) = setup("alphaedit-single", |hp| {
         hp.alphaedit.nullspace_threshold = threshold;
         hp.alphaedit.min_nullspace_dim = min_dim;
         hp.alphaedit.l2 = l2;
@@ -307,7 +307,16 @@ fn batch_size_one_is_the_unbatched_run_byte_for_byte() {
 fn batched_runs_log_per_record_and_resume_to_the_same_bytes() {
     let fx = EditFx::new();
     let edits = fx.edits("e.jsonl", &minimal_lines(7));
-    for method in ["oedit-plus", "memit", "alphaedit", "oedit-soft", "rome", "oedit"] {
+    for method in [
+        "oedit-plus",
+        "memit",
+        "alphaedit",
+        "alphaedit-single",
+        "oedit-spread",
+        "oedit-soft",
+        "rome",
+        "oedit",
+    ] {
         let straight = fx.path(&format!("straight-{method}"));
         let s = fx.edit_ok(&edits, &straight, &["--method", method, "--batch-size", "3"]);
         assert_eq!(s["edits_total"], 7, "{method}");

@@ -524,7 +524,7 @@ fn methods_with_a_memory_of_past_keys_resume_to_the_same_bytes() {
         assert_ok(&o);
         edit_summary(&o)
     };
-    for method in ["alphaedit", "oedit-soft"] {
+    for method in ["alphaedit", "alphaedit-single", "oedit-spread", "oedit-soft"] {
         let whole = fx.path(&format!("{method}-whole"));
         edit(&whole, &["--method", method]);
         let split = fx.path(&format!("{method}-split"));

@@ -137,7 +137,7 @@ fn landing_stops_as_soon_as_the_target_wins() {
 
 #[test]
 fn a_first_update_that_lands_too_little_gets_more_attempts_and_lands() {
-    for name in ["oedit-soft", "alphaedit"] {
+    for name in ["oedit-soft", "alphaedit-single"] {
         let method = Method::named(name).unwrap();
         // A weight on the preserved keys so heavy that the first update lands 3% of the change.
         let w = weight_for_share(method, 0.03);

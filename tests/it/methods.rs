@@ -82,7 +82,7 @@ fn memit_touches_only_its_layers_and_solves_its_normal_equation() {
 
 #[test]
 fn alphaedit_update_annihilates_the_preserved_key_subspace() {
-    let (mut lm, mut editor, stats) = setup(Method::named("alphaedit").unwrap(), |hp| {
+    let (mut lm, mut editor, stats) = setup(Method::named("alphaedit-single").unwrap(), |hp| {
         hp.alphaedit.min_nullspace_dim = 16;
         hp.alphaedit.l2 = 1.0;
     });
@@ -150,7 +150,7 @@ fn rome_lands_each_edit_exactly_at_its_key() {
 #[test]
 fn alphaedit_solves_its_ridge_normal_equation_with_the_memory_of_earlier_keys() {
     let (threshold, min_dim, l2) = (1e-2, 16, 0.5);
-    let (mut lm, mut editor, stats) = setup(Method::named("alphaedit").unwrap(), |hp| {
+    let (mut lm, mut editor, stats) = setup(Method::named("alphaedit-single").unwrap(), |hp| {
         hp.alphaedit.nullspace_threshold = threshold;
         hp.alphaedit.min_nullspace_dim = min_dim;
         hp.alphaedit.l2 = l2;
@@ -407,4 +407,153 @@ fn a_method_outside_the_registry_runs_through_the_editor() {
     // The weights changed only at the toy's layer, by the applied factors.
     let w1 = lm.model.down_proj(1).to_dtype(DType::F64).unwrap();
     assert!(max_abs_diff(&w0, &w1) > 0.0);
+}
+
+/// The target layer's hidden state at the subject (template mean) and z\* = z + (v\* − v) for
+/// `rec` on the model as it stands, with the v\* the editor will compute.
+fn z_and_z_star(lm: &LoadedModel, editor: &Editor, rec: &oedit::data::EditRecord) -> (Vec<f64>, Vec<f64>) {
+    let prompts = oedit::edit::prompts::build(&lm.tok, rec, &editor.templates).unwrap();
+    let top = *editor.layers().last().unwrap();
+    let mut hp = editor.hparams.clone();
+    hp.layer = top;
+    let kv = oedit::edit::target::compute_key_value(&lm.model, &prompts, &hp).unwrap();
+    let (_, z) = oedit::edit::target::subject_state(&lm.model, &prompts, top, top).unwrap();
+    let z_star = z.iter().zip(kv.v_star.iter().zip(&kv.v_orig)).map(|(z, (v, o))| z + v - o).collect();
+    (z, z_star)
+}
+
+fn diff_max(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+#[test]
+fn spread_layers_land_the_whole_residual_at_the_target_layer() {
+    // With a vanishing weight on the preserved keys every layer lands its share exactly, so the
+    // shares add up: after the edit the target layer's hidden state is z*, not just closer.
+    let (mut lm, mut editor, _) = setup(Method::named("oedit-spread").unwrap(), |hp| {
+        hp.oedit_spread.lambda = 1e-9;
+    });
+    assert_eq!(editor.layers(), vec![0, 1]);
+    for line in minimal_lines(2) {
+        let rec = parse_record(&line).unwrap();
+        let (z, z_star) = z_and_z_star(&lm, &editor, &rec);
+        let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        assert_eq!(applied.iter().map(|a| a.layer).collect::<Vec<_>>(), vec![0, 1]);
+        // Each layer's factor lands its residual at its own key (u·k = 1) ...
+        for a in &applied {
+            let share: f64 = f64s(&a.u).iter().zip(f64s(&a.key)).map(|(u, k)| u * k).sum();
+            assert!((share - 1.0).abs() < 1e-6, "layer {}: share {share}", a.layer);
+        }
+        // ... the lowest layer half of z* − z (two layers), the top one what is left of it ...
+        let half: Vec<f64> = z_star.iter().zip(&z).map(|(a, b)| (a - b) / 2.0).collect();
+        let scale = half.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        assert!(scale > 1e-3, "the edit asks for no change");
+        assert!(diff_max(&f64s(&applied[0].r), &half) < 1e-4 * scale.max(1.0));
+        // ... so the hidden state the edit asked for is reached.
+        let prompts = oedit::edit::prompts::build(&lm.tok, &rec, &editor.templates).unwrap();
+        let (_, z_after) = oedit::edit::target::subject_state(&lm.model, &prompts, 1, 1).unwrap();
+        let err = diff_max(&z_after, &z_star);
+        assert!(err < 1e-3 * scale.max(1.0), "z after the edit is {err} from z* (change {scale})");
+    }
+}
+
+#[test]
+fn alphaedit_spreads_over_its_layers_each_in_its_null_space_with_its_own_memory() {
+    let (threshold, min_dim, l2) = (1e-2, 16, 0.5);
+    let (mut lm, mut editor, stats) = setup(Method::named("alphaedit").unwrap(), |hp| {
+        hp.alphaedit.nullspace_threshold = threshold;
+        hp.alphaedit.min_nullspace_dim = min_dim;
+        hp.alphaedit.l2 = l2;
+    });
+    assert_eq!(editor.layers(), vec![0, 1]);
+    // Per layer: the null-space basis of its own statistics.
+    let nulls: HashMap<usize, Vec<Vec<f64>>> = stats
+        .iter()
+        .map(|s| {
+            let eig = sym_eigen(&c_matrix(s));
+            let n0 = eig.values.iter().filter(|&&v| v < threshold).count().max(min_dim);
+            (s.layer, (0..n0).map(|j| eig.vectors.col(j)).collect())
+        })
+        .collect();
+    let project = |layer: usize, x: &[f64]| -> Vec<f64> {
+        let mut out = vec![0.0; x.len()];
+        for b in &nulls[&layer] {
+            let c: f64 = b.iter().zip(x).map(|(p, q)| p * q).sum();
+            out.iter_mut().zip(b).for_each(|(o, bi)| *o += c * bi);
+        }
+        out
+    };
+    let mut past: HashMap<usize, Vec<Vec<f64>>> = HashMap::new();
+    for line in minimal_lines(3) {
+        let rec = parse_record(&line).unwrap();
+        let (_, applied) = editor.edit(&mut lm.model, &lm.tok, &rec).unwrap();
+        assert_eq!(applied.iter().map(|a| a.layer).collect::<Vec<_>>(), vec![0, 1]);
+        for a in &applied {
+            let (k, u) = (f64s(&a.key), f64s(&a.u));
+            // u is in the layer's null space ...
+            let pu = project(a.layer, &u);
+            let un = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!(diff_max(&u, &pu) < 1e-6 * un, "layer {}: update leaves the null space", a.layer);
+            // ... and solves (P₀(k kᵀ + Σ past k_p k_pᵀ) + αI) u = P₀ k with this layer's past keys.
+            let layer_past = past.entry(a.layer).or_default();
+            let mut m_pu = vec![0.0; u.len()];
+            for kp in layer_past.iter().chain(std::iter::once(&k)) {
+                let c: f64 = kp.iter().zip(&pu).map(|(x, y)| x * y).sum();
+                m_pu.iter_mut().zip(kp).for_each(|(o, x)| *o += c * x);
+            }
+            let lhs: Vec<f64> = project(a.layer, &m_pu).iter().zip(&u).map(|(x, y)| x + l2 * y).collect();
+            let pk = project(a.layer, &k);
+            let scale = pk.iter().map(|x| x.abs()).fold(0.0, f64::max);
+            let err = diff_max(&lhs, &pk) / scale;
+            assert!(
+                err < 1e-5,
+                "layer {} edit {}: normal equation residual {err}",
+                a.layer,
+                layer_past.len()
+            );
+            layer_past.push(k);
+        }
+    }
+}
+
+#[test]
+fn norm_control_keeps_v_star_at_the_original_norm() {
+    use oedit::hparams::ValueNorm;
+    let (lm, editor, _) = setup(Method::named("rome").unwrap(), |_| {});
+    let rec = parse_record(&minimal_lines(1)[0]).unwrap();
+    let prompts = oedit::edit::prompts::build(&lm.tok, &rec, &editor.templates).unwrap();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mut hp = editor.hparams.clone();
+    let free = oedit::edit::target::compute_key_value(&lm.model, &prompts, &hp).unwrap();
+    hp.value_norm = ValueNorm::Original;
+    let kept = oedit::edit::target::compute_key_value(&lm.model, &prompts, &hp).unwrap();
+    let (nv, nfree, nkept) = (norm(&free.v_orig), norm(&free.v_star), norm(&kept.v_star));
+    assert!((nfree - nv).abs() > 1e-3 * nv, "the free v* kept its norm anyway ({nfree} vs {nv})");
+    assert!((nkept - nv).abs() < 1e-9 * nv, "‖v*‖ = {nkept}, ‖v‖ = {nv}");
+    // The same optimisation, rescaled: the direction of the free v*.
+    let cos: f64 = free.v_star.iter().zip(&kept.v_star).map(|(a, b)| a * b).sum::<f64>() / (nfree * nkept);
+    assert!((cos - 1.0).abs() < 1e-9, "cosine {cos}");
+    assert_eq!(free.losses, kept.losses);
+}
+
+#[test]
+fn most_probable_early_stop_never_cuts_an_optimisation_whose_target_is_not_on_top() {
+    // The tiny model never makes the hand-written targets its top answer: with the early stop
+    // on, every optimisation runs the same trajectory to its last step (the stop itself is
+    // checked on constructed log-probabilities in `edit::target`'s unit tests).
+    let (lm, editor, _) = setup(Method::named("rome").unwrap(), |hp| {
+        hp.v_steps = 12;
+        hp.stop_loss = 0.0;
+    });
+    for line in minimal_lines(3) {
+        let rec = parse_record(&line).unwrap();
+        let prompts = oedit::edit::prompts::build(&lm.tok, &rec, &editor.templates).unwrap();
+        let mut hp = editor.hparams.clone();
+        let full = oedit::edit::target::compute_key_value(&lm.model, &prompts, &hp).unwrap();
+        hp.stop_at_argmax = true;
+        let early = oedit::edit::target::compute_key_value(&lm.model, &prompts, &hp).unwrap();
+        assert_eq!(full.losses.len(), 12);
+        assert_eq!(early.losses, full.losses, "{}", rec.target_new);
+        assert_eq!(early.v_star, full.v_star);
+    }
 }

@@ -14,6 +14,7 @@ pub mod oedit;
 pub mod oedit_plus;
 pub mod oedit_soft;
 pub mod rome;
+pub mod spread;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -38,6 +39,8 @@ pub static REGISTRY: &[Method] = &[
     Method(&oedit::SPEC),
     Method(&rome::SPEC),
     Method(&memit::SPEC),
+    Method(&spread::ALPHAEDIT),
+    Method(&spread::OEDIT_SPREAD),
     Method(&alphaedit::SPEC),
 ];
 

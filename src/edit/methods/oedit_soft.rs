@@ -27,28 +27,27 @@ pub const SPEC: MethodSpec = MethodSpec {
     build,
 };
 
-/// Soft O-Edit's state: A⁻¹ with A = λ·C + Σ k_p k_pᵀ over the keys of earlier edits.
+/// One layer's soft O-Edit solve: A⁻¹ with A = λ·C + Σ k_p k_pᵀ over the keys of earlier
+/// edits.
 ///
 /// The update u = (A + k kᵀ)⁻¹ k minimises λ·E‖ΔW k₀‖² over the corpus keys + Σ ‖ΔW k_p‖² +
 /// ‖ΔW k − r‖²: it lands the share kᵀA⁻¹k / (1 + kᵀA⁻¹k) of the edit.
-pub struct SoftOedit {
-    layer: usize,
+pub struct SoftMemory {
     /// A⁻¹ (row-major f×f), kept by Sherman–Morrison as keys are added.
     pub inverse: Mat,
 }
 
-fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
-    let pre = Preconditioner::new(stats_of(stats, hp.layer)?, hp.cov_regularization)?;
-    // A⁻¹ = (λ·C_reg)⁻¹ before any edit.
-    let mut inverse = pre.inverse();
-    let lambda = hp.oedit_soft.lambda;
-    inverse.data.iter_mut().for_each(|x| *x /= lambda);
-    Ok(Box::new(SoftOedit { layer: hp.layer, inverse }))
-}
+impl SoftMemory {
+    /// A = λ·C_reg before any edit (C regularised by `cov_regularization`).
+    pub fn new(stats: &KeyStats, cov_regularization: f64, lambda: f64) -> Result<Self> {
+        let pre = Preconditioner::new(stats, cov_regularization)?;
+        let mut inverse = pre.inverse();
+        inverse.data.iter_mut().for_each(|x| *x /= lambda);
+        Ok(Self { inverse })
+    }
 
-impl SoftOedit {
     /// u = (A + k kᵀ)⁻¹ k = A⁻¹k / (1 + kᵀA⁻¹k), and the landed share kᵀu.
-    fn direction(&self, k: &[f64]) -> Result<(Vec<f64>, f64)> {
+    pub fn direction(&self, k: &[f64]) -> Result<(Vec<f64>, f64)> {
         let z = self.inverse.matvec(k);
         let q = dot(k, &z);
         if !(q.is_finite() && q > 0.0) {
@@ -58,11 +57,29 @@ impl SoftOedit {
         Ok((u, q / (1.0 + q)))
     }
 
+    /// The directions of a batch of keys solved jointly: U = (A + K Kᵀ)⁻¹ K.
+    pub fn directions(&self, keys: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
+        let z: Vec<Vec<f64>> = keys.iter().map(|k| self.inverse.matvec(k)).collect();
+        ridge_joint(keys, &z, 1.0)
+    }
+
     /// A ← A + k kᵀ (of the f32 key, as stored), by Sherman–Morrison on A⁻¹.
-    fn add_past(&mut self, key32: &[f32]) {
+    pub fn add_past(&mut self, key32: &[f32]) {
         let k: Vec<f64> = key32.iter().map(|&x| x as f64).collect();
         add_outer_to_inverse(&mut self.inverse, &k);
     }
+}
+
+/// Soft O-Edit at one layer: its [`SoftMemory`].
+pub struct SoftOedit {
+    layer: usize,
+    /// The layer's key memory.
+    pub memory: SoftMemory,
+}
+
+fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
+    let memory = SoftMemory::new(stats_of(stats, hp.layer)?, hp.cov_regularization, hp.oedit_soft.lambda)?;
+    Ok(Box::new(SoftOedit { layer: hp.layer, memory }))
 }
 
 impl UpdateRule for SoftOedit {
@@ -70,9 +87,9 @@ impl UpdateRule for SoftOedit {
         let r = ctx.residual()?;
         let kv = ctx.kv;
         let k = &kv.k_star;
-        let (u, retained) = self.direction(k)?;
+        let (u, retained) = self.memory.direction(k)?;
         ctx.apply(self.layer, &RankOne { r, u, retained }, k)?;
-        self.add_past(&to_f32(k));
+        self.memory.add_past(&to_f32(k));
         Ok(RuleReport { retained, ..RuleReport::default() })
     }
 
@@ -80,8 +97,7 @@ impl UpdateRule for SoftOedit {
     /// λ·E‖ΔW k₀‖² + Σ_p ‖ΔW k_p‖² + Σ_i ‖ΔW k_i − r_i‖²; then every key added in order.
     fn edit_batch(&mut self, ctx: &mut BatchContext<'_>) -> Result<Vec<RuleReport>> {
         let keys = ctx.keys();
-        let z: Vec<Vec<f64>> = keys.iter().map(|k| self.inverse.matvec(k)).collect();
-        let u = ridge_joint(&keys, &z, 1.0)?;
+        let u = self.memory.directions(&keys)?;
         let r = ctx.residuals()?;
         let mut reports = Vec::with_capacity(keys.len());
         for (i, (r, u)) in r.into_iter().zip(u).enumerate() {
@@ -90,19 +106,19 @@ impl UpdateRule for SoftOedit {
             reports.push(RuleReport { retained, ..RuleReport::default() });
         }
         for k in &keys {
-            self.add_past(&to_f32(k));
+            self.memory.add_past(&to_f32(k));
         }
         Ok(reports)
     }
 
     fn landed_share(&self, k: &[f64]) -> Result<f64> {
-        Ok(self.direction(k)?.1)
+        Ok(self.memory.direction(k)?.1)
     }
 
     fn restore(&mut self, _: &HashMap<usize, Subspace>, updates: &[AppliedUpdate]) -> Result<()> {
         let layer = self.layer;
         for u in updates.iter().filter(|u| u.layer == layer) {
-            self.add_past(&u.key);
+            self.memory.add_past(&u.key);
         }
         Ok(())
     }
