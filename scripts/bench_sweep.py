@@ -24,7 +24,8 @@ import sys
 import time
 
 METRICS = ["efficacy", "generalization", "locality", "locality_agreement", "fluency",
-           "efficacy_token_acc", "generalization_token_acc"]
+           "efficacy_token_acc", "generalization_token_acc",
+           "gen_efficacy", "gen_generalization", "gen_locality"]
 PLOTTED = ["efficacy", "generalization", "locality", "locality_agreement", "fluency"]
 
 

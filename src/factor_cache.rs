@@ -1,6 +1,6 @@
 //! The on-disk store of the factorisations the methods build from the key statistics at every
-//! session start: the Cholesky factor of the regularised C (every method but `alphaedit`), and
-//! the symmetric eigendecomposition (`alphaedit`, and `oedit-plus` with `core_energy` > 0).
+//! session start: the Cholesky factor of the regularised C (every method but the AlphaEdits), and
+//! the symmetric eigendecomposition (`alphaedit` per layer, `alphaedit-single`, and `oedit-plus` with `core_energy` > 0).
 //!
 //! At Llama-2-7B's width (f = 11,008) they take 20 s and 611 s on one thread; a resumed or
 //! second session over the same statistics reads them back instead (about 1 GB each).

@@ -162,7 +162,7 @@ pub struct LandingParams {
     /// answer.
     pub min_margin: f64,
     /// Bound on how much a later attempt scales up the rule's own step to land the whole
-    /// missing residual (rules that land only a share s of it, e.g. oedit-soft and alphaedit,
+    /// missing residual (rules that land only a share s of it, e.g. oedit-soft and alphaedit-single,
     /// are given the residual × min(1/s, max_gain)); 1 means never scale.
     pub max_gain: f64,
 }

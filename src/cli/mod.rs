@@ -33,7 +33,7 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token count, mean NLL and perplexity of a text (teacher-forced).
     Score(score::ScoreArgs),
-    /// Apply edits sequentially (oedit-plus, oedit-soft, oedit, alphaedit, memit or rome), checkpointing after every edit; resumable.
+    /// Apply edits sequentially (oedit-plus, oedit-soft, oedit, rome, memit, alphaedit, oedit-spread or alphaedit-single), checkpointing after every edit; resumable.
     Edit(edit::EditArgs),
     /// Measure efficacy, generalization, locality and fluency of edits (edited vs unedited).
     Eval(eval::EvalArgs),

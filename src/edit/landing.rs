@@ -14,7 +14,7 @@
 //!    else is rolled back: the key memory of the soft rules is rebuilt on resume from every
 //!    applied update, so it must (and does) count every attempt;
 //! 3. scales r by min(1/s, `landing.max_gain`), s the share the rule lands at k\*
-//!    ([`UpdateRule::landed_share`]): the soft rules (oedit-soft, alphaedit) land only part of a
+//!    ([`UpdateRule::landed_share`]): the soft rules (oedit-soft, alphaedit-single; the multi-layer rules at their target layer) land only part of a
 //!    residual by design, and their update direction at a repeated key does not change, so the
 //!    scaled step is their own least-disturbance direction landing the whole missing part;
 //! 4. applies the rule through [`EditContext::apply`], so every factor of every attempt goes to
