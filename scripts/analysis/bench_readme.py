@@ -9,7 +9,7 @@ def row(path, keys=("efficacy", "generalization", "locality", "locality_agreemen
 cf_table = open(f"{B}/counterfact/table.md").read()
 zs_table = open(f"{B}/zsre/table.md").read() if os.path.exists(f"{B}/zsre/table.md") else "(not run)\n"
 oldest = []
-for m in ["rome", "memit", "alphaedit", "oedit", "oedit-plus-legacy", "oedit-plus", "oedit-soft"]:
+for m in ["rome", "memit", "alphaedit-single", "oedit", "oedit-plus-legacy", "oedit-plus", "oedit-soft"]:
     p = f"{B}/counterfact/oldest/{m}-1000-first100.json"
     if os.path.exists(p):
         at100 = row(f"{B}/counterfact/{m}-100.json", ("efficacy", "generalization", "locality", "locality_agreement"))
@@ -29,7 +29,7 @@ def norm_table():
     not committed, so the table is kept in analysis/update-norms.md and refreshed when they exist."""
     import statistics as st
     saved = f"{B}/analysis/update-norms.md"
-    logs = {m: log_rows(m) for m in ["oedit", "oedit-plus-legacy", "rome", "alphaedit", "oedit-soft"]}
+    logs = {m: log_rows(m) for m in ["oedit", "oedit-plus-legacy", "rome", "alphaedit-single", "oedit-soft"]}
     if any(v is None or len(v) < 1000 for v in logs.values()):
         return open(saved).read().rstrip("\n")
     lines = []
@@ -43,7 +43,7 @@ def norm_table():
             cols += [f"{r[0]:.2f} / {r[1]:.2f}", f"{n[0]:.1f} / {n[1]:,.0f}"]
         n = cell("rome", "update_norm")
         cols.append(f"{n[0]:.1f} / {n[1]:,.0f}")
-        for m in ["alphaedit", "oedit-soft"]:
+        for m in ["alphaedit-single", "oedit-soft"]:
             n, r = cell(m, "update_norm"), cell(m, "retained")
             cols.append(f"{n[0]:.1f} / {n[1]:,.0f} ({r[0]:.2f})")
         lines.append(f"| {a + 1}–{b} | " + " | ".join(cols) + " |")
@@ -54,7 +54,7 @@ def norm_table():
 # Rows of the offline-replay table: (label, file under analysis/, rule name).
 REPLAY_ROWS = [
     ("rome", "update-rules-rome1000.json", "rome"),
-    ("alphaedit", "update-rules-rome1000.json", "alphaedit"),
+    ("alphaedit-single", "update-rules-rome1000.json", "alphaedit"),
     ("oedit (Euclidean), no floor", "update-rules-rome1000.json", "oedit"),
     ("oedit-plus, no floor", "update-rules-rome1000.json", "oedit-plus"),
     ("oedit (Euclidean), floor 0.1", "update-rules-floors-rome1000.json", "oedit-floor0.1"),
