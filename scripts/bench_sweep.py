@@ -77,6 +77,10 @@ def markdown(rows, path):
             "locality", "locality_agreement", "fluency"]
     names = ["efficacy", "efficacy token acc", "generalization", "generalization token acc",
              "neighbourhood score", "locality agreement", "fluency"]
+    gen = ["gen_efficacy", "gen_generalization", "gen_locality"]
+    if any(c in r for r in rows for c in gen):
+        cols += gen
+        names += ["gen efficacy", "gen generalization", "gen locality"]
     lines = ["| method | N | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(cols)]
     for n in sorted({r["n"] for r in rows}):
         at_n = [r for r in rows if r["n"] == n]
