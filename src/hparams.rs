@@ -193,6 +193,10 @@ pub struct Hparams {
     pub context_templates: usize,
     /// Tokens generated per context template.
     pub template_length: usize,
+    /// Context template prefixes drawn by top-k sampling with this k (ROME and MEMIT use 5);
+    /// 0: greedy continuations. Omitted: 0.
+    #[serde(default)]
+    pub template_top_k: usize,
     /// Maximum optimisation steps for v*.
     pub v_steps: usize,
     /// Adam learning rate for v*.

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::data::{EditRecord, RecordError};
-use crate::edit::{templates::context_templates, Editor, Method};
+use crate::edit::{templates::templates_for, Editor, Method};
 use crate::errors::InputError;
 use crate::eval::{locality_agreement, score_records, MetricSet};
 use crate::factor_cache::FactorCache;
@@ -124,7 +124,7 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
         }
         None => {
             let t = Instant::now();
-            let templates = context_templates(&lm.model, &lm.tok, hp.context_templates, hp.template_length)?;
+            let templates = templates_for(&lm.model, &lm.tok, &hp)?;
             report_timing("context templates", t);
             let m = Manifest {
                 batch_size: opts.batch_size.max(1),

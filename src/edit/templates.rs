@@ -2,13 +2,48 @@
 //! prompt is run (ROME's trick for keys and values that hold in many contexts).
 
 use anyhow::Result;
+use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use crate::infer::greedy_ids;
+use crate::hparams::Hparams;
+use crate::infer::{generate_sampled, greedy_ids};
 use crate::model::Llama;
 use crate::tokenizer::Tok;
 
-/// Words that start the generated prefixes (deterministic greedy continuations).
+/// Words that start the generated prefixes.
 const STARTERS: &[&str] = &["The", "Therefore", "Because", "I", "You", "However", "In", "It", "When", "A"];
+
+/// Seed of the sampled templates (fixed: a run's templates are regenerated, identically, by every
+/// session on the same device).
+const TEMPLATE_SEED: u64 = 0x5EED;
+
+/// The context templates `hp` asks for: greedy continuations ([`context_templates`]), or, with
+/// `template_top_k` > 0, top-k samples ([`sampled_context_templates`]).
+pub fn templates_for(model: &Llama, tok: &Tok, hp: &Hparams) -> Result<Vec<String>> {
+    if hp.template_top_k == 0 {
+        context_templates(model, tok, hp.context_templates, hp.template_length)
+    } else {
+        sampled_context_templates(model, tok, hp.context_templates, hp.template_length, hp.template_top_k)
+    }
+}
+
+/// `count` templates like [`context_templates`], the prefixes drawn with top-`k` sampling at
+/// temperature 1 (ROME's and MEMIT's way: varied, natural contexts rather than one greedy and often
+/// repetitive continuation per starter), from a fixed seed.
+pub fn sampled_context_templates(
+    model: &Llama,
+    tok: &Tok,
+    count: usize,
+    length: usize,
+    k: usize,
+) -> Result<Vec<String>> {
+    let mut out = vec!["{}".to_string()];
+    let mut sampler = LogitsProcessor::from_sampling(TEMPLATE_SEED, Sampling::TopK { k, temperature: 1.0 });
+    for s in STARTERS.iter().cycle().take(count.saturating_sub(1)) {
+        let text = format!("{s}{}", generate_sampled(model, tok, s, length, &mut sampler)?);
+        out.push(template_of(&text));
+    }
+    Ok(out)
+}
 
 /// `count` templates, each containing one `{}`: the bare `{}` first, then `count - 1` prefixes of
 /// `length` greedy tokens each.
@@ -22,17 +57,22 @@ pub fn context_templates(model: &Llama, tok: &Tok, count: usize, length: usize) 
     let prompts = starters.iter().map(|s| tok.encode_prompt(s)).collect::<Result<Vec<_>>>()?;
     let gen = greedy_ids(model, tok, &prompts, length)?;
     for (s, ids) in starters.iter().zip(gen) {
-        let text = format!("{s}{}", tok.decode(&ids)?);
-        let clean: String = text
-            .chars()
-            .map(|c| if c == '{' || c == '}' || c.is_control() { ' ' } else { c })
-            .collect::<String>()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        out.push(format!("{clean}. {{}}"));
+        out.push(template_of(&format!("{s}{}", tok.decode(&ids)?)));
     }
     Ok(out)
+}
+
+/// A generated prefix as a template: braces and control characters blanked, whitespace
+/// collapsed, then `. {}`.
+fn template_of(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c == '{' || c == '}' || c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("{clean}. {{}}")
 }
 
 /// Fills a template with a prompt.

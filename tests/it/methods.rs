@@ -557,3 +557,28 @@ fn most_probable_early_stop_never_cuts_an_optimisation_whose_target_is_not_on_to
         assert_eq!(early.v_star, full.v_star);
     }
 }
+
+#[test]
+fn sampled_context_templates_are_varied_reproducible_and_chosen_by_the_hyper_parameters() {
+    use oedit::edit::templates::{sampled_context_templates, templates_for};
+    let dir = tempfile::tempdir().unwrap();
+    let lm = load(&tiny_model(dir.path(), TinyOpts::default()));
+    let mut hp = tiny_hparams_struct();
+    hp.context_templates = 6;
+    hp.template_length = 5;
+    let greedy = templates_for(&lm.model, &lm.tok, &hp).unwrap();
+    assert_eq!(greedy, context_templates(&lm.model, &lm.tok, 6, 5).unwrap());
+    hp.template_top_k = 5;
+    let sampled = templates_for(&lm.model, &lm.tok, &hp).unwrap();
+    assert_eq!(
+        sampled,
+        sampled_context_templates(&lm.model, &lm.tok, 6, 5, 5).unwrap(),
+        "same seed, same text"
+    );
+    assert_eq!(sampled.len(), 6);
+    assert_eq!(sampled[0], "{}");
+    for t in &sampled {
+        assert_eq!(t.matches("{}").count(), 1, "{t}");
+    }
+    assert_ne!(sampled, greedy, "sampling gave the greedy continuations");
+}
