@@ -97,8 +97,8 @@ fn main() -> anyhow::Result<()> {
                 let cpu = cpu_seconds() - cpu0;
                 let o = &out[0].0;
                 // Per v* stack (records of one stack share its shape and time): the matrix
-                // products of one forward pass; a backward pass (input gradients only) costs as
-                // much again.
+                // products of its forward passes; a backward pass (input gradients only) costs as
+                // much as its forward pass.
                 let mut stacks: Vec<(usize, oedit::edit::target::StepShape, f64)> = Vec::new();
                 for (x, _) in &out {
                     if stacks.last().is_none_or(|(n, _, _)| *n != x.value_stack) {
@@ -108,9 +108,12 @@ fn main() -> anyhow::Result<()> {
                 let flops: f64 = stacks
                     .iter()
                     .map(|(_, s, _)| {
-                        let pass = 2.0 * per_layer * s.layers as f64 * (s.rows * s.suffix_len) as f64
-                            + 2.0 * s.logit_rows as f64 * cfg.vocab_size as f64 * cfg.hidden_size as f64;
-                        pass * (s.passes + s.backward) as f64
+                        // Rows summed over the passes: a stack shrinks as its records stop.
+                        2.0 * per_layer * s.layers as f64 * ((s.row_passes + s.row_backwards) * s.suffix_len) as f64
+                            + 2.0
+                                * (s.logit_passes + s.logit_backwards) as f64
+                                * cfg.vocab_size as f64
+                                * cfg.hidden_size as f64
                     })
                     .sum();
                 let value_seconds: f64 = stacks.iter().map(|(_, _, t)| t).sum();

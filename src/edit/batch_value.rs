@@ -7,9 +7,12 @@
 //! the step minimises the sum of the losses of the records still running: no record's loss
 //! depends on another record's δ (the rows of different records never attend to each other), so
 //! each δ gets the gradient of its own loss. Adam works element by element, so one stacked Var
-//! evolves as B separate ones. A record whose target NLL falls below `stop_loss` is frozen at
-//! that step (its δ is put back after every later optimiser step) and keeps its own step count
-//! and losses; each δ is clamped to its own norm bound. Per record the trajectory is the one the
+//! evolves as B separate ones. A record whose target NLL falls below `stop_loss` (or whose targets
+//! are all the most probable tokens, with `stop_at_argmax`) is frozen at that step (its δ is put
+//! back after the optimiser step) and leaves the stack: later steps run the rows of the records
+//! still optimising only ([`View`]). Each record keeps its own step count and losses, and each δ
+//! is clamped to its own norm bound. Records of equal suffix length are stacked together, since
+//! a stack pads every row to its longest suffix. Per record the trajectory is the one the
 //! single-record optimisation takes, up to float rounding (checked by a test).
 
 use std::time::Instant;
@@ -37,12 +40,115 @@ struct Track {
     running: bool,
 }
 
+/// What the loss reads of one record, in its own rows' coordinates.
+struct Scored {
+    /// Its first row in the whole stack, and its number of rows.
+    first_row: usize,
+    rows: usize,
+    /// (row, suffix position, token id) of every target token.
+    targets: Vec<(usize, usize, u32)>,
+    /// (row, suffix position) of its KL position.
+    kl: (usize, usize),
+}
+
+/// The tensors of the whole stack that a [`View`] selects from.
+struct Whole<'a> {
+    hs: &'a Tensor,
+    mask: &'a Tensor,
+    ctx: &'a LayerCtx,
+    kv: &'a [(Tensor, Tensor)],
+    s_len: usize,
+    p_init: &'a Tensor,
+    lp_init: &'a Tensor,
+    wd_scale: &'a Tensor,
+}
+
+/// The stack as one optimisation step runs it: the rows of the records still running.
+struct View {
+    /// The records in it (ascending), and the same as an index.
+    records: Vec<usize>,
+    records_t: Tensor,
+    /// Rows in it.
+    rows: usize,
+    /// The record (row of δ) of each of its rows.
+    delta_rows: Tensor,
+    hs: Tensor,
+    mask: Tensor,
+    ctx: LayerCtx,
+    kv: Vec<(Tensor, Tensor)>,
+    /// LM-head rows (every target token, then every record's KL position) as flat indices.
+    rows_t: Tensor,
+    logit_rows: usize,
+    target_ids: Vec<u32>,
+    ids_t: Tensor,
+    /// Each record's span of `target_ids`.
+    segments: Vec<(usize, usize)>,
+    /// NLL of record a = −Σ over its span / its span's length: one product.
+    seg: Tensor,
+    p_init: Tensor,
+    lp_init: Tensor,
+    wd_scale: Tensor,
+}
+
+impl View {
+    fn of(w: &Whole<'_>, scored: &[Scored], records: &[usize]) -> Result<Self> {
+        let dev = w.hs.device();
+        let mut rows = Vec::new();
+        let mut delta_rows = Vec::new();
+        let (mut flat, mut target_ids, mut segments, mut kl_flat) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &i in records {
+            let sc = &scored[i];
+            let base = rows.len();
+            rows.extend((sc.first_row..sc.first_row + sc.rows).map(|r| r as u32));
+            delta_rows.extend(std::iter::repeat_n(i as u32, sc.rows));
+            let start = target_ids.len();
+            for &(r, pos, id) in &sc.targets {
+                flat.push(((base + r) * w.s_len + pos) as u32);
+                target_ids.push(id);
+            }
+            segments.push((start, target_ids.len() - start));
+            kl_flat.push(((base + sc.kl.0) * w.s_len + sc.kl.1) as u32);
+        }
+        let n_targets = target_ids.len();
+        flat.extend(kl_flat);
+        let mut seg = vec![0f32; records.len() * n_targets];
+        for (a, &(start, len)) in segments.iter().enumerate() {
+            seg[a * n_targets + start..a * n_targets + start + len].fill((-1.0 / len.max(1) as f64) as f32);
+        }
+        let rows_idx = Tensor::new(rows.as_slice(), dev)?;
+        let rec: Vec<u32> = records.iter().map(|&i| i as u32).collect();
+        let records_t = Tensor::new(rec.as_slice(), dev)?;
+        let kv =
+            w.kv.iter()
+                .map(|(k, v)| Ok((k.index_select(&rows_idx, 0)?, v.index_select(&rows_idx, 0)?)))
+                .collect::<Result<Vec<_>>>()?;
+        Ok(View {
+            records: records.to_vec(),
+            rows: rows.len(),
+            delta_rows: Tensor::new(delta_rows.as_slice(), dev)?,
+            hs: w.hs.index_select(&rows_idx, 0)?,
+            mask: w.mask.index_select(&rows_idx, 0)?,
+            ctx: w.ctx.select_rows(&rows_idx)?,
+            kv,
+            logit_rows: flat.len(),
+            rows_t: Tensor::new(flat.as_slice(), dev)?,
+            ids_t: Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?,
+            target_ids,
+            segments,
+            seg: Tensor::from_vec(seg, (records.len(), n_targets), dev)?.to_dtype(w.lp_init.dtype())?,
+            p_init: w.p_init.index_select(&records_t, 0)?,
+            lp_init: w.lp_init.index_select(&records_t, 0)?,
+            wd_scale: w.wd_scale.index_select(&records_t, 0)?,
+            records_t,
+        })
+    }
+}
+
 /// Where each record's rows sit in the stacked batch.
 struct Layout {
     /// First row of each record.
     offset: Vec<usize>,
-    /// The record of each row.
-    record_of_row: Vec<u32>,
     /// The subject's last token of every row.
     subject_last: Vec<usize>,
 }
@@ -50,13 +156,13 @@ struct Layout {
 impl Layout {
     fn new(prompts: &[&EditPrompts]) -> Self {
         let mut offset = Vec::with_capacity(prompts.len());
-        let mut record_of_row = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            offset.push(record_of_row.len());
-            record_of_row.extend(std::iter::repeat_n(i as u32, p.batch.batch_size()));
+        let mut rows = 0;
+        for p in prompts {
+            offset.push(rows);
+            rows += p.batch.batch_size();
         }
         let subject_last = prompts.iter().flat_map(|p| p.subject_last.iter().copied()).collect();
-        Self { offset, record_of_row, subject_last }
+        Self { offset, subject_last }
     }
 }
 
@@ -123,8 +229,9 @@ fn stacks(prompts: &[&EditPrompts], budget: usize) -> Vec<std::ops::Range<usize>
 
 /// Computes k\* and v\* of every record of `prompts` at `hp.layer` on the current weights, the
 /// v\* optimisations stacked (see the module documentation) in stacks of at most
-/// [`stack_positions`] suffix positions. A record's `key_seconds`, `value_seconds` and `shape`
-/// are those of its stack, `stack` its number.
+/// [`stack_positions`] suffix positions, records of equal suffix length stacked together. A
+/// record's `key_seconds`, `value_seconds` and `shape` are those of its stack, `stack` its
+/// number.
 pub fn compute_key_values(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<KeyValue>> {
     compute_key_values_in(model, prompts, hp, stack_positions(model.device()))
 }
@@ -136,13 +243,20 @@ pub fn compute_key_values_in(
     hp: &Hparams,
     budget: usize,
 ) -> Result<Vec<KeyValue>> {
-    let mut out = Vec::with_capacity(prompts.len());
-    for (n, range) in stacks(prompts, budget).into_iter().enumerate() {
-        let mut kvs = stacked(model, &prompts[range], hp)?;
-        kvs.iter_mut().for_each(|kv| kv.stack = n);
-        out.extend(kvs);
+    // Records of equal suffix length share stacks: a stack pads every row to its longest
+    // suffix, so mixing lengths would run padding positions at every step.
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| suffix_extent(prompts[i]));
+    let sorted: Vec<&EditPrompts> = order.iter().map(|&i| prompts[i]).collect();
+    let mut out: Vec<Option<KeyValue>> = (0..prompts.len()).map(|_| None).collect();
+    for (n, range) in stacks(&sorted, budget).into_iter().enumerate() {
+        let kvs = stacked(model, &sorted[range.clone()], hp)?;
+        for (j, mut kv) in range.zip(kvs) {
+            kv.stack = n;
+            out[order[j]] = Some(kv);
+        }
     }
-    Ok(out)
+    out.into_iter().map(|kv| kv.context("internal error: a record of the batch has no stack")).collect()
 }
 
 /// One stacked optimisation of all of `prompts`.
@@ -181,55 +295,47 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
     let kv_cache = std::mem::take(&mut cap.kv);
     let key_seconds = t0.elapsed().as_secs_f64();
 
-    // The stacked optimisation problem.
+    // The stacked optimisation problem, in the coordinates of the whole stack.
     let t1 = Instant::now();
     let suffix = LayerCtx::suffix(model, &batch, &lay.subject_last, Mode::Differentiable)?;
     let s_len = suffix.len;
     let hs_layer = h_layer.reshape(((), d))?.index_select(&suffix.gather, 0)?.reshape((rows, s_len, d))?;
     let at_start: Vec<f32> = (0..rows * s_len).map(|i| (i % s_len == 0) as u8 as f32).collect();
     let mask = Tensor::from_vec(at_start, (rows, s_len, 1), dev)?.to_dtype(model.dtype())?;
-    let record_of_row = Tensor::new(lay.record_of_row.as_slice(), dev)?;
-    // Target rows of every record (in record order), then the KL row of every record.
-    let mut target_rows = Vec::new();
-    let mut target_ids = Vec::new();
-    let mut segments = Vec::with_capacity(n);
-    for (i, p) in prompts.iter().enumerate() {
-        let start = target_ids.len();
-        for r in 0..p.rewrite_rows {
-            let row = lay.offset[i] + r;
-            for (j, &t) in p.target_ids.iter().enumerate() {
-                target_rows.push((row * s_len + p.prompt_last[r] + j - p.subject_last[r]) as u32);
-                target_ids.push(t);
-            }
-        }
-        segments.push((start, target_ids.len() - start));
-    }
-    let n_target_rows = target_ids.len();
+    let mut scored = Vec::with_capacity(n);
     let mut kl_full_rows = Vec::with_capacity(n);
     for (i, p) in prompts.iter().enumerate() {
+        let mut targets = Vec::new();
+        for r in 0..p.rewrite_rows {
+            for (j, &t) in p.target_ids.iter().enumerate() {
+                targets.push((r, p.prompt_last[r] + j - p.subject_last[r], t));
+            }
+        }
         let kl_row = lay.offset[i] + p.batch.batch_size() - 1;
         let kl_last = batch.len_of(kl_row) - 1;
-        target_rows.push((kl_row * s_len + kl_last - lay.subject_last[kl_row]) as u32);
         kl_full_rows.push(batch.flat_index(kl_row, kl_last) as u32);
-    }
-    let rows_t = Tensor::new(target_rows.as_slice(), dev)?;
-    let ids_t = Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?;
-    // NLL of record i = −Σ over its segment / (its target tokens × its rewrite rows): one product.
-    let mut seg = vec![0f32; n * n_target_rows];
-    for (i, &(start, len)) in segments.iter().enumerate() {
-        let w = -1.0 / len.max(1) as f64;
-        seg[i * n_target_rows + start..i * n_target_rows + start + len].fill(w as f32);
+        let kl = (p.batch.batch_size() - 1, kl_last - lay.subject_last[kl_row]);
+        scored.push(Scored { first_row: lay.offset[i], rows: p.batch.batch_size(), targets, kl });
     }
     let kl_full = Tensor::new(kl_full_rows.as_slice(), dev)?;
     let lp_init = log_softmax(&model.logits_at(&h_final, &kl_full, Mode::Inference)?)?;
     let p_init = lp_init.exp()?;
-    let seg = Tensor::from_vec(seg, (n, n_target_rows), dev)?.to_dtype(lp_init.dtype())?;
 
     let v_norm: Vec<f64> =
         v_orig.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12)).collect();
     let max_norm: Vec<f64> = v_norm.iter().map(|v| hp.clamp_norm_factor * v).collect();
     let wd_scale: Vec<f32> = v_norm.iter().map(|v| (hp.weight_decay / (v * v)) as f32).collect();
     let wd_scale = Tensor::from_vec(wd_scale, n, dev)?;
+    let whole = Whole {
+        hs: &hs_layer,
+        mask: &mask,
+        ctx: &suffix.ctx,
+        kv: &kv_cache,
+        s_len,
+        p_init: &p_init,
+        lp_init: &lp_init,
+        wd_scale: &wd_scale,
+    };
     let delta = Var::zeros((n, d), DType::F32, dev)?;
     let mut opt = AdamW::new(
         vec![delta.clone()],
@@ -237,45 +343,49 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
     )?;
     let mut track = vec![Track { running: true, nll_last: f64::NAN, ..Track::default() }; n];
     let mut saved = vec![0f32; n * d];
-    let suffix_taps = Taps { kv_cache: Some(&kv_cache), ..Default::default() };
+    let mut view = View::of(&whole, &scored, &(0..n).collect::<Vec<_>>())?;
+    let mut shapes = Vec::new();
     for step in 0..hp.v_steps {
-        let dm = delta.as_tensor().to_dtype(model.dtype())?.index_select(&record_of_row, 0)?;
-        let h = hs_layer.broadcast_add(&mask.broadcast_mul(&dm.reshape((rows, 1, d))?)?)?;
-        let h =
-            model.run_layers(h, layer + 1..n_layers, &suffix.ctx, &suffix_taps, &mut Captured::default())?;
-        let lp = log_softmax(&model.logits_at(&h, &rows_t, Mode::Differentiable)?)?;
-        let picked = lp.narrow(0, 0, n_target_rows)?.gather(&ids_t, 1)?;
-        let nll = seg.matmul(&picked)?.squeeze(1)?;
-        let lp_kl = lp.narrow(0, n_target_rows, n)?;
-        let kl = (&p_init * (&lp_init - &lp_kl)?)?.sum(1)?;
-        let wd = (delta.as_tensor().sqr()?.sum(1)? * &wd_scale)?;
+        shapes.push((view.rows, view.logit_rows));
+        let dm = delta.as_tensor().to_dtype(model.dtype())?.index_select(&view.delta_rows, 0)?;
+        let h = view.hs.broadcast_add(&view.mask.broadcast_mul(&dm.reshape((view.rows, 1, d))?)?)?;
+        let taps = Taps { kv_cache: Some(&view.kv), ..Default::default() };
+        let h = model.run_layers(h, layer + 1..n_layers, &view.ctx, &taps, &mut Captured::default())?;
+        let lp = log_softmax(&model.logits_at(&h, &view.rows_t, Mode::Differentiable)?)?;
+        let n_targets = view.target_ids.len();
+        let picked = lp.narrow(0, 0, n_targets)?.gather(&view.ids_t, 1)?;
+        let nll = view.seg.matmul(&picked)?.squeeze(1)?;
+        let lp_kl = lp.narrow(0, n_targets, view.records.len())?;
+        let kl = (&view.p_init * (&view.lp_init - &lp_kl)?)?.sum(1)?;
+        let wd = (delta.as_tensor().index_select(&view.records_t, 0)?.sqr()?.sum(1)? * &view.wd_scale)?;
         let loss = ((&nll + (kl * hp.kl_weight)?)? + wd)?;
         let loss_v: Vec<f32> = loss.to_dtype(DType::F32)?.to_vec1()?;
         let nll_v: Vec<f32> = nll.to_dtype(DType::F32)?.to_vec1()?;
         let best: Option<Vec<u32>> = if hp.stop_at_argmax {
-            Some(lp.narrow(0, 0, n_target_rows)?.argmax(D::Minus1)?.to_vec1()?)
+            Some(lp.narrow(0, 0, n_targets)?.argmax(D::Minus1)?.to_vec1()?)
         } else {
             None
         };
-        for (i, t) in track.iter_mut().enumerate().filter(|(_, t)| t.running) {
-            t.losses.push(loss_v[i] as f64);
-            t.nll_last = nll_v[i] as f64;
-            let (start, len) = segments[i];
+        for (a, &i) in view.records.iter().enumerate() {
+            let t = &mut track[i];
+            t.losses.push(loss_v[a] as f64);
+            t.nll_last = nll_v[a] as f64;
+            let (start, len) = view.segments[a];
             let argmax = best.as_ref().is_some_and(|b| {
-                b[start..start + len].iter().zip(&target_ids[start..start + len]).all(|(a, b)| a == b)
+                b[start..start + len].iter().zip(&view.target_ids[start..start + len]).all(|(a, b)| a == b)
             });
-            if (nll_v[i] as f64) < hp.stop_loss || argmax {
+            if (nll_v[a] as f64) < hp.stop_loss || argmax {
                 t.running = false;
             }
         }
         if track.iter().all(|t| !t.running) {
             break;
         }
-        let running: Vec<f32> = track.iter().map(|t| t.running as u8 as f32).collect();
-        let running = Tensor::from_vec(running, n, dev)?.to_dtype(loss.dtype())?;
+        let running: Vec<f32> = view.records.iter().map(|&i| track[i].running as u8 as f32).collect();
+        let running = Tensor::from_vec(running, view.records.len(), dev)?.to_dtype(loss.dtype())?;
         let grads = (loss * running)?.sum_all()?.backward()?;
         opt.step(&grads)?;
-        // Frozen records get their δ back; the others are clamped to their own norm bound.
+        // Stopped records get their δ back; the others are clamped to their own norm bound.
         let mut now: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
         for (i, t) in track.iter_mut().enumerate() {
             let row = &mut now[i * d..(i + 1) * d];
@@ -292,16 +402,28 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
         }
         delta.set(&Tensor::from_vec(now.clone(), (n, d), dev)?)?;
         saved = now;
+        // Records that stopped leave the stack: the next steps run the others' rows only.
+        if view.records.iter().any(|&i| !track[i].running) {
+            let still: Vec<usize> = (0..n).filter(|&i| track[i].running).collect();
+            view = View::of(&whole, &scored, &still)?;
+        }
     }
     let value_seconds = t1.elapsed().as_secs_f64();
+    let (first_rows, first_logits) = shapes.first().copied().unwrap_or((rows, 0));
+    // Every pass but a last one that found all records stopped was followed by a backward pass.
+    let backward_passes = track.iter().map(|t| t.steps).max().unwrap_or(0);
     let shape = StepShape {
-        rows,
+        rows: first_rows,
         suffix_len: s_len,
         seq_len: batch.seq_len(),
-        logit_rows: n_target_rows + n,
+        logit_rows: first_logits,
         layers: n_layers - layer - 1,
         passes: track.iter().map(|t| t.losses.len()).max().unwrap_or(0),
         backward: track.iter().map(|t| t.steps).max().unwrap_or(0),
+        row_passes: shapes.iter().map(|s| s.0).sum(),
+        row_backwards: shapes.iter().take(backward_passes).map(|s| s.0).sum(),
+        logit_passes: shapes.iter().map(|s| s.1).sum(),
+        logit_backwards: shapes.iter().take(backward_passes).map(|s| s.1).sum(),
     };
     let dv: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
     let mut out = Vec::with_capacity(n);

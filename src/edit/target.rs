@@ -60,6 +60,15 @@ pub struct StepShape {
     pub passes: usize,
     /// Backward passes (optimiser steps) of the optimisation.
     pub backward: usize,
+    /// Rows summed over the forward passes (`rows × passes` unless records left a stack as they
+    /// stopped).
+    pub row_passes: usize,
+    /// Rows summed over the backward passes.
+    pub row_backwards: usize,
+    /// LM-head rows summed over the forward passes.
+    pub logit_passes: usize,
+    /// LM-head rows summed over the backward passes.
+    pub logit_backwards: usize,
 }
 
 /// Rows of `t: [batch, seq, n]` at the subject's last token of each rewrite row: `[rows, n]`.
@@ -201,6 +210,10 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
             layers: n_layers - layer - 1,
             passes,
             backward: steps,
+            row_passes: rows * passes,
+            row_backwards: rows * steps,
+            logit_passes: (n_target_rows + 1) * passes,
+            logit_backwards: (n_target_rows + 1) * steps,
         },
         stack: 0,
     })

@@ -170,6 +170,25 @@ impl LayerCtx {
         Ok(ctx)
     }
 
+    /// This context restricted to the rows `rows` (a `[k]` u32 index, in the order given): what a
+    /// stacked optimisation runs on once some of its records have stopped.
+    pub fn select_rows(&self, rows: &Tensor) -> Result<LayerCtx> {
+        let sel = |t: &Tensor| t.index_select(rows, 0);
+        let splice = match &self.splice {
+            Some(s) => Some(Splice { place: sel(&s.place)?, keep: sel(&s.keep)? }),
+            None => None,
+        };
+        Ok(LayerCtx {
+            cos: sel(&self.cos)?,
+            sin: sel(&self.sin)?,
+            rope: (sel(&self.rope.0)?, sel(&self.rope.1)?),
+            bias: sel(&self.bias)?,
+            mode: self.mode,
+            splice,
+            append: self.append,
+        })
+    }
+
     /// A context for recomputing only positions `starts[r]..` of each row of a right-padded
     /// `batch` against keys/values cached from a full pass (see [`Taps::kv_cache`]).
     pub fn suffix(model: &Llama, batch: &Batch, starts: &[usize], mode: Mode) -> Result<Suffix> {

@@ -244,7 +244,11 @@ fn stacked_value_optimisation_follows_each_records_own_trajectory() {
     assert!(batched.iter().all(|kv| kv.stack == 0), "the tiny batch fits one stack");
     // Stacks of one record each (the memory bound) give the same results.
     let split = batch_value::compute_key_values_in(&lm.model, &refs, &hp, 1).unwrap();
-    assert_eq!(split.iter().map(|kv| kv.stack).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    // One stack per record, numbered in the order they ran (records of equal suffix length
+    // together).
+    let mut stack_ids: Vec<usize> = split.iter().map(|kv| kv.stack).collect();
+    stack_ids.sort_unstable();
+    assert_eq!(stack_ids, vec![0, 1, 2, 3]);
     let mut steps = Vec::new();
     for ((p, b), one) in ps.iter().zip(&batched).zip(&split) {
         assert_eq!(b.losses.len(), one.losses.len());
@@ -268,6 +272,10 @@ fn stacked_value_optimisation_follows_each_records_own_trajectory() {
     steps.sort_unstable();
     steps.dedup();
     assert!(steps.len() > 1, "every record stopped at the same step: {steps:?}");
+    // Stopped records left the stack: later passes ran fewer rows than the first.
+    let s = batched[0].shape;
+    assert_eq!(s.rows, ps.iter().map(|p| p.batch.batch_size()).sum::<usize>());
+    assert!(s.row_passes < s.rows * s.passes, "the stack never shrank: {s:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
