@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Tables of a lifelong-editing sweep (bench-results/lifelong, bench-results/lifelong-dev) from its
+reports (LABEL-N.json, written by scripts/bench_sweep.py), its run logs (runs/LABEL/log.jsonl,
+when present) and its oldest-edit reports (oldest/LABEL-N-first100.json).
+
+usage: lifelong_tables.py DIR [DIR ...]
+
+Prints Markdown: per DIR, (1) every report with both evaluation protocols, the unedited model
+first at each N; (2) the landing right after each edit from the logs; (3) the oldest 100 edits.
+Only the Python standard library.
+"""
+import glob
+import json
+import os
+import re
+import statistics as st
+import sys
+
+TF = ["efficacy", "generalization", "locality", "locality_agreement", "fluency"]
+GEN = ["gen_efficacy", "gen_generalization", "gen_locality"]
+
+
+def means(path, side="edited"):
+    m = json.load(open(path))["metrics"][side] or {}
+    return {k: v["mean"] for k, v in m.items() if isinstance(v, dict) and "mean" in v}
+
+
+def fmt(d, keys):
+    return " / ".join(f"{d[k]:.3f}" if k in d else "–" for k in keys)
+
+
+def reports(d):
+    out = []
+    for p in glob.glob(os.path.join(d, "*.json")):
+        m = re.fullmatch(r"(.+)-(\d+)\.json", os.path.basename(p))
+        if m and not os.path.basename(p).startswith("hparams-"):
+            out.append((int(m.group(2)), m.group(1), p))
+    return sorted(out)
+
+
+def main_table(d):
+    print("| method | N | efficacy / generalization / neighbourhood / agreement / fluency (teacher-forced) "
+          "| gen efficacy / gen generalization / gen locality (greedy decoding) |")
+    print("|---|---|---|---|")
+    seen = set()
+    for n, label, p in reports(d):
+        if n not in seen:
+            seen.add(n)
+            u = means(p, "unedited")
+            print(f"| unedited | {n} | {fmt(u, TF)} | {fmt(u, GEN)} |")
+        e = means(p)
+        print(f"| {label} | {n} | {fmt(e, TF)} | {fmt(e, GEN)} |")
+
+
+def first_wins(e):
+    if e.get("attempts", 1) > 1 and e.get("landing"):
+        return e["landing"][0]["target_wins"]
+    return e["target_wins"]
+
+
+def landing_table(d):
+    runs = sorted(glob.glob(os.path.join(d, "runs", "*", "log.jsonl")))
+    if not runs:
+        return
+    print()
+    print("| run | edits | target wins right after its edit | after its first update | edits with > 1 "
+          "attempt | median margin | median ‖ΔW‖ | median s per edit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in runs:
+        log = [json.loads(l) for l in open(path) if l.strip()]
+        if not log:
+            continue
+        n = len(log)
+        wins = sum(e["target_wins"] for e in log)
+        first = sum(first_wins(e) for e in log)
+        more = sum(e.get("attempts", 1) > 1 for e in log)
+        margins = [e["margin"] for e in log if e.get("margin") is not None]
+        label = path.split(os.sep)[-2]
+        print(f"| {label} | {n} | {wins} ({100 * wins / n:.1f}%) | {first} ({100 * first / n:.1f}%) | {more} "
+              f"| {st.median(margins):.2f} | {st.median(e['update_norm'] for e in log):.2f} "
+              f"| {st.median(e['seconds'] for e in log):.1f} |")
+
+
+def oldest_table(d):
+    paths = sorted(glob.glob(os.path.join(d, "oldest", "*-first100.json")))
+    if not paths:
+        return
+    print()
+    print("| method | after N edits | oldest 100 edits: efficacy / generalization / neighbourhood / agreement "
+          "| gen efficacy / gen generalization / gen locality |")
+    print("|---|---|---|---|")
+    for p in paths:
+        m = re.fullmatch(r"(.+)-(\d+)-first100\.json", os.path.basename(p))
+        e = means(p)
+        print(f"| {m.group(1)} | {m.group(2)} | {fmt(e, TF[:4])} | {fmt(e, GEN)} |")
+
+
+if __name__ == "__main__":
+    for d in sys.argv[1:]:
+        print(f"### {d}\n")
+        main_table(d)
+        landing_table(d)
+        oldest_table(d)
+        print()
