@@ -53,6 +53,8 @@ struct Scored {
 
 /// The tensors of the whole stack that a [`View`] selects from.
 struct Whole<'a> {
+    /// The first layer the suffix pass runs (the one after the edit layer).
+    first_layer: usize,
     hs: &'a Tensor,
     mask: &'a Tensor,
     ctx: &'a LayerCtx,
@@ -119,16 +121,29 @@ impl View {
         let rows_idx = Tensor::new(rows.as_slice(), dev)?;
         let rec: Vec<u32> = records.iter().map(|&i| i as u32).collect();
         let records_t = Tensor::new(rec.as_slice(), dev)?;
+        // The whole stack's tensors are shared, not copied, while every record runs; the cached
+        // keys/values of the layers up to the edit layer are never read by the suffix pass.
+        let all = records.len() == scored.len();
+        let sel = |t: &Tensor| if all { Ok(t.clone()) } else { t.index_select(&rows_idx, 0) };
         let kv =
             w.kv.iter()
-                .map(|(k, v)| Ok((k.index_select(&rows_idx, 0)?, v.index_select(&rows_idx, 0)?)))
-                .collect::<Result<Vec<_>>>()?;
+                .enumerate()
+                .map(
+                    |(l, (k, v))| {
+                        if l < w.first_layer {
+                            Ok((k.clone(), v.clone()))
+                        } else {
+                            Ok((sel(k)?, sel(v)?))
+                        }
+                    },
+                )
+                .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(View {
             records: records.to_vec(),
             rows: rows.len(),
             delta_rows: Tensor::new(delta_rows.as_slice(), dev)?,
-            hs: w.hs.index_select(&rows_idx, 0)?,
-            mask: w.mask.index_select(&rows_idx, 0)?,
+            hs: sel(w.hs)?,
+            mask: sel(w.mask)?,
             ctx: w.ctx.select_rows(&rows_idx)?,
             kv,
             logit_rows: flat.len(),
@@ -327,6 +342,7 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
     let wd_scale: Vec<f32> = v_norm.iter().map(|v| (hp.weight_decay / (v * v)) as f32).collect();
     let wd_scale = Tensor::from_vec(wd_scale, n, dev)?;
     let whole = Whole {
+        first_layer: layer + 1,
         hs: &hs_layer,
         mask: &mask,
         ctx: &suffix.ctx,
