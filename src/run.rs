@@ -197,6 +197,10 @@ pub struct State {
     pub subspaces: HashMap<usize, Subspace>,
     /// Factors of every edit (one or more per edit), in order.
     pub updates: Vec<AppliedUpdate>,
+    /// Where each edit's updates end in `updates` (cumulative counts, one per edit), when known:
+    /// read from a format-2 run's edit records and kept by [`State::push_edit`]. An edit holds
+    /// one update per edited layer and landing attempt, so the counts vary.
+    pub edit_ends: Vec<usize>,
     /// How many of `updates` are already on disk.
     pub persisted_updates: usize,
     /// The log entry of the last committed edit (also kept in the checkpoint's metadata).
@@ -225,6 +229,7 @@ impl State {
             last_line: 0,
             subspaces: HashMap::new(),
             updates: Vec::new(),
+            edit_ends: Vec::new(),
             persisted_updates: 0,
             last_log: None,
             batch_log: Vec::new(),
@@ -242,6 +247,9 @@ impl State {
     pub fn push_edit(&mut self, updates: Vec<AppliedUpdate>) {
         self.pending.push(updates.len());
         self.updates.extend(updates);
+        if self.edit_ends.len() == self.n_edits {
+            self.edit_ends.push(self.updates.len());
+        }
         self.n_edits += 1;
     }
 
@@ -537,6 +545,7 @@ impl RunDir {
                         .with_context(|| format!("{}: corrupt checkpoint", file().display()))?;
                 }
                 state.updates.extend(rec.updates);
+                state.edit_ends.push(state.updates.len());
                 chain = journal::chain(chain, hash);
                 edit += 1;
             }

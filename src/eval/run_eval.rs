@@ -92,7 +92,9 @@ pub fn read_records(edits: &Path, edited: Option<&[&LogEntry]>, limit: Option<us
     Ok(out)
 }
 
-/// The updates of the run's first `n` edits (each edit stores one update per edited layer).
+/// The updates of the run's first `n` edits: up to where the n-th edit's updates end (an edit
+/// stores one update per edited layer and landing attempt); runs that do not record the
+/// boundaries (format 1, made before landing) hold one update per edited layer.
 pub fn updates_of_first<'a>(
     rd: &RunDir,
     state: &'a State,
@@ -109,6 +111,12 @@ pub fn updates_of_first<'a>(
     }
     if n == state.n_edits {
         return Ok(&state.updates);
+    }
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if state.edit_ends.len() == state.n_edits {
+        return Ok(&state.updates[..state.edit_ends[n - 1]]);
     }
     let per_edit = manifest.map(|m| m.method.layers(&m.hparams).len()).unwrap_or(1);
     if state.updates.len() != state.n_edits * per_edit {

@@ -155,6 +155,40 @@ fn eval_at_n_is_the_run_as_it_stood_after_n_edits() {
 }
 
 #[test]
+fn eval_at_n_replays_every_landing_attempt_of_the_first_n_edits() {
+    // A margin no edit reaches: every edit makes all three attempts (three updates each), so
+    // the first N edits' updates are not N × (layers) of them.
+    let fx = Fx::new(1);
+    let mut hp = tiny_hparams();
+    hp["landing"] = serde_json::json!({ "max_attempts": 3, "min_margin": 1000.0, "max_gain": 10.0 });
+    let hparams = write_json(&fx.path("hparams-landing.json"), &hp);
+    let (long, short) = (fx.path("landing-3"), fx.path("landing-2"));
+    for (dir, n) in [(&long, "3"), (&short, "2")] {
+        let mut c = edit_cmd(&fx.model, &hparams, &fx.edits, dir, &fx.path("cache"));
+        c.args(["--limit", n]);
+        assert_ok(&run(c));
+    }
+    let attempts: Vec<u64> =
+        read_jsonl(&long.join("log.jsonl")).iter().map(|l| l["attempts"].as_u64().unwrap()).collect();
+    assert_eq!(attempts, vec![3, 3, 3]);
+    let at2 = eval_json(
+        &fx.model,
+        &fx.edits,
+        &fx.path("l-at2.json"),
+        &["--run", long.to_str().unwrap(), "--at", "2", "--per-record"],
+    );
+    let full2 = eval_json(
+        &fx.model,
+        &fx.edits,
+        &fx.path("l-full2.json"),
+        &["--run", short.to_str().unwrap(), "--per-record"],
+    );
+    assert_eq!(at2["records"]["evaluated"], 2);
+    assert_eq!(at2["metrics"], full2["metrics"]);
+    assert_eq!(at2["per_record"], full2["per_record"]);
+}
+
+#[test]
 fn unedited_scores_are_cached_per_model_and_record() {
     let fx = Fx::new(2);
     let run_dir = fx.run_dir.to_str().unwrap();
