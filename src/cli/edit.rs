@@ -27,7 +27,7 @@ pub struct EditArgs {
     #[arg(long, default_value = "oedit-run")]
     pub run: PathBuf,
     /// Editing method.
-    #[arg(long, value_enum, default_value = "oedit-plus")]
+    #[arg(long, value_enum, default_value = "alphaedit")]
     pub method: Method,
     /// Edited layer (overrides the hyper-parameters).
     #[arg(long)]

@@ -33,7 +33,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token count, mean NLL and perplexity of a text (teacher-forced).
     Score(score::ScoreArgs),
-    /// Apply edits sequentially (oedit-plus, oedit-soft, oedit, rome, memit, alphaedit, oedit-spread or alphaedit-single), checkpointing after every edit; resumable.
+    /// Apply edits sequentially (alphaedit, oedit-plus, oedit-soft, oedit, rome, memit, oedit-spread or alphaedit-single), checkpointing after every edit; resumable.
+    #[command(args_override_self = true)]
     Edit(edit::EditArgs),
     /// Measure efficacy, generalization, locality and fluency of edits (edited vs unedited).
     Eval(eval::EvalArgs),

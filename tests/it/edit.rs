@@ -773,3 +773,28 @@ fn export_of_a_run_changes_only_the_edited_down_projection() {
     assert_eq!(v["prompt"], "The cat sat on the");
     assert!(v["completion"].is_string());
 }
+
+#[test]
+fn the_default_method_is_alphaedit_and_a_later_method_flag_wins() {
+    let fx = Fx::new();
+    let edits = fx.edits("e.jsonl", &minimal_lines(1));
+    let manifest_method = |dir: &Path| -> String {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        m["method"].as_str().unwrap().to_string()
+    };
+    // No --method at all.
+    let plain = fx.path("plain");
+    let mut c = oedit_cmd();
+    c.env("OEDIT_CACHE", &fx.cache).args(["--threads", "1", "edit", "--model"]).arg(&fx.model);
+    c.arg("--hparams").arg(&fx.hparams).arg("--edits").arg(&edits).arg("--run").arg(&plain);
+    c.arg("--stats-corpus").arg(corpus_file()).arg("--json");
+    assert_ok(&run(c));
+    assert_eq!(manifest_method(&plain), "alphaedit");
+    let log = read_jsonl(&plain.join("log.jsonl"));
+    assert_eq!(log[0]["layers"], serde_json::json!([0, 1]));
+    // The fixture's command names oedit-plus; the test's own --method comes later and wins.
+    let twice = fx.path("twice");
+    fx.edit_ok(&edits, &twice, &["--method", "rome"]);
+    assert_eq!(manifest_method(&twice), "rome");
+}

@@ -532,7 +532,11 @@ pub fn sample_lines(name: &str, n: usize) -> Vec<String> {
 /// statistics cache in `cache` (OEDIT_CACHE).
 pub fn edit_cmd(model: &Path, hparams: &Path, edits: &Path, run_dir: &Path, cache: &Path) -> Command {
     let mut c = oedit_cmd();
-    c.env("OEDIT_CACHE", cache).args(["--threads", "1", "edit", "--model"]).arg(model);
+    // The run machinery's tests were written against O-Edit+ (a stored subspace, one update per
+    // edit); a later `--method` in the test's own arguments overrides this one.
+    c.env("OEDIT_CACHE", cache)
+        .args(["--threads", "1", "edit", "--method", "oedit-plus", "--model"])
+        .arg(model);
     c.arg("--hparams").arg(hparams).arg("--edits").arg(edits).arg("--run").arg(run_dir);
     c.arg("--stats-corpus").arg(corpus_file()).arg("--json");
     c
