@@ -22,7 +22,7 @@ use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::prompts::EditPrompts;
-use super::target::{control_norm, KeyValue, StepShape};
+use super::target::{control_norm, on_top, KeyValue, StepShape};
 use crate::hparams::Hparams;
 use crate::infer::log_softmax;
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Taps};
@@ -387,9 +387,9 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
             t.losses.push(loss_v[a] as f64);
             t.nll_last = nll_v[a] as f64;
             let (start, len) = view.segments[a];
-            let argmax = best.as_ref().is_some_and(|b| {
-                b[start..start + len].iter().zip(&view.target_ids[start..start + len]).all(|(a, b)| a == b)
-            });
+            let argmax = best
+                .as_ref()
+                .is_some_and(|b| on_top(&b[start..start + len], &view.target_ids[start..start + len]));
             if (nll_v[a] as f64) < hp.stop_loss || argmax {
                 t.running = false;
             }

@@ -222,8 +222,12 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
 /// Whether `ids[i]` is the most probable token of row `i` of the log-probabilities `lp`
 /// (`[ids.len(), vocab]`) for every row: the most-probable early stop of the v\* optimisation.
 pub fn all_argmax(lp: &Tensor, ids: &[u32]) -> Result<bool> {
-    let best: Vec<u32> = lp.argmax(D::Minus1)?.to_vec1()?;
-    Ok(best.len() == ids.len() && best.iter().zip(ids).all(|(a, b)| a == b))
+    Ok(on_top(&lp.argmax(D::Minus1)?.to_vec1()?, ids))
+}
+
+/// Whether the most probable tokens `best` are the targets `ids`, one for one.
+pub fn on_top(best: &[u32], ids: &[u32]) -> bool {
+    best.len() == ids.len() && best.iter().zip(ids).all(|(a, b)| a == b)
 }
 
 /// Applies the norm control `mode` to an optimised value: with [`ValueNorm::Original`], v\* is

@@ -281,19 +281,6 @@ fn stacked_value_optimisation_follows_each_records_own_trajectory() {
 // ---------------------------------------------------------------------------------------------
 // The command line.
 
-fn log_without_timings(run_dir: &std::path::Path) -> Vec<serde_json::Value> {
-    read_jsonl(&run_dir.join("log.jsonl"))
-        .into_iter()
-        .map(|mut v| {
-            let o = v.as_object_mut().unwrap();
-            for k in ["seconds", "phases", "peak_rss_mb"] {
-                o.remove(k);
-            }
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn batch_size_one_is_the_unbatched_run_byte_for_byte() {
     let fx = EditFx::new();

@@ -281,24 +281,12 @@ fn a_run_of_multi_attempt_edits_resumes_to_the_same_bytes() {
     assert_ok(&o);
     assert_eq!(edit_summary(&o)["resumed_from"], 2);
 
-    let strip = |d: &std::path::Path| -> Vec<serde_json::Value> {
-        read_jsonl(&d.join("log.jsonl"))
-            .into_iter()
-            .map(|mut v| {
-                let o = v.as_object_mut().unwrap();
-                for k in ["seconds", "phases", "peak_rss_mb"] {
-                    o.remove(k);
-                }
-                v
-            })
-            .collect()
-    };
-    let log = strip(&reference);
+    let log = log_without_timings(&reference);
     assert_eq!(log.len(), 3);
     // The first edit takes several attempts, and the resumed session starts after it.
     assert!(log[0]["attempts"].as_u64().unwrap() > 1, "{:?}", log[0]);
     assert!(log.iter().all(|e| e["target_wins"] == true));
-    assert_eq!(strip(&split), log);
+    assert_eq!(log_without_timings(&split), log);
     assert!(update_files(&split) == update_files(&reference), "updates differ");
     let ea = export_run(&reference, &tmp.path().join("export-reference"));
     let eb = export_run(&split, &tmp.path().join("export-split"));

@@ -164,26 +164,27 @@ impl<S: LayerSolver> Spread<S> {
         let count = self.layers.len();
         for (li, (layer, solver)) in self.layers.iter().enumerate() {
             // Each layer sees the hidden states the updates of the layers below it left.
-            let states = (0..n)
+            let (keys, zs): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (0..n)
                 .map(|i| subject_state(recs.model(), recs.prompts(i), *layer, top))
                 .collect::<Result<Vec<_>>>()
-                .with_context(|| format!("reading the keys of layer {layer}"))?;
+                .with_context(|| format!("reading the keys of layer {layer}"))?
+                .into_iter()
+                .unzip();
             let z_star = z_star.get_or_insert_with(|| {
                 (0..n)
                     .map(|i| {
                         let kv = recs.kv(i);
-                        let z = &states[i].1;
-                        z.iter()
+                        zs[i]
+                            .iter()
                             .zip(kv.v_star.iter().zip(&kv.v_orig))
                             .map(|(z, (v, o))| z + (v - o))
                             .collect()
                     })
                     .collect()
             });
-            let keys: Vec<Vec<f64>> = states.iter().map(|(k, _)| k.clone()).collect();
             let dirs = solver.directions(&keys).with_context(|| format!("the solve at layer {layer}"))?;
             let remaining = (count - li) as f64;
-            for (i, (u, (k, z))) in dirs.into_iter().zip(&states).enumerate() {
+            for (i, (u, (k, z))) in dirs.into_iter().zip(keys.iter().zip(&zs)).enumerate() {
                 let r: Vec<f64> = z_star[i].iter().zip(z).map(|(a, b)| (a - b) / remaining).collect();
                 let share = dot(&u, k);
                 if li + 1 == count {

@@ -558,6 +558,20 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     }
 }
 
+/// A run's `log.jsonl` without the fields that vary between identical runs (timings, memory).
+pub fn log_without_timings(run_dir: &Path) -> Vec<serde_json::Value> {
+    read_jsonl(&run_dir.join("log.jsonl"))
+        .into_iter()
+        .map(|mut v| {
+            let o = v.as_object_mut().unwrap();
+            for k in ["seconds", "phases", "peak_rss_mb"] {
+                o.remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
 /// The tensors of a safetensors file (CPU).
 pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
