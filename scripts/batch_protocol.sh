@@ -2,7 +2,8 @@
 # The published batched-editing protocol on SmolLM2-135M: N CounterFact edits (default 2,000, in
 # file order) applied in batches of B (default 100) with each of alphaedit, memit, oedit-plus and
 # oedit-soft, then every edited record evaluated on each method's final model (efficacy,
-# generalization, locality, fluency), and a table of the results. Resumable: re-run the same
+# generalization, locality, fluency; and greedy decoding: gen_efficacy, gen_generalization,
+# gen_locality), and a table of the results. Resumable: re-run the same
 # command after an interruption; each run directory continues after its last checkpointed batch
 # (the batch size is recorded in the run and must not change).
 #   usage: scripts/batch_protocol.sh [N] [B] [OUT] [EDITS]
@@ -39,12 +40,13 @@ for m in $methods; do
     "$OEDIT" --threads "$threads" edit --model "$model" "${hp_args[@]}" --edits "$edits" --run "$run" \
         --method "$m" --batch-size "$b" --limit "$n" --on-invalid skip --json > "$run.edit.jsonl"
     "$OEDIT" --threads "$threads" eval --model "$model" --run "$run" --edits "$edits" \
-        --metrics efficacy,generalization,locality,fluency --json "$run/eval.json"
+        --metrics efficacy,generalization,locality,fluency,gen --json "$run/eval.json"
 done
 python3 - "$out" $methods <<'PY'
 import json, os, sys
 out, methods = sys.argv[1], sys.argv[2:]
-keys = ["efficacy", "generalization", "locality", "locality_agreement", "fluency"]
+keys = ["efficacy", "generalization", "locality", "locality_agreement", "fluency",
+        "gen_efficacy", "gen_generalization", "gen_locality"]
 rows = []
 for m in methods:
     rep = json.load(open(os.path.join(out, m, "eval.json")))

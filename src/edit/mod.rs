@@ -191,8 +191,10 @@ impl Editor {
 
     /// Applies a batch of edits to `model`: every record's k\* and v\* computed on the same
     /// weights (the v\* optimisations stacked, see [`batch_value`]), then one joint update in the
-    /// method's batch form. One report and the applied factors per record, in order. A batch of
-    /// one is [`Self::edit`], bit for bit.
+    /// method's batch form, then closed-loop landing per record ([`Self::land_batch`]). One
+    /// report and the applied factors per record, in order; the further attempts' factors follow
+    /// the last record's, in the order they were applied. A batch of one is [`Self::edit`], bit
+    /// for bit.
     pub fn edit_batch(
         &mut self,
         model: &mut Llama,
@@ -223,12 +225,39 @@ impl Editor {
             anyhow::bail!("internal error: {} reports for a batch of {}", reports.len(), recs.len());
         }
         let update_seconds = t.elapsed().as_secs_f64();
+        let first = landing::checks(model, tok, recs)?;
+        let more = self.land_batch(model, tok, recs, &prompts, &vhp, &first)?;
+        let after =
+            if more.iter().any(Option::is_some) { landing::checks(model, tok, recs)? } else { first.clone() };
         let basis_size = self.basis_size();
-        let after = landing::checks(model, tok, recs)?;
+        let mut tail = Vec::new();
         let mut out = Vec::with_capacity(recs.len());
-        for ((kv, (report, (applied, update_norm))), (p_before, check)) in
-            kvs.iter().zip(reports.into_iter().zip(applied)).zip(before.into_iter().zip(after))
+        for (i, ((kv, (report, (mut applied, mut update_norm))), more)) in
+            kvs.iter().zip(reports.into_iter().zip(applied)).zip(more).enumerate()
         {
+            let (mut key_seconds, mut value_seconds) = (kv.key_seconds, kv.value_seconds);
+            let mut update_seconds = update_seconds;
+            let mut subspace = report.subspace;
+            let mut attempts = Vec::new();
+            if let Some(more) = more.filter(|m| !m.attempts.is_empty()) {
+                attempts.push(landing::AttemptLog::new(kv, 1.0, &report, update_norm, &first[i]));
+                attempts.extend(more.attempts);
+                let mut own = applied.clone();
+                own.extend(more.applied.iter().cloned());
+                update_norm = landing::total_norm(&own);
+                tail.extend(more.applied);
+                key_seconds += more.key_seconds;
+                value_seconds += more.value_seconds;
+                update_seconds += more.update_seconds;
+                subspace = more.last_report.map_or(subspace, |r| r.subspace);
+            }
+            if i + 1 == recs.len() {
+                // The further attempts were applied after the whole joint update, in this order;
+                // the checkpoint keeps them after the batch's last record so that a resumed run
+                // replays them in the same order (and `eval --at` a batch boundary includes them).
+                applied.append(&mut tail);
+            }
+            let check = after[i];
             let outcome = EditOutcome {
                 steps: kv.steps,
                 loss_first: kv.loss_first,
@@ -236,21 +265,58 @@ impl Editor {
                 basis_size,
                 update_norm,
                 retained: report.retained,
-                p_target_before: p_before,
+                p_target_before: before[i],
                 p_target_after: check.p_target,
                 target_wins: check.wins,
                 margin: check.margin,
-                // Closed-loop landing runs on single edits (batch size 1) only.
-                attempts: 1,
-                landing: Vec::new(),
-                subspace: report.subspace,
-                key_seconds: kv.key_seconds,
-                value_seconds: kv.value_seconds,
+                attempts: attempts.len().max(1),
+                landing: attempts,
+                subspace,
+                key_seconds,
+                value_seconds,
                 update_seconds,
                 value_shape: kv.shape,
                 value_stack: kv.stack,
             };
             out.push((outcome, applied));
+        }
+        Ok(out)
+    }
+
+    /// Closed-loop landing after a batch's joint update (`first`: each record's check after
+    /// it): every record that has not landed gets further attempts, one record after another,
+    /// each on the weights its predecessors left (see [`landing::land`]). None for a record
+    /// that landed at once. Rules that keep a stored subspace (the hard projections) are not
+    /// landed inside a batch: their attempts roll the subspace back to before the edit, and
+    /// before a batch that would drop the other records' directions.
+    fn land_batch(
+        &mut self,
+        model: &mut Llama,
+        tok: &Tok,
+        recs: &[EditRecord],
+        prompts: &[prompts::EditPrompts],
+        vhp: &Hparams,
+        first: &[landing::Check],
+    ) -> Result<Vec<Option<landing::Landed>>> {
+        let lp = self.hparams.landing.clone();
+        let mut out: Vec<Option<landing::Landed>> = recs.iter().map(|_| None).collect();
+        if !lp.enabled() || !self.rule.subspaces().is_empty() {
+            return Ok(out);
+        }
+        let none = HashMap::new();
+        for (i, rec) in recs.iter().enumerate() {
+            if first[i].landed(lp.min_margin) {
+                continue;
+            }
+            let attempt = landing::Attempt {
+                prompts: &prompts[i],
+                value_hparams: vhp,
+                target_layer: vhp.layer,
+                record: rec,
+            };
+            let more = landing::land(self.rule.as_mut(), model, tok, &attempt, &none, &lp, first[i])
+                .with_context(|| format!("record {i} of the batch"))?;
+            out[i] = Some(more);
         }
         Ok(out)
     }

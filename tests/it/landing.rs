@@ -225,6 +225,58 @@ fn hard_projection_keeps_its_subspace_and_guarantee_through_the_attempts() {
 }
 
 #[test]
+fn every_record_of_a_batch_that_misses_gets_its_own_further_attempts() {
+    let method = Method::named("oedit-soft").unwrap();
+    // The joint update lands about 3% of each record's change.
+    let w = weight_for_share(method, 0.03);
+    let off = hparams(|h| {
+        steerable(h);
+        set_weight(h, method, w);
+    });
+    let on = hparams(|h| {
+        steerable(h);
+        set_weight(h, method, w);
+        h.landing = landing(4, 0.0, 100.0);
+    });
+    let fx = Fx::new(method, &off);
+    let recs = some_records(&LOSING);
+    let batch = |hp: &Hparams| {
+        let mut lm = load(&fx.dir.path().join("tiny"));
+        let mut editor = Editor::new(method, hp.clone(), fx.templates.clone(), &fx.stats).unwrap();
+        let out = editor.edit_batch(&mut lm.model, &lm.tok, &recs).unwrap();
+        (editor, out, lm)
+    };
+    let (_, without, _) = batch(&off);
+    assert!(without.iter().all(|(o, a)| o.attempts == 1 && a.len() == 1 && o.landing.is_empty()));
+    let missed = without.iter().filter(|(o, _)| !o.target_wins).count();
+    assert!(missed > 0, "the joint update should leave some record not landed");
+    let (_, with, lm) = batch(&on);
+    let mut further = 0;
+    for (i, ((o, applied), (o0, a0))) in with.iter().zip(&without).enumerate() {
+        // The joint update is the same with landing on.
+        assert!(applied[0].r == a0[0].r && applied[0].u == a0[0].u, "record {i}: joint update differs");
+        assert!(o.target_wins, "record {i}: not landed after {} attempts: {:?}", o.attempts, o.landing);
+        assert!(o.attempts <= 4);
+        if o0.target_wins {
+            assert_eq!(o.attempts, 1, "record {i} landed on the joint update");
+        } else {
+            assert!(o.attempts > 1, "record {i} missed and made no further attempt");
+            assert_eq!(o.landing.len(), o.attempts);
+            assert!(!o.landing[0].target_wins && o.landing[1].gain > 1.0, "record {i}: {:?}", o.landing);
+        }
+        further += o.attempts - 1;
+        // Every record holds its joint factor; the further attempts follow the whole batch.
+        let expect = if i + 1 == with.len() { 1 + further } else { 1 };
+        assert_eq!(applied.len(), expect, "record {i}");
+    }
+    // The logged state is the model's after the whole batch and its landing.
+    let now = oedit::edit::landing::checks(&lm.model, &lm.tok, &recs).unwrap();
+    for ((o, _), c) in with.iter().zip(now) {
+        assert_eq!((o.target_wins, o.p_target_after), (c.wins, c.p_target));
+    }
+}
+
+#[test]
 fn landing_off_is_the_single_update() {
     let method = Method::named("oedit-soft").unwrap();
     let off = hparams(|_| {});
@@ -255,7 +307,8 @@ fn a_run_of_multi_attempt_edits_resumes_to_the_same_bytes() {
     hp["clamp_norm_factor"] = serde_json::json!(20.0);
     hp["landing"] = serde_json::json!({ "max_attempts": 4, "min_margin": 0.0, "max_gain": 100.0 });
     let hparams = write_json(&tmp.path().join("hparams.json"), &hp);
-    let lines: Vec<String> = some_records(&LOSING)
+    // The losing edits twice: two batches of three with --batch-size 3.
+    let lines: Vec<String> = some_records(&[LOSING, LOSING].concat())
         .iter()
         .map(|r| {
             let v = serde_json::json!({ "prompt": r.prompt, "subject": r.subject, "target": r.target_new,
@@ -265,34 +318,39 @@ fn a_run_of_multi_attempt_edits_resumes_to_the_same_bytes() {
         .collect();
     let edits = write_lines(&tmp.path().join("edits.jsonl"), &lines);
     let cache = tmp.path().join("cache");
-    let cmd = |dir: &std::path::Path, limit: Option<usize>| {
-        let mut c = edit_cmd(&model, &hparams, &edits, dir, &cache);
-        c.args(["--method", "oedit-soft"]);
-        if let Some(l) = limit {
-            c.args(["--limit", &l.to_string()]);
-        }
-        c
-    };
-    let reference = tmp.path().join("reference");
-    assert_ok(&run(cmd(&reference, None)));
-    let split = tmp.path().join("split");
-    assert_ok(&run(cmd(&split, Some(2))));
-    let o = run(cmd(&split, None));
-    assert_ok(&o);
-    assert_eq!(edit_summary(&o)["resumed_from"], 2);
+    for batch in ["1", "3"] {
+        let cmd = |dir: &std::path::Path, limit: Option<usize>| {
+            let mut c = edit_cmd(&model, &hparams, &edits, dir, &cache);
+            c.args(["--method", "oedit-soft", "--batch-size", batch]);
+            if let Some(l) = limit {
+                c.args(["--limit", &l.to_string()]);
+            }
+            c
+        };
+        let reference = tmp.path().join(format!("reference-{batch}"));
+        assert_ok(&run(cmd(&reference, None)));
+        let split = tmp.path().join(format!("split-{batch}"));
+        assert_ok(&run(cmd(&split, Some(3))));
+        let o = run(cmd(&split, None));
+        assert_ok(&o);
+        assert_eq!(edit_summary(&o)["resumed_from"], 3);
 
-    let log = log_without_timings(&reference);
-    assert_eq!(log.len(), 3);
-    // The first edit takes several attempts, and the resumed session starts after it.
-    assert!(log[0]["attempts"].as_u64().unwrap() > 1, "{:?}", log[0]);
-    assert!(log.iter().all(|e| e["target_wins"] == true));
-    assert_eq!(log_without_timings(&split), log);
-    assert!(update_files(&split) == update_files(&reference), "updates differ");
-    let ea = export_run(&reference, &tmp.path().join("export-reference"));
-    let eb = export_run(&split, &tmp.path().join("export-split"));
-    assert!(
-        std::fs::read(ea.join("model.safetensors")).unwrap()
-            == std::fs::read(eb.join("model.safetensors")).unwrap(),
-        "exported weights differ"
-    );
+        let log = log_without_timings(&reference);
+        assert_eq!(log.len(), 6);
+        // The first edit takes several attempts (in a batch: after the joint update), and the
+        // resumed session starts after the edit or batch that made them.
+        assert!(log[0]["attempts"].as_u64().unwrap() > 1, "batch size {batch}: {:?}", log[0]);
+        // (The repeats of the second half move facts the first half already moved; on the tiny
+        // model some of them do not land within the bound, which resume must replay alike.)
+        assert!(log[..3].iter().all(|e| e["target_wins"] == true), "batch size {batch}: {log:?}");
+        assert_eq!(log_without_timings(&split), log);
+        assert!(update_files(&split) == update_files(&reference), "batch size {batch}: updates differ");
+        let ea = export_run(&reference, &tmp.path().join(format!("export-reference-{batch}")));
+        let eb = export_run(&split, &tmp.path().join(format!("export-split-{batch}")));
+        assert!(
+            std::fs::read(ea.join("model.safetensors")).unwrap()
+                == std::fs::read(eb.join("model.safetensors")).unwrap(),
+            "batch size {batch}: exported weights differ"
+        );
+    }
 }
