@@ -7,7 +7,8 @@
 //!   to the null space of that layer's key statistics, with the earlier edits' keys in its
 //!   normal equation ([`NullSpaceMemory`]);
 //! - `oedit-spread`: soft O-Edit at each layer ([`SoftMemory`]): earlier edits' key directions
-//!   shrunk by their stored energy in C's metric.
+//!   shrunk by their stored energy in C's metric;
+//! - `memit` (its solver in [`super::memit`]): MEMIT's ridge solve per layer, no memory.
 //!
 //! A batch is solved jointly per layer (each layer's batch normal equation); a single edit is
 //! the batch of one.
@@ -53,7 +54,7 @@ fn build_alphaedit(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRul
         .into_iter()
         .map(|l| Ok((l, NullSpaceMemory::new(stats_of(stats, l)?, &hp.alphaedit)?)))
         .collect::<Result<_>>()?;
-    Ok(Box::new(Spread { layers }))
+    Ok(Box::new(Spread::new(layers)))
 }
 
 fn build_oedit_spread(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
@@ -63,7 +64,7 @@ fn build_oedit_spread(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn Update
         .into_iter()
         .map(|l| Ok((l, SoftMemory::new(stats_of(stats, l)?, hp.cov_regularization, lambda)?)))
         .collect::<Result<_>>()?;
-    Ok(Box::new(Spread { layers }))
+    Ok(Box::new(Spread::new(layers)))
 }
 
 /// One layer's constrained least-squares solve and its memory of earlier edits' keys.
@@ -73,6 +74,11 @@ pub trait LayerSolver: Send {
     fn directions(&self, keys: &[Vec<f64>]) -> Result<Vec<Vec<f64>>>;
     /// Adds an applied edit's key (f32, as the checkpoint stores it) to the memory.
     fn remember(&mut self, key32: &[f32]);
+    /// Whether the target layer's share u·k is the rule's `retained` and the share closed-loop
+    /// landing scales a further attempt by (else: `retained` 1, attempts unscaled).
+    fn reports_share(&self) -> bool {
+        true
+    }
 }
 
 impl LayerSolver for NullSpaceMemory {
@@ -97,6 +103,13 @@ impl LayerSolver for SoftMemory {
 /// last).
 pub struct Spread<S> {
     layers: Vec<(usize, S)>,
+}
+
+impl<S> Spread<S> {
+    /// The rule of `layers` (ascending, with their solvers).
+    pub fn new(layers: Vec<(usize, S)>) -> Self {
+        Self { layers }
+    }
 }
 
 /// The records of an edit or of a batch, as the spreading loop sees them.
@@ -187,7 +200,7 @@ impl<S: LayerSolver> Spread<S> {
             for (i, (u, (k, z))) in dirs.into_iter().zip(keys.iter().zip(&zs)).enumerate() {
                 let r: Vec<f64> = z_star[i].iter().zip(z).map(|(a, b)| (a - b) / remaining).collect();
                 let share = dot(&u, k);
-                if li + 1 == count {
+                if li + 1 == count && solver.reports_share() {
                     retained[i] = share;
                 }
                 recs.apply(i, *layer, &RankOne { r, u, retained: share }, k)?;
@@ -213,8 +226,8 @@ impl<S: LayerSolver> UpdateRule for Spread<S> {
     /// The share the target layer's solve lands at `k` (its u·k for a batch of one).
     fn landed_share(&self, k: &[f64]) -> Result<f64> {
         match self.layers.last() {
-            Some((_, solver)) => Ok(dot(&solver.directions(&[k.to_vec()])?[0], k)),
-            None => Ok(1.0),
+            Some((_, solver)) if solver.reports_share() => Ok(dot(&solver.directions(&[k.to_vec()])?[0], k)),
+            _ => Ok(1.0),
         }
     }
 
