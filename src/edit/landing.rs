@@ -30,9 +30,11 @@ use super::methods::{EditContext, RuleReport, UpdateRule};
 use super::prompts::EditPrompts;
 use super::subspace::Subspace;
 use super::target::{self, KeyValue};
+use super::update::RankOne;
 use super::AppliedUpdate;
 use crate::data::EditRecord;
 use crate::hparams::{Hparams, LandingParams};
+use crate::linalg::dot;
 use crate::model::Llama;
 use crate::scoring::score_answers;
 use crate::tokenizer::Tok;
@@ -161,14 +163,26 @@ pub struct Landed {
     pub update_seconds: f64,
 }
 
+/// How a further attempt lands the residual still missing.
+pub enum Step<'r> {
+    /// The rule's own update (steps 2–4 of the module documentation): its subspaces rolled back
+    /// to `before_edit` first (when it keeps any), its residual scaled by the share it lands.
+    Rule { rule: &'r mut dyn UpdateRule, before_edit: &'r HashMap<usize, Subspace> },
+    /// ΔW = r uᵀ at the target layer along a fixed direction u with uᵀk\* = 1: a record's own
+    /// direction from a batch's exact joint update, which vanishes on the batch's other keys
+    /// and on the stored subspace, so the whole residual lands at k\* and nothing the joint
+    /// update protected moves. The rule's state does not change (the direction is already in
+    /// its subspace).
+    Along { u: Vec<f64> },
+}
+
 /// Makes further attempts after the first update, while the edit has not landed and fewer than
 /// `params.max_attempts` updates were made (`first` is the check after the first update).
 pub fn land(
-    rule: &mut dyn UpdateRule,
+    mut step: Step<'_>,
     model: &mut Llama,
     tok: &Tok,
     a: &Attempt<'_>,
-    before_edit: &HashMap<usize, Subspace>,
     params: &LandingParams,
     first: Check,
 ) -> Result<Landed> {
@@ -190,20 +204,35 @@ pub fn land(
         out.key_seconds += kv.key_seconds;
         out.value_seconds += kv.value_seconds;
         let t = Instant::now();
-        if !before_edit.is_empty() {
-            // Restoring subspaces with no updates sets them and leaves every rule's key memory
-            // as it is (see the module documentation).
-            rule.restore(before_edit, &[]).context("rolling the subspace back for a landing attempt")?;
-        }
-        let gain = gain(rule.landed_share(&kv.k_star)?, params.max_gain);
-        if gain != 1.0 {
-            let r = EditContext::new(model, a.prompts, &kv, a.target_layer).residual()?;
-            // v* − r = W k*; the rule's residual becomes gain · r.
-            kv.v_star = kv.v_star.iter().zip(&r).map(|(v, r)| v - r + gain * r).collect();
-        }
-        let mut ctx = EditContext::new(model, a.prompts, &kv, a.target_layer);
-        let report = rule.edit(&mut ctx).with_context(|| format!("landing attempt {n}"))?;
-        let (applied, norm) = ctx.finish();
+        let (report, gain, applied, norm) = match &mut step {
+            Step::Rule { rule, before_edit } => {
+                if !before_edit.is_empty() {
+                    // Restoring subspaces with no updates sets them and leaves every rule's key
+                    // memory as it is (see the module documentation).
+                    rule.restore(before_edit, &[])
+                        .context("rolling the subspace back for a landing attempt")?;
+                }
+                let gain = gain(rule.landed_share(&kv.k_star)?, params.max_gain);
+                if gain != 1.0 {
+                    let r = EditContext::new(model, a.prompts, &kv, a.target_layer).residual()?;
+                    // v* − r = W k*; the rule's residual becomes gain · r.
+                    kv.v_star = kv.v_star.iter().zip(&r).map(|(v, r)| v - r + gain * r).collect();
+                }
+                let mut ctx = EditContext::new(model, a.prompts, &kv, a.target_layer);
+                let report = rule.edit(&mut ctx).with_context(|| format!("landing attempt {n}"))?;
+                let (applied, norm) = ctx.finish();
+                (report, gain, applied, norm)
+            }
+            Step::Along { u } => {
+                let mut ctx = EditContext::new(model, a.prompts, &kv, a.target_layer);
+                let r = ctx.residual()?;
+                let retained = dot(u, &kv.k_star);
+                ctx.apply(a.target_layer, &RankOne { r, u: u.clone(), retained }, &kv.k_star)
+                    .with_context(|| format!("landing attempt {n}"))?;
+                let (applied, norm) = ctx.finish();
+                (RuleReport { retained, ..RuleReport::default() }, 1.0, applied, norm)
+            }
+        };
         out.update_seconds += t.elapsed().as_secs_f64();
         out.applied.extend(applied);
         out.check = check(model, tok, a.record)?;

@@ -152,7 +152,8 @@ impl Editor {
         let mut update_seconds = t.elapsed().as_secs_f64();
         let first = landing::check(model, tok, rec)?;
         let attempt = landing::Attempt { prompts: &prompts, value_hparams: &vhp, target_layer, record: rec };
-        let more = landing::land(self.rule.as_mut(), model, tok, &attempt, &before_edit, &lp, first)?;
+        let step = landing::Step::Rule { rule: self.rule.as_mut(), before_edit: &before_edit };
+        let more = landing::land(step, model, tok, &attempt, &lp, first)?;
         let (mut key_seconds, mut value_seconds) = (kv.key_seconds, kv.value_seconds);
         let mut subspace = report.subspace;
         let mut attempts = Vec::new();
@@ -226,7 +227,8 @@ impl Editor {
         }
         let update_seconds = t.elapsed().as_secs_f64();
         let first = landing::checks(model, tok, recs)?;
-        let more = self.land_batch(model, tok, recs, &prompts, &vhp, &first)?;
+        let joint: Vec<Vec<AppliedUpdate>> = applied.iter().map(|(a, _)| a.clone()).collect();
+        let more = self.land_batch(model, tok, recs, &prompts, &first, &joint)?;
         let after =
             if more.iter().any(Option::is_some) { landing::checks(model, tok, recs)? } else { first.clone() };
         let basis_size = self.basis_size();
@@ -284,37 +286,51 @@ impl Editor {
     }
 
     /// Closed-loop landing after a batch's joint update (`first`: each record's check after
-    /// it): every record that has not landed gets further attempts, one record after another,
-    /// each on the weights its predecessors left (see [`landing::land`]). None for a record
-    /// that landed at once. Rules that keep a stored subspace (the hard projections) are not
-    /// landed inside a batch: their attempts roll the subspace back to before the edit, and
-    /// before a batch that would drop the other records' directions.
+    /// it; `joint`: each record's factors from it): every record that has not landed gets
+    /// further attempts, one record after another, each on the weights its predecessors left
+    /// (see [`landing::land`]). None for a record that landed at once. A rule that lands exactly
+    /// (ROME, the hard projections) lands along the record's own joint direction
+    /// ([`landing::Step::Along`]): its single-edit update would roll its subspace back to
+    /// before the edit and disturb the batch's other keys. The others apply their own rule.
     fn land_batch(
         &mut self,
         model: &mut Llama,
         tok: &Tok,
         recs: &[EditRecord],
         prompts: &[prompts::EditPrompts],
-        vhp: &Hparams,
         first: &[landing::Check],
+        joint: &[Vec<AppliedUpdate>],
     ) -> Result<Vec<Option<landing::Landed>>> {
         let lp = self.hparams.landing.clone();
+        let mut vhp = self.hparams.clone();
+        vhp.layer = *self.layers().last().context("no edited layer")?;
+        let vhp = &vhp;
         let mut out: Vec<Option<landing::Landed>> = recs.iter().map(|_| None).collect();
-        if !lp.enabled() || !self.rule.subspaces().is_empty() {
+        if !lp.enabled() {
             return Ok(out);
         }
+        let exact = self.rule.lands_exactly();
         let none = HashMap::new();
         for (i, rec) in recs.iter().enumerate() {
             if first[i].landed(lp.min_margin) {
                 continue;
             }
+            let step = if exact {
+                let own = joint[i]
+                    .iter()
+                    .find(|a| a.layer == vhp.layer)
+                    .context("no joint factor at the target layer")?;
+                landing::Step::Along { u: own.u.iter().map(|&x| x as f64).collect() }
+            } else {
+                landing::Step::Rule { rule: self.rule.as_mut(), before_edit: &none }
+            };
             let attempt = landing::Attempt {
                 prompts: &prompts[i],
                 value_hparams: vhp,
                 target_layer: vhp.layer,
                 record: rec,
             };
-            let more = landing::land(self.rule.as_mut(), model, tok, &attempt, &none, &lp, first[i])
+            let more = landing::land(step, model, tok, &attempt, &lp, first[i])
                 .with_context(|| format!("record {i} of the batch"))?;
             out[i] = Some(more);
         }

@@ -277,6 +277,54 @@ fn every_record_of_a_batch_that_misses_gets_its_own_further_attempts() {
 }
 
 #[test]
+fn exact_rules_land_a_batch_along_each_records_joint_direction() {
+    for name in ["oedit-plus", "rome"] {
+        let method = Method::named(name).unwrap();
+        let off = hparams(|_| {});
+        // A margin no edit reaches: every record makes all its attempts.
+        let on = hparams(|h| h.landing = landing(3, 1e6, 10.0));
+        let fx = Fx::new(method, &off);
+        let recs = records(4);
+        let batch = |hp: &Hparams| {
+            let mut lm = load(&fx.dir.path().join("tiny"));
+            let mut editor = Editor::new(method, hp.clone(), fx.templates.clone(), &fx.stats).unwrap();
+            let out = editor.edit_batch(&mut lm.model, &lm.tok, &recs).unwrap();
+            (editor, out)
+        };
+        let (plain, without) = batch(&off);
+        let (landed, with) = batch(&on);
+        let keys: Vec<Vec<f64>> =
+            with.iter().map(|(_, a)| a[0].key.iter().map(|&x| x as f64).collect()).collect();
+        let joint: Vec<&AppliedUpdate> = with.iter().map(|(_, a)| &a[0]).collect();
+        let tail: Vec<&AppliedUpdate> = with.last().unwrap().1[1..].iter().collect();
+        assert_eq!(tail.len(), 2 * recs.len(), "{name}: two further attempts per record");
+        for (i, ((o, a), (_, a0))) in with.iter().zip(&without).enumerate() {
+            assert_eq!(o.attempts, 3, "{name} record {i}");
+            assert!(a[0].r == a0[0].r && a[0].u == a0[0].u, "{name} record {i}: joint update differs");
+            // Its attempts, in record order after the joint factors, repeat its joint direction:
+            // they land at its key and leave the batch's other keys where the joint update put them.
+            for t in &tail[2 * i..2 * i + 2] {
+                assert!(t.u == joint[i].u, "{name} record {i}: not along its direction");
+                let dk = t.key.iter().zip(&joint[i].key).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(dk < 1e-4, "{name} record {i}: k* moved by {dk}");
+                let u: Vec<f64> = t.u.iter().map(|&x| x as f64).collect();
+                let dot = |k: &[f64]| u.iter().zip(k).map(|(a, b)| a * b).sum::<f64>();
+                assert!((dot(&keys[i]) - 1.0).abs() < 1e-3, "{name} record {i}: uᵀk = {}", dot(&keys[i]));
+                for (j, k) in keys.iter().enumerate().filter(|(j, _)| *j != i) {
+                    assert!(dot(k).abs() < 1e-3, "{name} record {i}: uᵀk_{j} = {}", dot(k));
+                }
+            }
+        }
+        // The subspace is the joint update's, bit for bit.
+        if let (Some(a), Some(b)) = (plain.subspace(1), landed.subspace(1)) {
+            assert!(a.basis.rows() == b.basis.rows() && a.energy == b.energy, "{name}: subspace changed");
+        } else {
+            assert_eq!(name, "rome");
+        }
+    }
+}
+
+#[test]
 fn landing_off_is_the_single_update() {
     let method = Method::named("oedit-soft").unwrap();
     let off = hparams(|_| {});

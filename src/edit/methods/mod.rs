@@ -198,6 +198,13 @@ pub trait UpdateRule: Send {
     fn landed_share(&self, _k: &[f64]) -> Result<f64> {
         Ok(1.0)
     }
+
+    /// Whether every update lands its whole residual exactly at its key (ΔW k\* = r: ROME and
+    /// the hard projections). Closed-loop landing inside a batch then repeats a record's own
+    /// joint direction instead of the rule's single-edit update.
+    fn lands_exactly(&self) -> bool {
+        false
+    }
 }
 
 /// Everything an update rule may use for one edit, and the record of what it applied.

@@ -139,6 +139,10 @@ impl UpdateRule for HardProjection {
         vec![(self.layer, &self.subspace)]
     }
 
+    fn lands_exactly(&self) -> bool {
+        true
+    }
+
     fn restore(&mut self, subspaces: &HashMap<usize, Subspace>, _: &[AppliedUpdate]) -> Result<()> {
         if let Some(s) = subspaces.get(&self.layer) {
             check_width(self.layer, s, self.subspace.basis.dim())?;

@@ -69,4 +69,8 @@ impl UpdateRule for Rome {
     fn restore(&mut self, _: &HashMap<usize, Subspace>, _: &[AppliedUpdate]) -> Result<()> {
         Ok(())
     }
+
+    fn lands_exactly(&self) -> bool {
+        true
+    }
 }
