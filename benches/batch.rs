@@ -63,6 +63,9 @@ fn main() -> anyhow::Result<()> {
         let spec = path.to_str().unwrap_or_default();
         let lm0 = load_model(spec, &DeviceSpec::Cpu, None)?;
         let mut hp = presets::find("smollm2-135m")?.expect("preset").hparams;
+        // The cost of the batch itself: closed-loop landing would add per-record v* runs to
+        // the first records' timings and none to the stack's FLOP count.
+        hp.landing = oedit::hparams::LandingParams::off();
         if let Some(steps) = std::env::var("BENCH_V_STEPS").ok().and_then(|v| v.parse().ok()) {
             hp.v_steps = steps;
         }

@@ -33,7 +33,8 @@ use super::target::{self, KeyValue};
 use super::update::RankOne;
 use super::AppliedUpdate;
 use crate::data::EditRecord;
-use crate::hparams::{Hparams, LandingParams};
+use crate::hparams::Hparams;
+pub use crate::hparams::LandingParams;
 use crate::linalg::dot;
 use crate::model::Llama;
 use crate::scoring::score_answers;
@@ -154,7 +155,8 @@ pub struct Landed {
     pub applied: Vec<AppliedUpdate>,
     /// One entry per further attempt.
     pub attempts: Vec<AttemptLog>,
-    /// The report of the last attempt (its subspace change is the edit's net change).
+    /// The report of the last attempt (its subspace change is the edit's net change); None
+    /// when the attempts went [`Step::Along`] (the subspace is the first update's).
     pub last_report: Option<RuleReport>,
     /// The check after the last attempt.
     pub check: Check,
@@ -174,6 +176,21 @@ pub enum Step<'r> {
     /// update protected moves. The rule's state does not change (the direction is already in
     /// its subspace).
     Along { u: Vec<f64> },
+}
+
+impl Landed {
+    /// Appends `later`, further attempts of the same edit made after these.
+    pub fn extend(&mut self, later: Landed) {
+        self.applied.extend(later.applied);
+        self.attempts.extend(later.attempts);
+        if later.last_report.is_some() {
+            self.last_report = later.last_report;
+        }
+        self.check = later.check;
+        self.key_seconds += later.key_seconds;
+        self.value_seconds += later.value_seconds;
+        self.update_seconds += later.update_seconds;
+    }
 }
 
 /// Makes further attempts after the first update, while the edit has not landed and fewer than
@@ -204,6 +221,7 @@ pub fn land(
         out.key_seconds += kv.key_seconds;
         out.value_seconds += kv.value_seconds;
         let t = Instant::now();
+        let along = matches!(step, Step::Along { .. });
         let (report, gain, applied, norm) = match &mut step {
             Step::Rule { rule, before_edit } => {
                 if !before_edit.is_empty() {
@@ -237,7 +255,9 @@ pub fn land(
         out.applied.extend(applied);
         out.check = check(model, tok, a.record)?;
         out.attempts.push(AttemptLog::new(&kv, gain, &report, norm, &out.check));
-        out.last_report = Some(report);
+        // Along a fixed direction the rule's subspace does not change: the edit's report stays
+        // that of its first update.
+        out.last_report = (!along).then_some(report);
     }
     Ok(out)
 }

@@ -70,7 +70,7 @@ pub struct EditOutcome {
     /// The shapes and passes of the v\* optimisation (for a batch: of its stack).
     pub value_shape: target::StepShape,
     /// For a batch: the v\* stack the record was optimised in (records of one stack share
-    /// `value_shape` and `value_seconds`).
+    /// `value_shape`, and `value_seconds` but for a record's own landing attempts).
     pub value_stack: usize,
 }
 
@@ -228,26 +228,24 @@ impl Editor {
         let update_seconds = t.elapsed().as_secs_f64();
         let first = landing::checks(model, tok, recs)?;
         let joint: Vec<Vec<AppliedUpdate>> = applied.iter().map(|(a, _)| a.clone()).collect();
-        let more = self.land_batch(model, tok, recs, &prompts, &first, &joint)?;
+        let (more, mut tail) = self.land_batch(model, tok, recs, &prompts, &first, &joint)?;
         let after =
             if more.iter().any(Option::is_some) { landing::checks(model, tok, recs)? } else { first.clone() };
         let basis_size = self.basis_size();
-        let mut tail = Vec::new();
         let mut out = Vec::with_capacity(recs.len());
-        for (i, ((kv, (report, (mut applied, mut update_norm))), more)) in
+        for (i, ((kv, (report, (mut applied, mut update_norm))), landed)) in
             kvs.iter().zip(reports.into_iter().zip(applied)).zip(more).enumerate()
         {
             let (mut key_seconds, mut value_seconds) = (kv.key_seconds, kv.value_seconds);
             let mut update_seconds = update_seconds;
             let mut subspace = report.subspace;
             let mut attempts = Vec::new();
-            if let Some(more) = more.filter(|m| !m.attempts.is_empty()) {
+            if let Some(more) = landed.filter(|m| !m.attempts.is_empty()) {
                 attempts.push(landing::AttemptLog::new(kv, 1.0, &report, update_norm, &first[i]));
                 attempts.extend(more.attempts);
                 let mut own = applied.clone();
-                own.extend(more.applied.iter().cloned());
+                own.extend(more.applied);
                 update_norm = landing::total_norm(&own);
-                tail.extend(more.applied);
                 key_seconds += more.key_seconds;
                 value_seconds += more.value_seconds;
                 update_seconds += more.update_seconds;
@@ -288,10 +286,13 @@ impl Editor {
     /// Closed-loop landing after a batch's joint update (`first`: each record's check after
     /// it; `joint`: each record's factors from it): every record that has not landed gets
     /// further attempts, one record after another, each on the weights its predecessors left
-    /// (see [`landing::land`]). None for a record that landed at once. A rule that lands exactly
-    /// (ROME, the hard projections) lands along the record's own joint direction
-    /// ([`landing::Step::Along`]): its single-edit update would roll its subspace back to
-    /// before the edit and disturb the batch's other keys. The others apply their own rule.
+    /// (see [`landing::land`]); a record that the later records' attempts unlanded gets another
+    /// turn in a further pass while it has attempts left (at most `landing.max_attempts`
+    /// updates per record in all). A rule that lands exactly (ROME, the hard projections)
+    /// lands along the record's own joint direction ([`landing::Step::Along`]): its single-edit
+    /// update would roll its subspace back to before the edit and disturb the batch's other
+    /// keys. The others apply their own rule. Returns each record's attempts (None: it made
+    /// none) and all their factors in the order they were applied.
     fn land_batch(
         &mut self,
         model: &mut Llama,
@@ -300,40 +301,81 @@ impl Editor {
         prompts: &[prompts::EditPrompts],
         first: &[landing::Check],
         joint: &[Vec<AppliedUpdate>],
-    ) -> Result<Vec<Option<landing::Landed>>> {
+    ) -> Result<(Vec<Option<landing::Landed>>, Vec<AppliedUpdate>)> {
         let lp = self.hparams.landing.clone();
         let mut vhp = self.hparams.clone();
         vhp.layer = *self.layers().last().context("no edited layer")?;
         let vhp = &vhp;
         let mut out: Vec<Option<landing::Landed>> = recs.iter().map(|_| None).collect();
+        let mut order = Vec::new();
         if !lp.enabled() {
-            return Ok(out);
+            return Ok((out, order));
         }
         let exact = self.rule.lands_exactly();
+        let keeps_subspace = !self.rule.subspaces().is_empty();
         let none = HashMap::new();
-        for (i, rec) in recs.iter().enumerate() {
-            if first[i].landed(lp.min_margin) {
-                continue;
+        let mut used = vec![1; recs.len()];
+        let mut moved = false;
+        for _pass in 1..lp.max_attempts {
+            let mut any = false;
+            for (i, rec) in recs.iter().enumerate() {
+                if used[i] >= lp.max_attempts {
+                    continue;
+                }
+                // Earlier attempts may have landed (or unlanded) this record.
+                let now = if moved { landing::check(model, tok, rec)? } else { first[i] };
+                if now.landed(lp.min_margin) {
+                    continue;
+                }
+                let along = if exact { joint_direction(joint, i, vhp.layer) } else { None };
+                let step = match along {
+                    Some(u) => landing::Step::Along { u },
+                    // A rule that keeps a subspace would roll it back, dropping the batch's
+                    // other directions: no further attempt for this record.
+                    None if keeps_subspace => continue,
+                    None => landing::Step::Rule { rule: self.rule.as_mut(), before_edit: &none },
+                };
+                let attempt = landing::Attempt {
+                    prompts: &prompts[i],
+                    value_hparams: vhp,
+                    target_layer: vhp.layer,
+                    record: rec,
+                };
+                let left =
+                    landing::LandingParams { max_attempts: lp.max_attempts - used[i] + 1, ..lp.clone() };
+                let landed = landing::land(step, model, tok, &attempt, &left, now)
+                    .with_context(|| format!("record {i} of the batch"))?;
+                if landed.attempts.is_empty() {
+                    continue;
+                }
+                used[i] += landed.attempts.len();
+                (moved, any) = (true, true);
+                order.extend(landed.applied.iter().cloned());
+                match &mut out[i] {
+                    Some(earlier) => earlier.extend(landed),
+                    slot => *slot = Some(landed),
+                }
             }
-            let step = if exact {
-                let own = joint[i]
-                    .iter()
-                    .find(|a| a.layer == vhp.layer)
-                    .context("no joint factor at the target layer")?;
-                landing::Step::Along { u: own.u.iter().map(|&x| x as f64).collect() }
-            } else {
-                landing::Step::Rule { rule: self.rule.as_mut(), before_edit: &none }
-            };
-            let attempt = landing::Attempt {
-                prompts: &prompts[i],
-                value_hparams: vhp,
-                target_layer: vhp.layer,
-                record: rec,
-            };
-            let more = landing::land(step, model, tok, &attempt, &lp, first[i])
-                .with_context(|| format!("record {i} of the batch"))?;
-            out[i] = Some(more);
+            if !any {
+                break;
+            }
         }
-        Ok(out)
+        Ok((out, order))
     }
+}
+
+/// Record `i`'s direction at `layer` from a batch's exact joint update (uᵢᵀk_j = δ_ij), or None
+/// when the batch was not solved jointly (a rule falls back to one record after another when
+/// its joint system is ill-posed, e.g. one subject twice), i.e. when uᵢ does not vanish on the
+/// batch's other keys (|uᵢᵀk_j| above 10⁻³ of uᵢᵀkᵢ).
+fn joint_direction(joint: &[Vec<AppliedUpdate>], i: usize, layer: usize) -> Option<Vec<f64>> {
+    let at = |j: usize| joint.get(j)?.iter().find(|a| a.layer == layer);
+    let own = at(i)?;
+    let u: Vec<f64> = own.u.iter().map(|&x| x as f64).collect();
+    let on = |key: &[f32]| u.iter().zip(key).map(|(a, &b)| a * b as f64).sum::<f64>();
+    let own_share = on(&own.key);
+    let joint = (0..joint.len())
+        .filter(|&j| j != i)
+        .all(|j| at(j).is_some_and(|a| on(&a.key).abs() <= 1e-3 * own_share.abs()));
+    (own_share.is_finite() && own_share != 0.0 && joint).then_some(u)
 }

