@@ -106,6 +106,19 @@ fn set_weight(hp: &mut Hparams, method: Method, w: f64) {
     }
 }
 
+/// Steerable hyper-parameters whose first update lands about `share` of an edit's change,
+/// without landing and with landing (4 attempts, margin 0, gain up to 100).
+fn landing_off_and_on(method: Method, share: f64) -> (Hparams, Hparams) {
+    let w = weight_for_share(method, share);
+    let off = hparams(|h| {
+        steerable(h);
+        set_weight(h, method, w);
+    });
+    let mut on = off.clone();
+    on.landing = landing(4, 0.0, 100.0);
+    (off, on)
+}
+
 #[test]
 fn landing_stops_as_soon_as_the_target_wins() {
     for name in ["oedit-plus", "oedit-soft", "rome"] {
@@ -140,16 +153,7 @@ fn a_first_update_that_lands_too_little_gets_more_attempts_and_lands() {
     for name in ["oedit-soft", "alphaedit-single"] {
         let method = Method::named(name).unwrap();
         // A weight on the preserved keys so heavy that the first update lands 3% of the change.
-        let w = weight_for_share(method, 0.03);
-        let off = hparams(|h| {
-            steerable(h);
-            set_weight(h, method, w);
-        });
-        let on = hparams(|h| {
-            steerable(h);
-            set_weight(h, method, w);
-            h.landing = landing(4, 0.0, 100.0);
-        });
+        let (off, on) = landing_off_and_on(method, 0.03);
         let fx = Fx::new(method, &off);
         let recs = some_records(&LOSING);
         let (_, without, _) = fx.edit_all(method, &off, &recs);
@@ -228,16 +232,7 @@ fn hard_projection_keeps_its_subspace_and_guarantee_through_the_attempts() {
 fn every_record_of_a_batch_that_misses_gets_its_own_further_attempts() {
     let method = Method::named("oedit-soft").unwrap();
     // The joint update lands about 10% of each record's change.
-    let w = weight_for_share(method, 0.1);
-    let off = hparams(|h| {
-        steerable(h);
-        set_weight(h, method, w);
-    });
-    let on = hparams(|h| {
-        steerable(h);
-        set_weight(h, method, w);
-        h.landing = landing(4, 0.0, 100.0);
-    });
+    let (off, on) = landing_off_and_on(method, 0.1);
     let fx = Fx::new(method, &off);
     let recs = some_records(&LOSING);
     let batch = |hp: &Hparams| {
