@@ -74,6 +74,56 @@ pub struct EditOutcome {
     pub value_stack: usize,
 }
 
+impl EditOutcome {
+    /// The report of an edit made by one update: v\* from `kv`, the rule's `report`, a change of
+    /// norm `update_norm`, p(target) `p_before` before it and `check` after; `basis_size` 0 (the
+    /// caller sets it).
+    fn of_update(
+        kv: &target::KeyValue,
+        report: &methods::RuleReport,
+        update_norm: f64,
+        p_before: f64,
+        check: &landing::Check,
+        update_seconds: f64,
+    ) -> Self {
+        Self {
+            steps: kv.steps,
+            loss_first: kv.loss_first,
+            loss_last: kv.loss_last,
+            basis_size: 0,
+            update_norm,
+            retained: report.retained,
+            p_target_before: p_before,
+            p_target_after: check.p_target,
+            target_wins: check.wins,
+            margin: check.margin,
+            attempts: 1,
+            landing: Vec::new(),
+            subspace: report.subspace,
+            key_seconds: kv.key_seconds,
+            value_seconds: kv.value_seconds,
+            update_seconds,
+            value_shape: kv.shape,
+            value_stack: kv.stack,
+        }
+    }
+
+    /// Folds in the further attempts `more` of closed-loop landing after the first update
+    /// (logged as `first`); `factors` are all the edit's own factors, the first update's
+    /// included. The check fields stay the caller's (the state after everything).
+    fn add_attempts(&mut self, first: landing::AttemptLog, more: landing::Landed, factors: &[AppliedUpdate]) {
+        self.landing = std::iter::once(first).chain(more.attempts).collect();
+        self.attempts = self.landing.len();
+        self.update_norm = landing::total_norm(factors);
+        self.key_seconds += more.key_seconds;
+        self.value_seconds += more.value_seconds;
+        self.update_seconds += more.update_seconds;
+        if let Some(r) = more.last_report {
+            self.subspace = r.subspace;
+        }
+    }
+}
+
 /// One rank-one factor pair applied by an edit, stored in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct AppliedUpdate {
@@ -148,45 +198,21 @@ impl Editor {
         let before_edit = if lp.enabled() { landing::snapshot(self.rule.as_ref()) } else { HashMap::new() };
         let mut ctx = EditContext::new(model, &prompts, &kv, target_layer);
         let report = self.rule.edit(&mut ctx)?;
-        let (mut applied, mut update_norm) = ctx.finish();
-        let mut update_seconds = t.elapsed().as_secs_f64();
+        let (mut applied, update_norm) = ctx.finish();
+        let update_seconds = t.elapsed().as_secs_f64();
         let first = landing::check(model, tok, rec)?;
         let attempt = landing::Attempt { prompts: &prompts, value_hparams: &vhp, target_layer, record: rec };
         let step = landing::Step::Rule { rule: self.rule.as_mut(), before_edit: &before_edit };
         let more = landing::land(step, model, tok, &attempt, &lp, first)?;
-        let (mut key_seconds, mut value_seconds) = (kv.key_seconds, kv.value_seconds);
-        let mut subspace = report.subspace;
-        let mut attempts = Vec::new();
+        let first_log = landing::AttemptLog::new(&kv, 1.0, &report, update_norm, &first);
+        let mut outcome =
+            EditOutcome::of_update(&kv, &report, update_norm, p_before, &more.check, update_seconds);
+        outcome.basis_size = self.basis_size();
         if !more.attempts.is_empty() {
-            attempts.push(landing::AttemptLog::new(&kv, 1.0, &report, update_norm, &first));
-            attempts.extend(more.attempts);
-            applied.extend(more.applied);
-            update_norm = landing::total_norm(&applied);
-            key_seconds += more.key_seconds;
-            value_seconds += more.value_seconds;
-            update_seconds += more.update_seconds;
-            subspace = more.last_report.map_or(subspace, |r| r.subspace);
+            let mut more = more;
+            applied.append(&mut more.applied);
+            outcome.add_attempts(first_log, more, &applied);
         }
-        let outcome = EditOutcome {
-            steps: kv.steps,
-            loss_first: kv.loss_first,
-            loss_last: kv.loss_last,
-            basis_size: self.basis_size(),
-            update_norm,
-            retained: report.retained,
-            p_target_before: p_before,
-            p_target_after: more.check.p_target,
-            target_wins: more.check.wins,
-            margin: more.check.margin,
-            attempts: attempts.len().max(1),
-            landing: attempts,
-            subspace,
-            key_seconds,
-            value_seconds,
-            update_seconds,
-            value_shape: kv.shape,
-            value_stack: kv.stack,
-        };
         Ok((outcome, applied))
     }
 
@@ -233,23 +259,16 @@ impl Editor {
             if more.iter().any(Option::is_some) { landing::checks(model, tok, recs)? } else { first.clone() };
         let basis_size = self.basis_size();
         let mut out = Vec::with_capacity(recs.len());
-        for (i, ((kv, (report, (mut applied, mut update_norm))), landed)) in
+        for (i, ((kv, (report, (mut applied, update_norm))), landed)) in
             kvs.iter().zip(reports.into_iter().zip(applied)).zip(more).enumerate()
         {
-            let (mut key_seconds, mut value_seconds) = (kv.key_seconds, kv.value_seconds);
-            let mut update_seconds = update_seconds;
-            let mut subspace = report.subspace;
-            let mut attempts = Vec::new();
-            if let Some(more) = landed.filter(|m| !m.attempts.is_empty()) {
-                attempts.push(landing::AttemptLog::new(kv, 1.0, &report, update_norm, &first[i]));
-                attempts.extend(more.attempts);
-                let mut own = applied.clone();
-                own.extend(more.applied);
-                update_norm = landing::total_norm(&own);
-                key_seconds += more.key_seconds;
-                value_seconds += more.value_seconds;
-                update_seconds += more.update_seconds;
-                subspace = more.last_report.map_or(subspace, |r| r.subspace);
+            let mut outcome =
+                EditOutcome::of_update(kv, &report, update_norm, before[i], &after[i], update_seconds);
+            outcome.basis_size = basis_size;
+            if let Some(mut more) = landed.filter(|m| !m.attempts.is_empty()) {
+                let first_log = landing::AttemptLog::new(kv, 1.0, &report, update_norm, &first[i]);
+                let own: Vec<AppliedUpdate> = applied.iter().cloned().chain(more.applied.drain(..)).collect();
+                outcome.add_attempts(first_log, more, &own);
             }
             if i + 1 == recs.len() {
                 // The further attempts were applied after the whole joint update, in this order;
@@ -257,27 +276,6 @@ impl Editor {
                 // replays them in the same order (and `eval --at` a batch boundary includes them).
                 applied.append(&mut tail);
             }
-            let check = after[i];
-            let outcome = EditOutcome {
-                steps: kv.steps,
-                loss_first: kv.loss_first,
-                loss_last: kv.loss_last,
-                basis_size,
-                update_norm,
-                retained: report.retained,
-                p_target_before: before[i],
-                p_target_after: check.p_target,
-                target_wins: check.wins,
-                margin: check.margin,
-                attempts: attempts.len().max(1),
-                landing: attempts,
-                subspace,
-                key_seconds,
-                value_seconds,
-                update_seconds,
-                value_shape: kv.shape,
-                value_stack: kv.stack,
-            };
             out.push((outcome, applied));
         }
         Ok(out)
