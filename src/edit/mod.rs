@@ -253,7 +253,7 @@ impl Editor {
         }
         let update_seconds = t.elapsed().as_secs_f64();
         let first = landing::checks(model, tok, recs)?;
-        let joint: Vec<Vec<AppliedUpdate>> = applied.iter().map(|(a, _)| a.clone()).collect();
+        let joint: Vec<&[AppliedUpdate]> = applied.iter().map(|(a, _)| a.as_slice()).collect();
         let (more, mut tail) = self.land_batch(model, tok, recs, &prompts, &first, &joint)?;
         let after =
             if more.iter().any(Option::is_some) { landing::checks(model, tok, recs)? } else { first.clone() };
@@ -298,7 +298,7 @@ impl Editor {
         recs: &[EditRecord],
         prompts: &[prompts::EditPrompts],
         first: &[landing::Check],
-        joint: &[Vec<AppliedUpdate>],
+        joint: &[&[AppliedUpdate]],
     ) -> Result<(Vec<Option<landing::Landed>>, Vec<AppliedUpdate>)> {
         let lp = self.hparams.landing.clone();
         let mut vhp = self.hparams.clone();
@@ -366,7 +366,7 @@ impl Editor {
 /// when the batch was not solved jointly (a rule falls back to one record after another when
 /// its joint system is ill-posed, e.g. one subject twice), i.e. when uᵢ does not vanish on the
 /// batch's other keys (|uᵢᵀk_j| above 10⁻³ of uᵢᵀkᵢ).
-fn joint_direction(joint: &[Vec<AppliedUpdate>], i: usize, layer: usize) -> Option<Vec<f64>> {
+fn joint_direction(joint: &[&[AppliedUpdate]], i: usize, layer: usize) -> Option<Vec<f64>> {
     let at = |j: usize| joint.get(j)?.iter().find(|a| a.layer == layer);
     let own = at(i)?;
     let u: Vec<f64> = own.u.iter().map(|&x| x as f64).collect();
