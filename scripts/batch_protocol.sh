@@ -38,7 +38,7 @@ for m in $methods; do
     run="$out/$m"
     echo "== $m: $n edits in batches of $b -> $run" >&2
     "$OEDIT" --threads "$threads" edit --model "$model" "${hp_args[@]}" --edits "$edits" --run "$run" \
-        --method "$m" --batch-size "$b" --limit "$n" --on-invalid skip --json > "$run.edit.jsonl"
+        --method "$m" --batch-size "$b" --limit "$n" --on-invalid skip --json >> "$run.edit.jsonl"
     "$OEDIT" --threads "$threads" eval --model "$model" --run "$run" --edits "$edits" \
         --metrics efficacy,generalization,locality,fluency,gen --json "$run/eval.json"
 done

@@ -159,6 +159,14 @@ impl Editor {
         self.method.layers(&self.hparams)
     }
 
+    /// The hyper-parameters of the v\* optimisation: the run's, at the last edited layer (where
+    /// the target value is optimised).
+    fn value_hparams(&self) -> Result<Hparams> {
+        let mut vhp = self.hparams.clone();
+        vhp.layer = *self.layers().last().context("no edited layer")?;
+        Ok(vhp)
+    }
+
     /// The subspaces the method keeps, per layer (empty for methods without one).
     pub fn subspaces(&self) -> Vec<(usize, &Subspace)> {
         self.rule.subspaces()
@@ -189,9 +197,8 @@ impl Editor {
     ) -> Result<(EditOutcome, Vec<AppliedUpdate>)> {
         let p_before = landing::check(model, tok, rec)?.p_target;
         let prompts = prompts::build(tok, rec, &self.templates)?;
-        let target_layer = *self.layers().last().context("no edited layer")?;
-        let mut vhp = self.hparams.clone();
-        vhp.layer = target_layer;
+        let vhp = self.value_hparams()?;
+        let target_layer = vhp.layer;
         let kv = target::compute_key_value(model, &prompts, &vhp)?;
         let t = Instant::now();
         let lp = self.hparams.landing.clone();
@@ -239,9 +246,8 @@ impl Editor {
                 prompts::build(tok, r, &self.templates).with_context(|| format!("record {i} of the batch"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let target_layer = *self.layers().last().context("no edited layer")?;
-        let mut vhp = self.hparams.clone();
-        vhp.layer = target_layer;
+        let vhp = self.value_hparams()?;
+        let target_layer = vhp.layer;
         let refs: Vec<&prompts::EditPrompts> = prompts.iter().collect();
         let kvs = batch_value::compute_key_values(model, &refs, &vhp)?;
         let t = Instant::now();
@@ -301,9 +307,7 @@ impl Editor {
         joint: &[&[AppliedUpdate]],
     ) -> Result<(Vec<Option<landing::Landed>>, Vec<AppliedUpdate>)> {
         let lp = self.hparams.landing.clone();
-        let mut vhp = self.hparams.clone();
-        vhp.layer = *self.layers().last().context("no edited layer")?;
-        let vhp = &vhp;
+        let vhp = &self.value_hparams()?;
         let mut out: Vec<Option<landing::Landed>> = recs.iter().map(|_| None).collect();
         let mut order = Vec::new();
         if !lp.enabled() {
