@@ -35,7 +35,7 @@ from safetensors.numpy import load_file
 
 def load_run(run_dir):
     keys, rs, us = [], [], []
-    for path in sorted(glob.glob(os.path.join(run_dir, "updates", "chunk-*.safetensors"))):
+    for path in sorted(glob.glob(os.path.join(run_dir, "updates", "*.safetensors"))):
         d = load_file(path)
         keys.append(d["key"].astype(np.float64))
         rs.append(d["r"].astype(np.float64))
