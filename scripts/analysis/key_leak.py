@@ -48,8 +48,6 @@ def load_rows(run_dir):
                              d["r"][j].astype(np.float64), d["u"][j].astype(np.float64)))
             at += int(n)
             edit += 1
-            if at >= len(d["layer"]):
-                break
     return rows
 
 
