@@ -12,10 +12,10 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Device, Storage, Tensor, D};
+use rayon::prelude::*;
 
 use crate::decode::{greedy_pick, no_stop, Decoder, Request, Stop};
-use crate::infer::log_softmax;
 use crate::model::{Captured, Llama, Mode, Taps};
 use crate::packing::{pack, passes, row_batch, Row};
 use crate::tokenizer::Tok;
@@ -155,7 +155,8 @@ fn score_rows(
     };
     let dev = model.device();
     let logits = model.logits_at(&h, &Tensor::new(unique.as_slice(), dev)?, Mode::Inference)?;
-    let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+    let stats = RowStats::of(&logits)?;
+    let best = &stats.argmax;
     if decoding {
         let choices: Vec<u32> = choose.iter().map(|&u| best[u as usize]).collect();
         dec.after_pass(model, tok, (rows, width, offset), &choices, &cap.kv, &mut greedy_pick, stop)?;
@@ -163,9 +164,7 @@ fn score_rows(
     if which.is_empty() {
         return Ok(Vec::new());
     }
-    let lp = log_softmax(&logits)?.index_select(&Tensor::new(which.as_slice(), dev)?, 0)?;
-    let picked: Vec<f32> =
-        lp.gather(&Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?, 1)?.squeeze(1)?.to_vec1()?;
+    let picked = stats.log_probs(&logits, &which, &targets)?;
     let argmax: Vec<u32> = which.iter().map(|&u| best[u as usize]).collect();
     let mut out = Vec::new();
     let mut at = 0;
@@ -178,4 +177,83 @@ fn score_rows(
         }
     }
     Ok(out)
+}
+
+/// Per row of logits `[rows, vocab]`: the argmax token and the log-sum-exp, from which the
+/// log-probability of any token is its logit minus the row's log-sum-exp (the log-softmax
+/// without materialising it: on the CPU one parallel pass over the logits).
+struct RowStats {
+    argmax: Vec<u32>,
+    log_sum_exp: Vec<f32>,
+}
+
+impl RowStats {
+    fn of(logits: &Tensor) -> Result<Self> {
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+        let (rows, vocab) = logits.dims2()?;
+        if let Device::Cpu = logits.device() {
+            let (storage, layout) = logits.storage_and_layout();
+            if let Storage::Cpu(cpu) = &*storage {
+                let all = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * vocab];
+                let (argmax, log_sum_exp) = all.par_chunks(vocab.max(1)).map(row_argmax_lse).unzip();
+                return Ok(Self { argmax, log_sum_exp });
+            }
+        }
+        Ok(Self {
+            argmax: logits.argmax(D::Minus1)?.to_vec1()?,
+            log_sum_exp: logits.log_sum_exp(D::Minus1)?.to_vec1()?,
+        })
+    }
+
+    /// log P(targets[i]) at row which[i] of `logits` (the tensor these statistics are of).
+    fn log_probs(&self, logits: &Tensor, which: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
+        let vocab = logits.dim(D::Minus1)? as u32;
+        let flat: Vec<u32> = which.iter().zip(targets).map(|(&r, &t)| r * vocab + t).collect();
+        let picked: Vec<f32> = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .index_select(&Tensor::new(flat.as_slice(), logits.device())?, 0)?
+            .to_vec1()?;
+        Ok(picked.iter().zip(which).map(|(&x, &r)| x - self.log_sum_exp[r as usize]).collect())
+    }
+}
+
+/// The first index of the largest value of `row` and log Σ exp(row).
+fn row_argmax_lse(row: &[f32]) -> (u32, f32) {
+    let (mut best, mut max) = (0usize, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > max {
+            (best, max) = (i, x);
+        }
+    }
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    (best as u32, max + sum.ln())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::log_softmax;
+
+    #[test]
+    fn row_stats_give_the_log_softmax_and_argmax() {
+        let dev = Device::Cpu;
+        // Rows of mixed scales, and a row whose largest value appears twice (the first wins).
+        let mut v: Vec<f32> = (0..5 * 333).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
+        v[4 * 333 + 10] = 100.0;
+        v[4 * 333 + 20] = 100.0;
+        let logits = Tensor::from_vec(v, (5, 333), &dev).unwrap();
+        let stats = RowStats::of(&logits).unwrap();
+        let want: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        assert_eq!(stats.argmax, want);
+        assert_eq!(stats.argmax[4], 10);
+        let which = [0u32, 3, 3, 4, 2];
+        let targets = [5u32, 0, 332, 10, 17];
+        let got = stats.log_probs(&logits, &which, &targets).unwrap();
+        let lp: Vec<Vec<f32>> = log_softmax(&logits).unwrap().to_vec2().unwrap();
+        for ((&r, &t), g) in which.iter().zip(&targets).zip(&got) {
+            let w = lp[r as usize][t as usize];
+            assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "row {r} token {t}: {g} vs {w}");
+        }
+    }
 }

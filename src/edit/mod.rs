@@ -307,12 +307,12 @@ impl Editor {
         joint: &[&[AppliedUpdate]],
     ) -> Result<(Vec<Option<landing::Landed>>, Vec<AppliedUpdate>)> {
         let lp = self.hparams.landing.clone();
-        let vhp = &self.value_hparams()?;
         let mut out: Vec<Option<landing::Landed>> = recs.iter().map(|_| None).collect();
         let mut order = Vec::new();
         if !lp.enabled() {
             return Ok((out, order));
         }
+        let vhp = &self.value_hparams()?;
         let exact = self.rule.lands_exactly();
         let keeps_subspace = !self.rule.subspaces().is_empty();
         let none = HashMap::new();

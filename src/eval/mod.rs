@@ -9,6 +9,7 @@ pub mod report;
 pub mod run_eval;
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::data::EditRecord;
@@ -104,24 +105,37 @@ pub fn score_all(
         bail!("{} reference scores for {} records", r.len(), records.len());
     }
     let bar = Progress::new(records.len() as u64, label, "records");
-    let mut out = Vec::with_capacity(records.len());
-    for (c, chunk) in records.chunks(RECORDS_PER_BATCH).enumerate() {
-        let at = c * RECORDS_PER_BATCH;
-        let refs = reference.map(|r| &r[at..at + chunk.len()]);
-        let mut s = score_chunk(model, tok, chunk, which, refs)?;
-        if which.fluency {
-            for (scores, recs) in
-                s.chunks_mut(RECORDS_PER_GENERATION).zip(chunk.chunks(RECORDS_PER_GENERATION))
-            {
-                for (sc, f) in scores.iter_mut().zip(fluency_batch(model, tok, recs, gen_tokens)?) {
-                    sc.fluency = Some(f);
+    // The chunks are scored concurrently, one per worker thread: each chunk's passes also run
+    // single-threaded work (tokenising, packing, the attention masks, candle's elementwise
+    // kernels) that would leave the other cores idle, and a worker waiting inside a matrix
+    // product helps with the others' products. The chunks are fixed by the record count only,
+    // so the scores do not depend on the thread count.
+    let chunks: Vec<&[EditRecord]> = records.chunks(RECORDS_PER_BATCH).collect();
+    let scored: Vec<Result<Vec<RecordScores>>> = chunks
+        .par_iter()
+        .enumerate()
+        .map(|(c, chunk)| {
+            let at = c * RECORDS_PER_BATCH;
+            let refs = reference.map(|r| &r[at..at + chunk.len()]);
+            let mut s = score_chunk(model, tok, chunk, which, refs)?;
+            if which.fluency {
+                for (scores, recs) in
+                    s.chunks_mut(RECORDS_PER_GENERATION).zip(chunk.chunks(RECORDS_PER_GENERATION))
+                {
+                    for (sc, f) in scores.iter_mut().zip(fluency_batch(model, tok, recs, gen_tokens)?) {
+                        sc.fluency = Some(f);
+                    }
+                    bar.inc(recs.len() as u64);
                 }
-                bar.inc(recs.len() as u64);
+            } else {
+                bar.inc(chunk.len() as u64);
             }
-        } else {
-            bar.inc(chunk.len() as u64);
-        }
-        out.extend(s);
+            Ok(s)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(records.len());
+    for s in scored {
+        out.extend(s?);
     }
     bar.finish();
     Ok(out)

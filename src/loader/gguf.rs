@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::BufReader;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::model::config::RopeScaling;
 use crate::model::HfConfig;
@@ -72,7 +74,9 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
 
 /// Reads `path`, dequantises all tensors to `dtype` on `device`.
 pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
-    let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // Buffered: the metadata is tens of thousands of small reads (the tokenizer's strings).
+    let mut file =
+        BufReader::new(File::open(path).with_context(|| format!("{}: cannot open", path.display()))?);
     let ct = gguf_file::Content::read(&mut file)
         .with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
     let arch =
@@ -84,20 +88,27 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel
         config_from_gguf(&ct, &arch).with_context(|| format!("{}: bad GGUF metadata", path.display()))?;
     let tokenizer =
         tokenizer_from_gguf(&ct).with_context(|| format!("{}: bad GGUF tokenizer", path.display()))?;
-    let mut tensors = HashMap::new();
+    let mut quantized = Vec::new();
     for name in ct.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
         let qt = ct
             .tensor(&mut file, name, device)
             .with_context(|| format!("{}: reading tensor `{name}`", path.display()))?;
-        let mut t = qt.dequantize(device)?;
-        if hf.ends_with("q_proj.weight") {
-            t = unpermute(&t, cfg.num_attention_heads)?;
-        } else if hf.ends_with("k_proj.weight") {
-            t = unpermute(&t, cfg.kv_heads())?;
-        }
-        tensors.insert(hf, t.to_dtype(dtype)?);
+        quantized.push((hf, qt));
     }
+    // Dequantised in parallel once read (the file is read in order).
+    let tensors = quantized
+        .into_par_iter()
+        .map(|(hf, qt)| {
+            let mut t = qt.dequantize(device)?;
+            if hf.ends_with("q_proj.weight") {
+                t = unpermute(&t, cfg.num_attention_heads)?;
+            } else if hf.ends_with("k_proj.weight") {
+                t = unpermute(&t, cfg.kv_heads())?;
+            }
+            Ok((hf, t.to_dtype(dtype)?))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
     let mut config = cfg;
     config.tie_word_embeddings = !tensors.contains_key("lm_head.weight");
     config.bos_token_id = tokenizer.bos_id.map(crate::model::config::TokenIds::One);

@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use super::batch::Batch;
 use super::config::HfConfig;
@@ -435,7 +436,9 @@ impl Llama {
         let embed_tokens = m.get((v, d), "embed_tokens.weight")?;
         // Transposed weight copies double the memory of the linear layers: only for small CPU models.
         let t = embed_tokens.device().is_cpu() && cfg.parameter_count() < 2_000_000_000;
+        // Layers load in parallel: the transposed copies are most of a small model's start-up.
         let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
             .map(|i| Block::load(m.pp(format!("layers.{i}")), cfg, t))
             .collect::<Result<Vec<_>>>()?;
         let norm = m.get(d, "norm.weight")?;

@@ -414,3 +414,29 @@ fn smollm2_edits_raise_efficacy() {
     assert_eq!(mean(edited), 1.0, "edited efficacy {edited}");
     assert!(unedited < 1.0, "unedited efficacy on the edited records is already {unedited}");
 }
+
+/// The 256-record chunks of an evaluation are scored concurrently: more records than one chunk,
+/// on one thread and on three, give the same per-record scores (teacher-forced, generation and
+/// fluency), since the chunks depend on the record count only.
+#[test]
+fn concurrent_chunks_score_as_one_thread_does() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
+    let edits = write_lines(&tmp.path().join("cf.jsonl"), &sample_lines("counterfact-sample.jsonl", 300));
+    let report = |threads: &str| {
+        let out = tmp.path().join(format!("t{threads}.json"));
+        let mut c = oedit_cmd();
+        c.env("OEDIT_CACHE", tmp.path().join("cache"));
+        c.args(["--threads", threads, "eval", "--model"]).arg(&model).arg("--edits").arg(&edits);
+        c.args(["--no-cache", "--per-record", "--gen-tokens", "8", "--json"]).arg(&out);
+        c.args(["--metrics", "efficacy,generalization,locality,fluency,gen"]);
+        assert_ok(&run(c));
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(r["records"]["evaluated"], 300);
+        (r["metrics"].clone(), r["per_record"].clone())
+    };
+    let one = report("1");
+    let three = report("3");
+    assert_eq!(one.0, three.0);
+    assert_eq!(one.1, three.1);
+}
