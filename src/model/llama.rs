@@ -352,24 +352,31 @@ impl Attention {
             (Some(_), None) => candle_core::bail!("a suffix run needs the cached keys/values of every layer"),
             _ => (k, v),
         };
-        let own = (k.clone(), v.clone());
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        // Grouped-query attention: key/value head j serves query heads j·rep … (j+1)·rep − 1, so
+        // those query heads are stacked as the rows of one product with head j's keys and values
+        // instead of copying every key/value head rep times (a decoding step's cache is most of
+        // the bytes it moves).
+        let (rep, kv_len, hd) = (self.n_head / self.n_kv, k.dim(2)?, self.head_dim);
         let dtype = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(&ctx.bias)?;
+        let grouped = q.reshape((b, self.n_kv, rep * t, hd))?;
+        let scores = (grouped.matmul(&k.t()?)? * scale)?
+            .reshape((b, self.n_head, t, kv_len))?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&ctx.bias)?;
         let probs = match mode {
             Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
             Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
         }
         .to_dtype(dtype)?;
-        let out =
-            probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, self.n_head * self.head_dim))?;
-        Ok((proj(&out, &self.o_proj, mode)?, own))
-    }
-
-    /// Grouped-query attention: each key/value head serves `n_head / n_kv` query heads.
-    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        candle_transformers::utils::repeat_kv(x, self.n_head / self.n_kv)
+        let out = probs
+            .reshape((b, self.n_kv, rep * t, kv_len))?
+            .matmul(&v)?
+            .reshape((b, self.n_head, t, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, self.n_head * hd))?;
+        Ok((proj(&out, &self.o_proj, mode)?, (k, v)))
     }
 }
 
