@@ -30,6 +30,10 @@ pub use run_eval::{evaluate, read_records, EvalOptions, EvalRecords, EvalRun};
 /// (prompts sharing their first tokens are computed once, so larger batches share more).
 const RECORDS_PER_BATCH: usize = 256;
 
+/// Chunks of [`RECORDS_PER_BATCH`] records scored at once on the CPU (two keep two cores busy
+/// and bound the activations and decoding caches held at once on larger machines and models).
+const CONCURRENT_CHUNKS: usize = 2;
+
 /// Records per fluency batch (greedy generation of all their prompts at once). Each decoding
 /// step reads every weight once for all rows, so more rows amortise it: on SmolLM2, 300 records
 /// took 93 s at 16, 64 s at 64, 56 s at 128 and 53 s at 256 (peak memory 2.1 GB at 128, 2.6 GB
@@ -108,34 +112,39 @@ pub fn score_all(
         bail!("{} reference scores for {} records", r.len(), records.len());
     }
     let bar = Progress::new(records.len() as u64, label, "records");
-    // The chunks are scored concurrently, one per worker thread: each chunk's passes also run
+    // On the CPU, CONCURRENT_CHUNKS chunks are scored at once: each chunk's passes also run
     // single-threaded work (tokenising, packing, the attention masks, candle's elementwise
-    // kernels) that would leave the other cores idle, and a worker waiting inside a matrix
-    // product helps with the others' products. The chunks are fixed by the record count only,
-    // so the scores do not depend on the thread count.
+    // kernels) that would leave other cores idle, and a worker waiting inside a matrix product
+    // helps with the other chunk's products. The chunks are fixed by the record count only, so
+    // the scores do not depend on the thread count.
+    let in_flight = if model.device().is_cpu() { CONCURRENT_CHUNKS } else { 1 };
     let chunks: Vec<&[EditRecord]> = records.chunks(RECORDS_PER_BATCH).collect();
-    let scored: Vec<Result<Vec<RecordScores>>> = chunks
-        .par_iter()
-        .enumerate()
-        .map(|(c, chunk)| {
-            let at = c * RECORDS_PER_BATCH;
-            let refs = reference.map(|r| &r[at..at + chunk.len()]);
-            let mut s = score_chunk(model, tok, chunk, which, refs)?;
-            if which.fluency {
-                for (scores, recs) in
-                    s.chunks_mut(RECORDS_PER_GENERATION).zip(chunk.chunks(RECORDS_PER_GENERATION))
-                {
-                    for (sc, f) in scores.iter_mut().zip(fluency_batch(model, tok, recs, gen_tokens)?) {
-                        sc.fluency = Some(f);
-                    }
-                    bar.inc(recs.len() as u64);
+    let score = |c: usize, chunk: &[EditRecord]| -> Result<Vec<RecordScores>> {
+        let at = c * RECORDS_PER_BATCH;
+        let refs = reference.map(|r| &r[at..at + chunk.len()]);
+        let mut s = score_chunk(model, tok, chunk, which, refs)?;
+        if which.fluency {
+            for (scores, recs) in
+                s.chunks_mut(RECORDS_PER_GENERATION).zip(chunk.chunks(RECORDS_PER_GENERATION))
+            {
+                for (sc, f) in scores.iter_mut().zip(fluency_batch(model, tok, recs, gen_tokens)?) {
+                    sc.fluency = Some(f);
                 }
-            } else {
-                bar.inc(chunk.len() as u64);
+                bar.inc(recs.len() as u64);
             }
-            Ok(s)
-        })
-        .collect();
+        } else {
+            bar.inc(chunk.len() as u64);
+        }
+        Ok(s)
+    };
+    let mut scored: Vec<Result<Vec<RecordScores>>> = Vec::with_capacity(chunks.len());
+    for (g, group) in chunks.chunks(in_flight).enumerate() {
+        let first = g * in_flight;
+        scored.par_extend(group.par_iter().enumerate().map(|(i, chunk)| score(first + i, chunk)));
+        if scored.iter().any(|s| s.is_err()) {
+            break;
+        }
+    }
     let mut out = Vec::with_capacity(records.len());
     for s in scored {
         out.extend(s?);
