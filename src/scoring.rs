@@ -155,7 +155,11 @@ fn score_rows(
     };
     let dev = model.device();
     let logits = model.logits_at(&h, &Tensor::new(unique.as_slice(), dev)?, Mode::Inference)?;
-    let stats = RowStats::of(&logits)?;
+    let mut scored = vec![false; unique.len()];
+    for &u in &which {
+        scored[u as usize] = true;
+    }
+    let stats = RowStats::of(&logits, &scored)?;
     let best = &stats.argmax;
     if decoding {
         let choices: Vec<u32> = choose.iter().map(|&u| best[u as usize]).collect();
@@ -164,7 +168,7 @@ fn score_rows(
     if which.is_empty() {
         return Ok(Vec::new());
     }
-    let picked = stats.log_probs(&logits, &which, &targets)?;
+    let picked = stats.log_probs(&which, &targets)?;
     let argmax: Vec<u32> = which.iter().map(|&u| best[u as usize]).collect();
     let mut out = Vec::new();
     let mut at = 0;
@@ -179,52 +183,63 @@ fn score_rows(
     Ok(out)
 }
 
-/// Per row of logits `[rows, vocab]`: the argmax token and the log-sum-exp, from which the
-/// log-probability of any token is its logit minus the row's log-sum-exp (the log-softmax
-/// without materialising it: on the CPU one parallel pass over the logits).
+/// Per row of logits `[rows, vocab]`: the argmax token and, for the rows that score answer
+/// tokens, the log-sum-exp, from which the log-probability of any token is its logit minus the
+/// row's log-sum-exp (the log-softmax without materialising it: on the CPU one parallel pass
+/// over the logits; rows only decoded from need just their argmax).
 struct RowStats {
+    /// The logits in f32.
+    logits: Tensor,
     argmax: Vec<u32>,
+    /// NaN at the rows not asked for.
     log_sum_exp: Vec<f32>,
 }
 
 impl RowStats {
-    fn of(logits: &Tensor) -> Result<Self> {
+    /// The statistics of `logits`, with the log-sum-exp of the rows `scored` marks.
+    fn of(logits: &Tensor, scored: &[bool]) -> Result<Self> {
         let logits = logits.to_dtype(DType::F32)?.contiguous()?;
         let (rows, vocab) = logits.dims2()?;
-        if let Device::Cpu = logits.device() {
-            let (storage, layout) = logits.storage_and_layout();
-            if let Storage::Cpu(cpu) = &*storage {
-                let all = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * vocab];
-                let (argmax, log_sum_exp) = all.par_chunks(vocab.max(1)).map(row_argmax_lse).unzip();
-                return Ok(Self { argmax, log_sum_exp });
-            }
+        if scored.len() != rows {
+            bail!("row statistics: {} row flags for {rows} rows", scored.len());
         }
-        Ok(Self {
-            argmax: logits.argmax(D::Minus1)?.to_vec1()?,
-            log_sum_exp: logits.log_sum_exp(D::Minus1)?.to_vec1()?,
-        })
+        if let Device::Cpu = logits.device() {
+            let (argmax, log_sum_exp) = {
+                let (storage, layout) = logits.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else { bail!("CPU logits not in CPU storage") };
+                let all = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * vocab];
+                all.par_chunks(vocab.max(1)).zip(scored).map(|(row, &lse)| row_argmax_lse(row, lse)).unzip()
+            };
+            return Ok(Self { logits, argmax, log_sum_exp });
+        }
+        let argmax = logits.argmax(D::Minus1)?.to_vec1()?;
+        let log_sum_exp = logits.log_sum_exp(D::Minus1)?.to_vec1()?;
+        Ok(Self { logits, argmax, log_sum_exp })
     }
 
-    /// log P(targets[i]) at row which[i] of `logits` (the tensor these statistics are of).
-    fn log_probs(&self, logits: &Tensor, which: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
-        let vocab = logits.dim(D::Minus1)? as u32;
+    /// log P(targets[i]) at row which[i] (a row marked as scored).
+    fn log_probs(&self, which: &[u32], targets: &[u32]) -> Result<Vec<f32>> {
+        let vocab = self.logits.dim(D::Minus1)? as u32;
         let flat: Vec<u32> = which.iter().zip(targets).map(|(&r, &t)| r * vocab + t).collect();
-        let picked: Vec<f32> = logits
-            .to_dtype(DType::F32)?
+        let picked: Vec<f32> = self
+            .logits
             .flatten_all()?
-            .index_select(&Tensor::new(flat.as_slice(), logits.device())?, 0)?
+            .index_select(&Tensor::new(flat.as_slice(), self.logits.device())?, 0)?
             .to_vec1()?;
         Ok(picked.iter().zip(which).map(|(&x, &r)| x - self.log_sum_exp[r as usize]).collect())
     }
 }
 
-/// The first index of the largest value of `row` and log Σ exp(row).
-fn row_argmax_lse(row: &[f32]) -> (u32, f32) {
+/// The first index of the largest value of `row` and, with `lse`, log Σ exp(row) (else NaN).
+fn row_argmax_lse(row: &[f32], lse: bool) -> (u32, f32) {
     let (mut best, mut max) = (0usize, f32::NEG_INFINITY);
     for (i, &x) in row.iter().enumerate() {
         if x > max {
             (best, max) = (i, x);
         }
+    }
+    if !lse {
+        return (best as u32, f32::NAN);
     }
     let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
     (best as u32, max + sum.ln())
@@ -243,13 +258,14 @@ mod tests {
         v[4 * 333 + 10] = 100.0;
         v[4 * 333 + 20] = 100.0;
         let logits = Tensor::from_vec(v, (5, 333), &dev).unwrap();
-        let stats = RowStats::of(&logits).unwrap();
+        let stats = RowStats::of(&logits, &[true, false, true, true, true]).unwrap();
         let want: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
         assert_eq!(stats.argmax, want);
         assert_eq!(stats.argmax[4], 10);
         let which = [0u32, 3, 3, 4, 2];
         let targets = [5u32, 0, 332, 10, 17];
-        let got = stats.log_probs(&logits, &which, &targets).unwrap();
+        assert!(stats.log_sum_exp[1].is_nan(), "row 1 was not asked for");
+        let got = stats.log_probs(&which, &targets).unwrap();
         let lp: Vec<Vec<f32>> = log_softmax(&logits).unwrap().to_vec2().unwrap();
         for ((&r, &t), g) in which.iter().zip(&targets).zip(&got) {
             let w = lp[r as usize][t as usize];
