@@ -102,7 +102,8 @@ impl RecordFormat {
     /// Whether the ground truth is the fact the edit replaces, so that a new target equal to it
     /// is an edit that changes nothing. Not for zsRE: its `answers` are the reference answers,
     /// and an `alt` equal to them is a real edit when the model answers otherwise (`pred`); 46 of
-    /// the 2,037 records of the MEND zsRE set are such edits.
+    /// the 2,037 records of the MEND zsRE set are such edits. They are read without a ground
+    /// truth (target_new against itself is no contest).
     pub fn ground_truth_is_replaced(self) -> bool {
         !matches!(self, Self::Zsre)
     }
@@ -323,19 +324,26 @@ impl<'a> Draft<'a> {
         let f = self.format.fields();
         check_prompt_subject(&self.prompt, f.prompt, self.subject, f.subject)?;
         let target_new = target(self.target_new, f.target_new)?;
-        if self.format.ground_truth_is_replaced() && self.ground_truth.as_deref() == Some(target_new.as_str())
-        {
-            return Err(field_err(
-                f.target_new,
-                format!("the new target {target_new:?} is the ground truth: the edit would change nothing"),
-            ));
+        let mut ground_truth = self.ground_truth;
+        if ground_truth.as_deref() == Some(target_new.as_str()) {
+            if self.format.ground_truth_is_replaced() {
+                return Err(field_err(
+                    f.target_new,
+                    format!(
+                        "the new target {target_new:?} is the ground truth: the edit would change nothing"
+                    ),
+                ));
+            }
+            // zsRE: the edit asks for the reference answer, so there is nothing for target_new
+            // to beat; such an edit is judged as one without a ground truth (greedy-correct).
+            ground_truth = None;
         }
         Ok(EditRecord {
             case_id: self.case_id,
             prompt: self.prompt,
             subject: self.subject.to_owned(),
             target_new,
-            ground_truth: self.ground_truth,
+            ground_truth,
             rephrase_prompts: self.rephrase_prompts,
             locality: self.locality,
             generation_prompts: self.generation_prompts,
@@ -1164,7 +1172,10 @@ mod tests {
         // zsRE's answers are reference answers, not the replaced fact: an equal `alt` is an edit.
         let mut v = zsre();
         v["alt"] = "1949".into();
-        assert_eq!(parse(v).expect("valid record").target_new, "1949");
+        let r = parse(v).expect("valid record");
+        assert_eq!(r.target_new, "1949");
+        // ... with nothing to beat: it is judged as a record without a ground truth.
+        assert_eq!(r.ground_truth, None);
         // Only an exact match (after trimming) is a no-op.
         let mut v = flat();
         v["target_new"] = "Guitar".into();

@@ -20,7 +20,7 @@ use crate::model::Llama;
 use crate::tokenizer::Tok;
 
 /// Bumped whenever the scoring code changes what it computes, so stale entries are not reused.
-const SCORING_VERSION: u32 = 1;
+const SCORING_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Entry {

@@ -2,7 +2,8 @@
 //!
 //! Definitions (ROME / MEMIT / EasyEdit), with NLL the length-normalised negative log-likelihood
 //! of an answer after a prompt:
-//! - efficacy: 1[NLL(target_new | edit prompt) < NLL(ground_truth | edit prompt)];
+//! - efficacy: 1[NLL(target_new | edit prompt) < NLL(ground_truth | edit prompt)]; without a
+//!   ground truth, 1[every target_new token is the argmax] (the landing check's criterion);
 //!   efficacy_token_acc: fraction of target_new tokens that are the argmax (teacher forcing);
 //! - generalization / generalization_token_acc: the same on the paraphrase prompts (averaged);
 //! - locality: neighbourhood score 1[NLL(true | p) < NLL(target_new | p)] on neighbourhood prompts;
@@ -140,6 +141,12 @@ fn preference_rate(preferred: &[(usize, AnswerScore)], other: &[(usize, AnswerSc
     mean(&prefs)
 }
 
+/// 1 when every token of the answer is the argmax under teacher forcing (the binary efficacy of
+/// a record without a ground truth to compare with).
+fn greedy_correct(s: &AnswerScore) -> f64 {
+    (s.token_accuracy == 1.0) as u8 as f64
+}
+
 /// Scores `records` (batched over records) on `model`: the teacher-forced metrics of `which`.
 pub fn score_records(
     model: &Llama,
@@ -229,12 +236,19 @@ impl<'a> TeacherForcedPlan<'a> {
         for (o, a) in out.iter_mut().zip(acc) {
             if let Some(n) = &a.edit_new {
                 o.efficacy_token_acc = Some(n.token_accuracy);
-                o.efficacy = a.edit_true.as_ref().map(|t| (n.mean_nll < t.mean_nll) as u8 as f64);
+                o.efficacy = Some(match &a.edit_true {
+                    Some(t) => (n.mean_nll < t.mean_nll) as u8 as f64,
+                    None => greedy_correct(n),
+                });
             }
             if !a.para_new.is_empty() {
                 o.generalization_token_acc =
                     mean(&a.para_new.iter().map(|(_, s)| s.token_accuracy).collect::<Vec<_>>());
-                o.generalization = preference_rate(&a.para_new, &a.para_true);
+                o.generalization = if a.para_true.is_empty() {
+                    mean(&a.para_new.iter().map(|(_, s)| greedy_correct(s)).collect::<Vec<_>>())
+                } else {
+                    preference_rate(&a.para_new, &a.para_true)
+                };
             }
             if !a.loc_true.is_empty() {
                 o.locality = preference_rate(&a.loc_true, &a.loc_new);
@@ -280,4 +294,76 @@ pub fn ngram_entropy(text: &str) -> f64 {
             .sum()
     };
     ((2.0 / 3.0) * ent(2) + (4.0 / 3.0) * ent(3)) / 2.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::RecordFormat;
+
+    fn score(mean_nll: f64, token_accuracy: f64) -> AnswerScore {
+        AnswerScore { tokens: 2, sum_nll: 2.0 * mean_nll, mean_nll, token_accuracy, argmax: vec![1, 2] }
+    }
+
+    fn record(ground_truth: Option<&str>) -> EditRecord {
+        EditRecord {
+            case_id: None,
+            prompt: "Q is".into(),
+            subject: "Q".into(),
+            target_new: "new".into(),
+            ground_truth: ground_truth.map(Into::into),
+            rephrase_prompts: vec!["Q, that is,".into(), "Q was".into()],
+            locality: Vec::new(),
+            generation_prompts: Vec::new(),
+            format: RecordFormat::Minimal,
+        }
+    }
+
+    fn which() -> MetricSet {
+        MetricSet { efficacy: true, generalization: true, ..MetricSet::default() }
+    }
+
+    #[test]
+    fn efficacy_compares_with_the_ground_truth_when_there_is_one() {
+        let recs = [record(Some("old"))];
+        let plan = TeacherForcedPlan::new(&recs, which());
+        assert_eq!(
+            plan.pairs,
+            [
+                ("Q is", "new"),
+                ("Q is", "old"),
+                ("Q, that is,", "new"),
+                ("Q, that is,", "old"),
+                ("Q was", "new"),
+                ("Q was", "old")
+            ]
+        );
+        // target_new is preferred on the edit prompt and the first paraphrase although no token
+        // of it is the argmax: the comparison decides, not greedy correctness.
+        let s = plan.fill(vec![
+            score(1.0, 0.0),
+            score(2.0, 1.0),
+            score(1.0, 0.0),
+            score(2.0, 1.0),
+            score(3.0, 1.0),
+            score(2.0, 0.0),
+        ]);
+        assert_eq!((s[0].efficacy, s[0].generalization), (Some(1.0), Some(0.5)));
+        assert_eq!(s[0].efficacy_token_acc, Some(0.0));
+    }
+
+    #[test]
+    fn without_a_ground_truth_efficacy_is_greedy_correctness() {
+        let recs = [record(None)];
+        let plan = TeacherForcedPlan::new(&recs, which());
+        assert_eq!(plan.pairs, [("Q is", "new"), ("Q, that is,", "new"), ("Q was", "new")]);
+        let s = plan.fill(vec![score(0.1, 1.0), score(0.1, 0.5), score(5.0, 1.0)]);
+        assert_eq!((s[0].efficacy, s[0].generalization), (Some(1.0), Some(0.5)));
+        let s = TeacherForcedPlan::new(&recs, which()).fill(vec![
+            score(0.1, 0.5),
+            score(0.1, 0.5),
+            score(0.1, 0.5),
+        ]);
+        assert_eq!((s[0].efficacy, s[0].generalization), (Some(0.0), Some(0.0)));
+    }
 }

@@ -151,7 +151,7 @@ impl Protocol {
     pub fn new(timing: Timing, gen_tokens: usize, bos: bool) -> Self {
         Self {
             timing: timing.name(),
-            efficacy: "binary: mean NLL(target_new) < mean NLL(ground_truth) on the edit prompt (length-normalised log-probabilities, CounterFact efficacy score)",
+            efficacy: "binary: mean NLL(target_new) < mean NLL(ground_truth) on the edit prompt (length-normalised log-probabilities, CounterFact efficacy score); for a record without a ground truth (or whose ground truth is target_new), every target_new token is the argmax under teacher forcing",
             efficacy_token_acc: "fraction of target_new tokens that are the argmax under teacher forcing (ZsRE/EasyEdit reliability)",
             generalization: "as efficacy, averaged over the paraphrase prompts",
             generalization_token_acc: "as efficacy_token_acc, averaged over the paraphrase prompts",
