@@ -49,12 +49,19 @@ def main():
         from safetensors.torch import load_file
 
         mine = load_file(args.factors)
-        chunks = sorted((Path(args.run) / "updates").glob("chunk-*.safetensors"))
-        theirs = {k: torch.cat([load_file(str(c))[k] for c in chunks]) for k in ("r", "u", "key")}
+        # The run's journal: full chunks of edits, then one file per edit after the last chunk.
+        updates = Path(args.run) / "updates"
+        files = sorted(updates.glob("chunk-*.safetensors")) + sorted(updates.glob("edit-*.safetensors"))
+        tensors = [load_file(str(f)) for f in files]
+        theirs = {k: torch.cat([t[k] for t in tensors]) for k in ("r", "u", "key", "n_updates")}
+        # Row of each edit's first update (landing may add more; the reference makes one).
+        first = [0]
+        for count in theirs["n_updates"].tolist():
+            first.append(first[-1] + int(count))
         worst = {}
         for name, ours in (("key", "key"), ("r", "r"), ("u", "u")):
-            errs = [((theirs[ours][i].double() - mine[name][i].double()).norm()
-                     / theirs[ours][i].double().norm()).item() for i in range(n)]
+            errs = [((theirs[ours][first[i]].double() - mine[name][i].double()).norm()
+                     / theirs[ours][first[i]].double().norm()).item() for i in range(n)]
             worst[name] = max(errs)
         ok &= all(v <= args.max_rel_err for v in worst.values())
         print("rank-one factors, max relative difference over the edits: "
