@@ -49,6 +49,12 @@ impl AnswerScore {
             argmax,
         }
     }
+
+    /// Every answer token is the argmax under teacher forcing: how an answer without a ground
+    /// truth to beat is judged (the landing check and binary efficacy alike).
+    pub fn greedy_correct(&self) -> bool {
+        self.token_accuracy == 1.0
+    }
 }
 
 /// One distinct pair: the sequence `prompt + answer[..-1]` that scores it.

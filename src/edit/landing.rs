@@ -83,7 +83,7 @@ pub fn checks(model: &Llama, tok: &Tok, recs: &[EditRecord]) -> Result<Vec<Check
         .map(|(rec, i)| {
             let (wins, margin) = match rec.ground_truth {
                 Some(_) => (s[i].mean_nll < s[i + 1].mean_nll, Some(s[i + 1].mean_nll - s[i].mean_nll)),
-                None => (s[i].token_accuracy == 1.0, None),
+                None => (s[i].greedy_correct(), None),
             };
             Check { p_target: (-s[i].sum_nll).exp(), wins, margin }
         })

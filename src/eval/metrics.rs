@@ -144,7 +144,7 @@ fn preference_rate(preferred: &[(usize, AnswerScore)], other: &[(usize, AnswerSc
 /// 1 when every token of the answer is the argmax under teacher forcing (the binary efficacy of
 /// a record without a ground truth to compare with).
 fn greedy_correct(s: &AnswerScore) -> f64 {
-    (s.token_accuracy == 1.0) as u8 as f64
+    s.greedy_correct() as u8 as f64
 }
 
 /// Scores `records` (batched over records) on `model`: the teacher-forced metrics of `which`.
