@@ -1,6 +1,7 @@
 //! Benchmark binary (JSON on stdout, also written to bench-results/batch/bench.json when
 //! BENCH_WRITE=1): `oedit edit --batch-size B` on SmolLM2-135M, edits/s and the v* optimisation's
-//! GFLOP/s for each batch size, against the matrix-product ceiling of benches/matmul.rs.
+//! GFLOP/s for each batch size, against the machine's measured f32 peak (`value_share_of_peak`)
+//! and the matrix-product ceiling of benches/matmul.rs.
 //!
 //! BENCH_BATCH_SIZES (default `1,10,100`), BENCH_BATCHES (batches per size, default `3,1,1`),
 //! BENCH_METHOD (default `oedit-plus`), BENCH_THREADS (default 2), BENCH_V_STEPS (v* steps,
@@ -11,6 +12,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use oedit::data::EditReader;
@@ -58,6 +60,7 @@ fn main() -> anyhow::Result<()> {
     let method_name = std::env::var("BENCH_METHOD").unwrap_or_else(|_| "oedit-plus".to_string());
     let method =
         Method::named(&method_name).ok_or_else(|| anyhow::anyhow!("unknown method {method_name}"))?;
+    let peak = common::peak_gflops();
     let pool = common::pool();
     pool.install(|| -> anyhow::Result<()> {
         let spec = path.to_str().unwrap_or_default();
@@ -102,15 +105,13 @@ fn main() -> anyhow::Result<()> {
                 // Per v* stack (records of one stack share its shape and time): the matrix
                 // products of its forward passes; a backward pass (input gradients only) costs as
                 // much as its forward pass.
-                let mut stacks: Vec<(usize, oedit::edit::target::StepShape, f64)> = Vec::new();
-                for (x, _) in &out {
-                    if stacks.last().is_none_or(|(n, _, _)| *n != x.value_stack) {
-                        stacks.push((x.value_stack, x.value_shape, x.value_seconds));
-                    }
-                }
+                // Records come back in file order while stacks group them by suffix length, so
+                // a stack's records need not be adjacent: one entry per stack number.
+                let stacks: BTreeMap<usize, (oedit::edit::target::StepShape, f64)> =
+                    out.iter().map(|(x, _)| (x.value_stack, (x.value_shape, x.value_seconds))).collect();
                 let flops: f64 = stacks
-                    .iter()
-                    .map(|(_, s, _)| {
+                    .values()
+                    .map(|(s, _)| {
                         // Rows summed over the passes: a stack shrinks as its records stop.
                         2.0 * per_layer * s.layers as f64 * ((s.row_passes + s.row_backwards) * s.suffix_len) as f64
                             + 2.0
@@ -119,8 +120,8 @@ fn main() -> anyhow::Result<()> {
                                 * cfg.hidden_size as f64
                     })
                     .sum();
-                let value_seconds: f64 = stacks.iter().map(|(_, _, t)| t).sum();
-                let shapes: Vec<_> = stacks.iter().map(|(_, s, _)| *s).collect();
+                let value_seconds: f64 = stacks.values().map(|(_, t)| t).sum();
+                let shapes: Vec<_> = stacks.values().map(|(s, _)| *s).collect();
                 let wins = out.iter().filter(|(o, _)| o.target_wins).count();
                 runs.push(json!({
                     "records": chunk.len(),
@@ -168,6 +169,10 @@ fn main() -> anyhow::Result<()> {
         let ceiling = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results/matmul.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        for r in &mut results {
+            let share = peak.map(|p| r["value_gflops"].as_f64().unwrap_or(f64::NAN) / p);
+            r["value_share_of_peak"] = json!(share);
+        }
         let report = json!({
             "model": "SmolLM2-135M-Instruct (f32)",
             "method": method_name,
@@ -175,6 +180,7 @@ fn main() -> anyhow::Result<()> {
             "hparams": { "layer": hp.layer, "context_templates": hp.context_templates, "v_steps": hp.v_steps },
             "load_average": std::fs::read_to_string("/proc/loadavg").ok(),
             "results": results,
+            "peak_gflops_measured": peak,
             "matmul_ceiling": ceiling,
         });
         let text = serde_json::to_string_pretty(&report)?;
