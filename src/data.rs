@@ -749,6 +749,14 @@ impl Iterator for EditReader {
 
 impl FusedIterator for EditReader {}
 
+/// Whether an edits path is read as a stream, once, as standard input is: `-`, a named pipe,
+/// a process substitution or a character device. Such inputs cannot be read twice (a second
+/// open would wait for another writer or see nothing), so they are not pre-read to the end or
+/// counted.
+pub fn is_stream(path: &Path) -> bool {
+    path.as_os_str() == "-" || std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
+}
+
 /// Number of non-blank lines of a file (a progress total), read in blocks: memory does not grow
 /// with the length of a line. 0 when the file cannot be read.
 pub fn count_nonblank_lines(path: &Path) -> u64 {

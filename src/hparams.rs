@@ -319,6 +319,9 @@ impl Hparams {
         if !(s.energy > 0.0 && s.energy <= 1.0 && s.max_fraction > 0.0 && s.max_fraction <= 1.0) {
             bail!("subspace.energy and subspace.max_fraction must be in (0, 1]");
         }
+        if !(s.tolerance > 0.0 && s.tolerance < 1.0) {
+            bail!("subspace.tolerance must be in (0, 1), got {}", s.tolerance);
+        }
         if !(s.min_retained > 0.0 && s.min_retained < 1.0) {
             bail!("subspace.min_retained must be in (0, 1)");
         }
@@ -370,6 +373,15 @@ impl Hparams {
         {
             bail!("oedit_plus.core_energy must be in [0, 1] and oedit_plus.max_core_fraction in [0, 1)");
         }
+        // A full basis is compressed to half its cap, the seeds always kept: they must leave room
+        // there for the edits' own directions.
+        if op.core_energy > 0.0 && op.max_core_fraction >= s.max_fraction / 2.0 {
+            bail!(
+                "oedit_plus.max_core_fraction ({}) must be below half of subspace.max_fraction ({})",
+                op.max_core_fraction,
+                s.max_fraction
+            );
+        }
         Ok(())
     }
 
@@ -420,7 +432,14 @@ mod tests {
         assert_eq!(hp.oedit_soft.lambda, 3_000.0);
         hp.validate(4).unwrap();
         assert_eq!(hp.landing, LandingParams::off());
-        let cases: [BadCase; 9] = [
+        let cases: [BadCase; 13] = [
+            ("subspace.tolerance", |h| h.subspace.tolerance = 1.5),
+            ("subspace.tolerance", |h| h.subspace.tolerance = -0.1),
+            ("subspace.tolerance", |h| h.subspace.tolerance = 0.0),
+            ("below half of subspace.max_fraction", |h| {
+                h.oedit_plus.core_energy = 1.0;
+                h.oedit_plus.max_core_fraction = 0.5;
+            }),
             ("landing.max_attempts", |h| h.landing.max_attempts = 0),
             ("landing.min_margin", |h| h.landing.min_margin = f64::NAN),
             ("landing.max_gain", |h| h.landing.max_gain = 0.5),

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::LogitsProcessor;
 
 use crate::decode::{decode, greedy_pick, no_stop, Pick, Request};
+use crate::errors::InputError;
 use crate::model::{Batch, Llama, Padding, Taps};
 use crate::tokenizer::Tok;
 
@@ -31,6 +32,14 @@ pub fn score_text(model: &Llama, tok: &Tok, text: &str) -> Result<TextScore> {
     let ids = tok.encode_prompt(text)?;
     if ids.len() < 2 {
         bail!("text has {} token(s); at least 2 are needed to score it", ids.len());
+    }
+    if let Some(context) = model.config().max_position_embeddings.filter(|&c| ids.len() > c) {
+        return Err(InputError(format!(
+            "text has {} tokens, more than the model's context of {context} (max_position_embeddings); \
+             score a shorter text",
+            ids.len()
+        ))
+        .into());
     }
     let batch = Batch::new(vec![ids.clone()], Padding::Right, tok.pad_id)?;
     let (logits, _) = model.forward(&batch, &Taps::default())?;

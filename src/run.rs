@@ -465,8 +465,10 @@ impl RunDir {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        let m =
+        let m: Manifest =
             serde_json::from_str(&text).with_context(|| format!("{}: corrupt run manifest", p.display()))?;
+        crate::edit::templates::check_templates(&m.templates)
+            .map_err(|e| anyhow::anyhow!("{}: corrupt run manifest: field `templates`: {e}", p.display()))?;
         Ok(Some(m))
     }
 

@@ -176,7 +176,9 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
     // count, nothing kept); unknown for standard input.
     let total_hint = match opts.limit {
         Some(l) => l as u64,
-        None if std::io::stderr().is_terminal() && opts.edits.as_os_str() != "-" => count_lines(&opts.edits),
+        None if std::io::stderr().is_terminal() && !crate::data::is_stream(&opts.edits) => {
+            count_lines(&opts.edits)
+        }
         None => 0,
     };
     let bar = Progress::new(total_hint, "editing", "edits");

@@ -100,7 +100,7 @@ impl Corpus {
                 }
             }
         }
-        if total < max_tokens / 2 {
+        if windows.is_empty() || total < max_tokens / 2 {
             bail!("corpus `{}` has only {total} tokens; {max_tokens} were requested (lower cov_tokens or give a larger --stats-corpus)", self.name);
         }
         Ok(windows)

@@ -111,12 +111,14 @@ fn meta<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Valu
     ct.metadata.get(key).with_context(|| format!("GGUF metadata key `{key}` is missing"))
 }
 
+/// A token id from the metadata; a negative value (llama.cpp's -1 for "none") or one past u32
+/// is absent.
 fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
     let v = ct.metadata.get(key)?;
     v.to_u32()
         .ok()
-        .or_else(|| v.to_i32().ok().map(|x| x as u32))
-        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+        .or_else(|| v.to_i32().ok().and_then(|x| u32::try_from(x).ok()))
+        .or_else(|| v.to_u64().ok().and_then(|x| u32::try_from(x).ok()))
 }
 
 fn meta_strings(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
@@ -446,8 +448,10 @@ fn finish(
     tokens: &[String],
     add_bos_default: bool,
 ) -> Result<Tok> {
-    let bos = meta_u32(ct, "tokenizer.ggml.bos_token_id");
-    let eos = meta_u32(ct, "tokenizer.ggml.eos_token_id");
+    // Ids past the vocabulary are treated as absent (they could never be generated or embedded).
+    let in_vocab = |key: &str| meta_u32(ct, key).filter(|&id| (id as usize) < tokens.len());
+    let bos = in_vocab("tokenizer.ggml.bos_token_id");
+    let eos = in_vocab("tokenizer.ggml.eos_token_id");
     let add_bos = meta_bool(ct, "tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default && bos.is_some());
     if add_bos {
         let bos_id = bos.context("GGUF says add_bos_token but has no bos_token_id")?;
@@ -463,7 +467,7 @@ fn finish(
         tk.with_post_processor(Some(tp));
     }
     let mut t = Tok::new(tk, bos, eos);
-    if let Some(p) = meta_u32(ct, "tokenizer.ggml.padding_token_id") {
+    if let Some(p) = in_vocab("tokenizer.ggml.padding_token_id") {
         t.pad_id = p;
     }
     Ok(t)

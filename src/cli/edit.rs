@@ -99,6 +99,17 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
     };
     if let Some(l) = args.layer {
         hp.layer = l;
+        // A spread method whose hyper-parameters list its layers optimises v* at the last of
+        // them: --layer must not be silently ignored.
+        let layers = args.method.layers(&hp);
+        if layers.last() != Some(&l) {
+            return Err(InputError(format!(
+                "--layer {l}: {} edits the layers {layers:?} listed in its hyper-parameters (the last is \
+                 the target layer); change that list or drop --layer",
+                args.method.name()
+            ))
+            .into());
+        }
     }
     let corpus = match &args.stats_corpus {
         Some(p) => Corpus::from_path(p)?,

@@ -5,16 +5,18 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
 use super::ModelArgs;
 use crate::errors::{InputError, ThresholdError};
 use crate::eval::report::Summaries;
-use crate::eval::run_eval::edits_up_to;
+use crate::eval::run_eval::{apply_token_limits, edits_up_to};
 use crate::eval::{
     evaluate, metric_columns, parse_thresholds, read_records, EvalOptions, EvalRun, MetricSet, Report,
 };
 use crate::fsutil::atomic_write;
+use crate::limits::{DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_PROMPT_TOKENS};
 use crate::loader::load_model;
 use crate::run::RunDir;
 
@@ -29,7 +31,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub run: Option<PathBuf>,
     /// Unedited model to compare with when --model is itself an edited model (without --run).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "run")]
     pub base: Option<String>,
     /// Edit records (JSONL, any supported format); with --run only the lines the run edited are used.
     #[arg(long)]
@@ -62,6 +64,14 @@ pub struct EvalArgs {
     /// --run, the model's own scores are cached there too).
     #[arg(long)]
     pub no_cache: bool,
+    /// Longest input line in bytes; a longer line is an invalid line (skipped; an error if the run
+    /// edited it: give the value its `oedit edit` had).
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 30))]
+    pub max_line_bytes: usize,
+    /// Most tokens in an edit prompt or answer (4x that in a prompt or answer only scored), as
+    /// for `oedit edit`; a record past it is skipped (an error if the run edited it).
+    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 20))]
+    pub max_prompt_tokens: usize,
     /// Exit with code 3 when an edited-model metric is below its threshold, e.g. `efficacy=0.9,locality=0.5`.
     #[arg(long)]
     pub fail_under: Option<String>,
@@ -90,11 +100,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let log = run_dir.as_ref().map(RunDir::read_log).transpose()?;
     let edited = log.as_deref().map(|l| edits_up_to(l, args.at));
     // Records (invalid ones skipped and reported), checked against the run before the model loads.
-    let input = read_records(&args.edits, edited.as_deref(), args.limit)?;
+    let mut input = read_records(&args.edits, edited.as_deref(), args.limit, args.max_line_bytes)?;
 
     let mut lm = args
         .model
         .load_for_run(run_dir.as_ref().zip(manifest.as_ref()).map(|(d, m)| (d.path.as_path(), m)))?;
+    let context = lm.config().max_position_embeddings;
+    apply_token_limits(&mut input, &args.edits, &lm.tok, context, args.max_prompt_tokens, run_dir.is_some())?;
     let base = match (&args.base, &run_dir, args.timing) {
         (Some(b), None, Timing::AfterAll) => {
             Some(load_model(b, &args.model.device.parse()?, lm.dtype.into())?)

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use crate::hparams::Hparams;
+use crate::hparams::{Hparams, MAX_CONTEXT_TEMPLATES};
 use crate::infer::{generate_sampled, greedy_ids};
 use crate::model::Llama;
 use crate::tokenizer::Tok;
@@ -73,6 +73,21 @@ fn template_of(text: &str) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     format!("{clean}. {{}}")
+}
+
+/// Checks templates read back from a run's manifest (where a hand edit could break them): at
+/// least one and at most [`MAX_CONTEXT_TEMPLATES`], each with exactly one `{}` and no other brace.
+pub fn check_templates(templates: &[String]) -> Result<(), String> {
+    if templates.is_empty() || templates.len() > MAX_CONTEXT_TEMPLATES {
+        return Err(format!("{} templates; a run has 1 to {MAX_CONTEXT_TEMPLATES}", templates.len()));
+    }
+    for (i, t) in templates.iter().enumerate() {
+        let braces = t.chars().filter(|&c| c == '{' || c == '}').count();
+        if t.matches("{}").count() != 1 || braces != 2 {
+            return Err(format!("template {i} ({t:?}) must hold exactly one `{{}}` and no other brace"));
+        }
+    }
+    Ok(())
 }
 
 /// Fills a template with a prompt.

@@ -12,10 +12,11 @@ use super::report::{
     summaries, Metrics, ModelInfo, PerRecord, Protocol, RecordsInfo, Report, RunInfo, Skipped, Timing,
 };
 use super::{generation_locality, locality_agreement, score_all, score_unedited, MetricSet, RecordScores};
-use crate::data::{EditReader, EditRecord};
+use crate::data::{EditReader, EditRecord, RecordError};
 use crate::edit::AppliedUpdate;
 use crate::errors::InputError;
 use crate::fingerprint::model_fingerprint;
+use crate::limits::{check_record_limits, TokenLimits};
 use crate::loader::LoadedModel;
 use crate::model::Llama;
 use crate::run::{replay, LogEntry, Manifest, RunDir, State};
@@ -45,9 +46,15 @@ pub fn edits_up_to(log: &[LogEntry], at: Option<usize>) -> Vec<&LogEntry> {
 /// fact the run edited there: a different subject or target_new, an invalid record, or a file
 /// that ends before an edited line is an [`InputError`] naming the line. Invalid lines (not
 /// edited) are listed as skipped; no record at all is an [`InputError`].
-pub fn read_records(edits: &Path, edited: Option<&[&LogEntry]>, limit: Option<usize>) -> Result<EvalRecords> {
+/// A line longer than `max_line_bytes` is an invalid line.
+pub fn read_records(
+    edits: &Path,
+    edited: Option<&[&LogEntry]>,
+    limit: Option<usize>,
+    max_line_bytes: usize,
+) -> Result<EvalRecords> {
     let by_line: Option<HashMap<usize, &LogEntry>> = edited.map(|e| e.iter().map(|e| (e.line, *e)).collect());
-    let reader = EditReader::open(edits)?;
+    let reader = EditReader::open(edits)?.with_max_line_bytes(max_line_bytes);
     let source = reader.source_name().to_string();
     let mismatch = |line: usize, why: String| InputError(format!("{source}:{line}: {why}; {EVAL_HINT}"));
     let mut out = EvalRecords { records: Vec::new(), lines: Vec::new(), skipped: Vec::new() };
@@ -90,6 +97,47 @@ pub fn read_records(edits: &Path, edited: Option<&[&LogEntry]>, limit: Option<us
         return Err(InputError(format!("{}: no records to evaluate", edits.display())).into());
     }
     Ok(out)
+}
+
+/// Applies `oedit edit`'s token limits ([`check_record_limits`], `max_prompt_tokens` for the edit
+/// prompt and answers, 4x for what is only scored, the edit prompt within the model's context)
+/// to the records to evaluate, so that one long line cannot take memory without bound. Without
+/// a run a record past them is skipped like an invalid line; a record the run edited
+/// (`from_run`) must pass them: an [`InputError`] naming the line and field.
+pub fn apply_token_limits(
+    input: &mut EvalRecords,
+    source: &Path,
+    tok: &Tok,
+    context: Option<usize>,
+    max_prompt_tokens: usize,
+    from_run: bool,
+) -> Result<()> {
+    let limits = TokenLimits::new(tok, &[], context, max_prompt_tokens)?;
+    let records = std::mem::take(&mut input.records);
+    let lines = std::mem::take(&mut input.lines);
+    for (rec, line) in records.into_iter().zip(lines) {
+        match check_record_limits(tok, &rec, &limits) {
+            Ok(()) => {
+                input.records.push(rec);
+                input.lines.push(line);
+            }
+            Err((field, reason)) => {
+                let e = RecordError { source: source.display().to_string(), line, field, reason };
+                if from_run {
+                    return Err(InputError(format!(
+                        "{e}; the run edited this line: give eval the --max-prompt-tokens its edit had"
+                    ))
+                    .into());
+                }
+                input.skipped.push(Skipped::from(&e));
+            }
+        }
+    }
+    input.skipped.sort_by_key(|s| s.line);
+    if input.records.is_empty() {
+        return Err(InputError(format!("{}: no records to evaluate", source.display())).into());
+    }
+    Ok(())
 }
 
 /// The updates of the run's first `n` edits: up to where the n-th edit's updates end (an edit

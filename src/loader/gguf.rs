@@ -27,8 +27,9 @@ fn md_usize(ct: &gguf_file::Content, key: &str) -> Result<usize> {
     v.to_u32()
         .map(|x| x as usize)
         .or_else(|_| v.to_u64().map(|x| x as usize))
-        .or_else(|_| v.to_i32().map(|x| x as usize))
-        .with_context(|| format!("GGUF metadata `{key}` is not an integer"))
+        .ok()
+        .or_else(|| v.to_i32().ok().and_then(|x| usize::try_from(x).ok()))
+        .with_context(|| format!("GGUF metadata `{key}` is not a non-negative integer"))
 }
 
 fn md_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {

@@ -132,6 +132,26 @@ impl HfConfig {
                 bail!("model_type `{mt}` is not supported (supported: llama, mistral)");
             }
         }
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("vocab_size", self.vocab_size),
+        ];
+        for (name, v) in sizes {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!("rope_theta must be a positive number, got {}", self.rope_theta);
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            bail!("rms_norm_eps must be a positive number, got {}", self.rms_norm_eps);
+        }
+        if self.sliding_window == Some(0) || self.max_position_embeddings == Some(0) {
+            bail!("sliding_window and max_position_embeddings must be at least 1 when given");
+        }
         if self.hidden_act != "silu" {
             bail!("hidden_act `{}` is not supported (only silu)", self.hidden_act);
         }
@@ -155,6 +175,16 @@ impl HfConfig {
             bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
         }
         if let Some(rs) = &self.rope_scaling {
+            let factors = [
+                ("factor", rs.factor),
+                ("low_freq_factor", rs.low_freq_factor),
+                ("high_freq_factor", rs.high_freq_factor),
+            ];
+            for (name, v) in factors {
+                if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                    bail!("rope_scaling.{name} must be a positive number, got {}", v.unwrap_or_default());
+                }
+            }
             match rs.rope_type.as_str() {
                 "default" => {}
                 "linear" => {
@@ -164,8 +194,15 @@ impl HfConfig {
                     rs.factor.context("rope_scaling.factor is missing")?;
                     rs.low_freq_factor.context("rope_scaling.low_freq_factor is missing")?;
                     rs.high_freq_factor.context("rope_scaling.high_freq_factor is missing")?;
-                    rs.original_max_position_embeddings
+                    let orig = rs
+                        .original_max_position_embeddings
                         .context("rope_scaling.original_max_position_embeddings is missing")?;
+                    if orig == 0 || rs.high_freq_factor <= rs.low_freq_factor {
+                        bail!(
+                            "rope_scaling: original_max_position_embeddings must be at least 1 and \
+                             high_freq_factor above low_freq_factor"
+                        );
+                    }
                 }
                 other => bail!("rope_scaling type `{other}` is not supported (default, linear, llama3)"),
             }
@@ -274,6 +311,33 @@ mod tests {
         }
         // The lowest frequency is divided by 8.
         assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-18);
+    }
+
+    /// Values that would give NaN frequencies or norms, or mask every position, are refused
+    /// naming the field instead of loading a model that computes garbage.
+    #[test]
+    fn nonsensical_numbers_are_refused_naming_the_field() {
+        let base = r#""hidden_size":8,"intermediate_size":8,"num_attention_heads":2,"vocab_size":10"#;
+        let cases = [
+            (r#""num_hidden_layers":0"#, "num_hidden_layers must be at least 1"),
+            (r#""num_hidden_layers":1,"rope_theta":0"#, "rope_theta must be a positive number"),
+            (r#""num_hidden_layers":1,"rms_norm_eps":-1e-5"#, "rms_norm_eps must be a positive number"),
+            (r#""num_hidden_layers":1,"sliding_window":0"#, "sliding_window and max_position_embeddings"),
+            (
+                r#""num_hidden_layers":1,"rope_scaling":{"type":"linear","factor":0}"#,
+                "rope_scaling.factor must be a positive number",
+            ),
+            (
+                r#""num_hidden_layers":1,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":4.0,
+                   "high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+                "high_freq_factor above low_freq_factor",
+            ),
+        ];
+        for (fields, want) in cases {
+            let e = HfConfig::from_json(&format!("{{{base},{fields}}}"), "c.json").unwrap_err();
+            assert!(format!("{e:#}").contains(want), "{e:#} does not say {want}");
+        }
+        HfConfig::from_json(&format!("{{{base},\"num_hidden_layers\":1}}"), "c.json").unwrap();
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl EditInput {
     /// `run_dir` (if there is one): the records at the lines the run edited must be the facts
     /// it edited (else an [`InputError`] naming the line). With `OnInvalid::Stop` it then
     /// validates the records the session will edit, up to `limit` edits in all (a file: up to
-    /// its end without a limit; standard input: at most [`STDIN_AHEAD`] records, kept for the
+    /// its end without a limit; standard input or a pipe: at most [`STDIN_AHEAD`] records, kept for the
     /// session): a bad one is an [`InputError`] naming file, line and field. Lines the run
     /// already consumed (edited or rejected) are not validated again, as when they are skipped.
     pub fn prepare(
@@ -72,8 +72,8 @@ impl EditInput {
         if remaining == Some(0) {
             return Ok(input);
         }
-        let stdin = path.as_os_str() == "-";
-        if stdin && on_invalid == OnInvalid::Skip {
+        let stream = crate::data::is_stream(path);
+        if stream && on_invalid == OnInvalid::Skip {
             // Nothing to validate; the session checks the consumed lines as they stream past.
             return Ok(input);
         }
@@ -100,7 +100,7 @@ impl EditInput {
                     return Err(InputError(format!("{e} (stopped before loading the model; {kept})")).into());
                 }
             }
-            if stdin {
+            if stream {
                 input.ahead.push_back(item);
                 if input.ahead.len() >= STDIN_AHEAD {
                     break;
@@ -111,7 +111,7 @@ impl EditInput {
             }
         }
         input.check_complete(&logged)?;
-        if !stdin {
+        if !stream {
             // The file is read again by the session, from its start (memory does not grow).
             input = Self::open(path, max_line_bytes)?;
         }

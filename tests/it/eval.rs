@@ -361,8 +361,15 @@ fn zsre_records_with_empty_targets_are_skipped() {
         .collect();
     assert_eq!(empty.len(), 2);
     let total = text.lines().count();
-    let r = eval_json(&model, &zsre, &tmp.path().join("r.json"), &["--metrics", "efficacy"]);
-    assert_eq!(r["records"]["evaluated"].as_u64(), Some(total as u64 - 2));
+    // The tiny tokenizer is nearly one token per byte: two zsRE questions pass the default
+    // 64-token cap there (not on real tokenizers).
+    let r = eval_json(
+        &model,
+        &zsre,
+        &tmp.path().join("r.json"),
+        &["--metrics", "efficacy", "--max-prompt-tokens", "100"],
+    );
+    assert_eq!(r["records"]["evaluated"].as_u64(), Some(total as u64 - 2), "{}", r["records"]["skipped"]);
     let skipped = r["records"]["skipped"].as_array().unwrap();
     let lines: Vec<u64> = skipped.iter().map(|s| s["line"].as_u64().unwrap()).collect();
     assert_eq!(lines, empty);
@@ -439,4 +446,48 @@ fn concurrent_chunks_score_as_one_thread_does() {
     let three = report("3");
     assert_eq!(one.0, three.0);
     assert_eq!(one.1, three.1);
+}
+
+#[test]
+fn eval_bounds_records_like_edit_skipping_those_past_the_caps() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
+    let rec = |prompt: &str| {
+        serde_json::json!({ "prompt": prompt, "subject": "The cat", "target": "mat" }).to_string()
+    };
+    let lines = vec![
+        rec("The cat sat on the"),
+        rec(&format!("The cat {}sat on the", "zq ".repeat(60))),
+        format!(
+            "{{\"prompt\": \"The cat {}\", \"subject\": \"The cat\", \"target\": \"mat\"}}",
+            "a".repeat(300)
+        ),
+        rec("The cat lay on the"),
+    ];
+    let edits = write_lines(&tmp.path().join("e.jsonl"), &lines);
+    let r = eval_json(
+        &model,
+        &edits,
+        &tmp.path().join("r.json"),
+        &["--metrics", "efficacy", "--max-line-bytes", "300"],
+    );
+    assert_eq!(r["records"]["evaluated"].as_u64(), Some(2));
+    let skipped = r["records"]["skipped"].as_array().unwrap();
+    let got: Vec<(u64, Option<&str>)> =
+        skipped.iter().map(|s| (s["line"].as_u64().unwrap(), s["field"].as_str())).collect();
+    assert_eq!(got, vec![(2, Some("prompt")), (3, None)], "{skipped:?}");
+    assert!(skipped[0]["reason"].as_str().unwrap().contains("(--max-prompt-tokens)"), "{}", skipped[0]);
+    assert!(skipped[1]["reason"].as_str().unwrap().contains("longer than 300 bytes"), "{}", skipped[1]);
+
+    // A record a run edited must pass them: an error naming the line and the flag.
+    let fx = Fx::new(2);
+    let o = eval(&fx.model, &fx.edits, &["--run", fx.run_dir.to_str().unwrap(), "--max-prompt-tokens", "2"]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains(&format!("{}:1: field `", fx.edits.display())), "{line}");
+    assert!(line.contains("give eval the --max-prompt-tokens its edit had"), "{line}");
+    // --base applies without --run only.
+    let o = eval(&fx.model, &fx.edits, &["--run", fx.run_dir.to_str().unwrap(), "--base", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
 }

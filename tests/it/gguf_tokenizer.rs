@@ -762,3 +762,32 @@ fn sentencepiece_gguf_matches_real_sentencepiece() {
         assert_eq!(gg.tok.decode(&case.ids).unwrap(), text, "decoding {text:?}");
     }
 }
+
+/// llama.cpp writes -1 for "no such token"; such ids, and ids past the vocabulary, are absent
+/// (not wrapped to 4294967295), and a negative count in the metadata is refused clearly.
+#[test]
+fn negative_or_out_of_vocabulary_ids_are_absent_and_negative_counts_refused() {
+    let tmp = TempDir::new().unwrap();
+    let gguf = tmp.path().join("n.gguf");
+    write_tiny_gguf_with(
+        &gguf,
+        &tiny_weights(false, 7),
+        true,
+        vec![
+            ("tokenizer.ggml.eos_token_id", Value::I32(-1)),
+            ("tokenizer.ggml.padding_token_id", Value::U32(1 << 20)),
+        ],
+    );
+    let gg = load(&gguf);
+    assert_eq!(gg.tok.eos_id, None);
+    assert_eq!(gg.tok.bos_id, Some(bos_id()));
+    assert_eq!(gg.tok.pad_id, bos_id());
+
+    let bad = tmp.path().join("b.gguf");
+    write_tiny_gguf_with(&bad, &tiny_weights(false, 7), true, vec![("llama.block_count", Value::I32(-1))]);
+    let mut cmd = oedit_cmd();
+    cmd.args(["score", "--model", bad.to_str().unwrap(), "--text", "the cat"]);
+    let o = run(cmd);
+    let line = assert_clean_failure(&o);
+    assert!(line.contains("llama.block_count") && line.contains("not a non-negative integer"), "{line}");
+}

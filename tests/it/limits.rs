@@ -199,3 +199,113 @@ fn leftovers_of_killed_runs_are_removed_and_checkpoints_are_not_private() {
         assert_eq!(mode(&f), ordinary, "{}", f.display());
     }
 }
+
+/// A named pipe is read once, as standard input is: opening it a second time (after validating
+/// it) would wait for a writer that is gone.
+#[test]
+fn edits_from_a_named_pipe_are_read_once() {
+    let fx = Fx::new();
+    let fifo = fx.path("edits.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("mkfifo unavailable; skipped");
+        return;
+    }
+    let lines = minimal_lines(2);
+    let writer_path = fifo.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        // Blocks until oedit opens the pipe; a reader that leaves early is not an error here.
+        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&writer_path) {
+            let _ = f.write_all((lines.join("\n") + "\n").as_bytes());
+        }
+    });
+    let run_dir = fx.path("run");
+    let mut child =
+        fx.cmd(&fx.model, &fifo, &run_dir, &[]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("oedit did not finish reading a named pipe");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert_ok(&o);
+    assert_eq!(logged_lines(&run_dir), vec![1, 2]);
+}
+
+/// `--layer` with a spread method whose hyper-parameters list its layers: the listed last
+/// layer is where v* is optimised, so a different `--layer` is refused, not ignored.
+#[test]
+fn layer_flag_conflicting_with_a_listed_spread_is_refused() {
+    let fx = Fx::new();
+    let mut hp = tiny_hparams();
+    hp["alphaedit"] = serde_json::json!({ "nullspace_threshold": 0.01, "min_nullspace_dim": 0, "l2": 10.0, "layers": [0, 1] });
+    let hparams = write_json(&fx.path("hp.json"), &hp);
+    let edits = write_lines(&fx.path("e.jsonl"), &minimal_lines(1));
+    let run_dir = fx.path("run");
+    let mut c = edit_cmd(&fx.model, &hparams, &edits, &run_dir, &fx.cache);
+    c.args(["--method", "alphaedit", "--layer", "2"]);
+    let o = run(c);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("--layer 2: alphaedit edits the layers [0, 1]"), "{line}");
+    assert!(!run_dir.join("log.jsonl").exists());
+    // The listed target layer itself is accepted.
+    let mut c = edit_cmd(&fx.model, &hparams, &edits, &run_dir, &fx.cache);
+    c.args(["--method", "alphaedit", "--layer", "1"]);
+    assert_ok(&run(c));
+    assert_eq!(logged_lines(&run_dir), vec![1]);
+}
+
+/// A run manifest whose context templates were edited by hand is refused on resume (a template
+/// without `{}` used to end in a panic while building the prompts).
+#[test]
+fn hand_edited_manifest_templates_are_refused_on_resume() {
+    let fx = Fx::new();
+    let edits = write_lines(&fx.path("e.jsonl"), &minimal_lines(2));
+    let run_dir = fx.path("run");
+    fx.edit_ok(&edits, &run_dir, &["--limit", "1"]);
+    let path = run_dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for bad in [serde_json::json!(["{}", "Hello."]), serde_json::json!([])] {
+        m["templates"] = bad;
+        std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+        let o = fx.edit(&edits, &run_dir, &[]);
+        let line = assert_clean_failure(&o);
+        assert!(line.contains("manifest.json: corrupt run manifest: field `templates`"), "{line}");
+        assert_eq!(logged_lines(&run_dir), vec![1]);
+    }
+}
+
+/// A v* optimisation that diverges (a learning rate past f32's range) fails the edit with a clear
+/// error before anything reaches the weights or the checkpoint.
+#[test]
+fn diverged_update_is_refused_and_nothing_is_committed() {
+    let fx = Fx::new();
+    let mut hp = tiny_hparams();
+    hp["v_lr"] = serde_json::json!(1e39);
+    let hparams = write_json(&fx.path("hp.json"), &hp);
+    let edits = write_lines(&fx.path("e.jsonl"), &minimal_lines(1));
+    let run_dir = fx.path("run");
+    let o = run(edit_cmd(&fx.model, &hparams, &edits, &run_dir, &fx.cache));
+    let line = assert_clean_failure(&o);
+    assert!(line.contains("NaN or infinite entries"), "{line}");
+    assert!(logged_lines(&run_dir).is_empty());
+}
+
+/// `oedit score` on a text longer than the model's context: a usage error, not an attention
+/// buffer of the text's length squared.
+#[test]
+fn score_refuses_a_text_past_the_context() {
+    let fx = Fx::new();
+    let mut c = oedit_cmd();
+    c.args(["score", "--model", fx.model.to_str().unwrap(), "--text", &"the cat ".repeat(100)]);
+    let o = run(c);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("more than the model's context of 128"), "{line}");
+}

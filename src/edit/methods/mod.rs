@@ -249,6 +249,7 @@ impl<'a> EditContext<'a> {
     /// checkpoint.
     pub fn apply(&mut self, layer: usize, update: &RankOne, key: &[f64]) -> Result<()> {
         let a = AppliedUpdate { layer, r: to_f32(&update.r), u: to_f32(&update.u), key: to_f32(key) };
+        ensure_finite(&a)?;
         apply_rank_one(self.model, layer, &a.r, &a.u)?;
         self.norm_sq += update.norm().powi(2);
         self.applied.push(a);
@@ -259,6 +260,20 @@ impl<'a> EditContext<'a> {
     pub fn finish(self) -> (Vec<AppliedUpdate>, f64) {
         (self.applied, self.norm_sq.sqrt())
     }
+}
+
+/// Refuses an update with a NaN or infinite entry (in f32, as it would be applied): a diverged
+/// v\* optimisation or solve must reach neither the weights nor the checkpoint.
+fn ensure_finite(a: &AppliedUpdate) -> Result<()> {
+    if a.r.iter().chain(&a.u).all(|x| x.is_finite()) {
+        return Ok(());
+    }
+    bail!(
+        "the update of layer {} has NaN or infinite entries (the v* optimisation or the solve \
+         diverged); this edit is not applied to the checkpoint: lower v_lr or clamp_norm_factor in \
+         the hyper-parameters",
+        a.layer
+    )
 }
 
 /// Everything an update rule may use for a batch of edits, and the record of what it applied
@@ -334,6 +349,7 @@ impl<'a> BatchContext<'a> {
     /// Applies record `record`'s share ΔW = r uᵀ to `layer` and records it (with its key).
     pub fn apply(&mut self, record: usize, layer: usize, update: &RankOne, key: &[f64]) -> Result<()> {
         let a = AppliedUpdate { layer, r: to_f32(&update.r), u: to_f32(&update.u), key: to_f32(key) };
+        ensure_finite(&a)?;
         apply_rank_one(self.model, layer, &a.r, &a.u)?;
         self.norm_sq[record] += update.norm().powi(2);
         self.applied[record].push(a);
