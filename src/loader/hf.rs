@@ -111,11 +111,13 @@ pub fn check_safetensors(path: &Path) -> Result<()> {
             }
         }
     }
-    if 8 + n + end != size {
+    // Offsets near u64::MAX (a corrupt header) must not overflow the sum.
+    let expected = (8 + n).checked_add(end);
+    if expected != Some(size) {
         bail!(
             "{}: corrupt or truncated safetensors (expected {} bytes, found {size})",
             path.display(),
-            8 + n + end
+            expected.map_or_else(|| "more than 2^64".to_owned(), |e| e.to_string())
         );
     }
     Ok(())

@@ -152,8 +152,9 @@ fn read_header(path: &Path, file: &File, index: usize) -> Result<Vec<(String, En
         else {
             bail!(bad());
         };
-        let want = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
-        if b < a || b - a != want || base + b > size {
+        // Checked: a corrupt shape or offset must not wrap around to a range that fits.
+        let want = shape.iter().try_fold(dtype.size_in_bytes() as u64, |acc, &d| acc.checked_mul(d as u64));
+        if b < a || Some(b - a) != want || base.checked_add(b).is_none_or(|end| end > size) {
             bail!("{}: `{name}` has a byte range that does not match its shape or the file", path.display());
         }
         out.push((name.clone(), Entry { file: index, dtype, shape, start: base + a, end: base + b }));

@@ -97,6 +97,21 @@ fn garbage_safetensors_header() {
     std::fs::write(&st, &bad).unwrap();
     let line = score_fails(tmp.path(), &dir);
     assert!(line.contains(st.to_str().unwrap()) && line.contains("truncated"), "{line}");
+    // A shape whose byte count wraps around u64 to the empty range it claims, and an end offset
+    // past 2^64 - 8: refused, not taken at their wrapped values.
+    for header in [
+        br#"{"model.norm.weight":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#
+            .to_vec(),
+        br#"{"model.norm.weight":{"dtype":"F32","shape":[32],"data_offsets":[0,18446744073709551615]}}"#
+            .to_vec(),
+    ] {
+        let mut bad = (header.len() as u64).to_le_bytes().to_vec();
+        bad.extend(&header);
+        std::fs::write(&st, &bad).unwrap();
+        let line = score_fails(tmp.path(), &dir);
+        assert!(line.contains(st.to_str().unwrap()), "{line}");
+        assert!(line.contains("does not match its shape") || line.contains("truncated"), "{line}");
+    }
 }
 
 #[test]
