@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Tables of a lifelong-editing sweep (bench-results/lifelong, bench-results/lifelong-dev) from its
 reports (LABEL-N.json, written by scripts/bench_sweep.py), its run logs (runs/LABEL/log.jsonl,
-when present) and its oldest-edit reports (oldest/LABEL-N-first100.json).
+when present, else the committed trimmed copies landing-logs/LABEL.jsonl) and its oldest-edit
+reports (oldest/LABEL-N-first100.json).
 
 usage: lifelong_tables.py DIR [DIR ...]
+       lifelong_tables.py --export-landing DIR   (write DIR/landing-logs/LABEL.jsonl from runs/)
+
+The run directories are not committed (they hold model weights); the trimmed logs keep, per
+edit, what the landing table needs, so the table can be rebuilt from a fresh clone.
 
 Prints Markdown: per DIR, (1) every report with both evaluation protocols, the unedited model
 first at each N; (2) the landing right after each edit from the logs; (3) the oldest 100 edits.
@@ -52,21 +57,47 @@ def main_table(d):
         print(f"| {label} | {n} | {fmt(e, TF)} | {fmt(e, GEN)} |")
 
 
+TRIMMED = ["index", "case_id", "attempts", "target_wins", "margin", "update_norm", "seconds", "steps"]
+
+
 def first_wins(e):
+    if "first_update_wins" in e:
+        return e["first_update_wins"]
     if e.get("attempts", 1) > 1 and e.get("landing"):
         return e["landing"][0]["target_wins"]
     return e["target_wins"]
 
 
+def run_logs(d):
+    """(label, path) of every run's log: the live run directory's, else the trimmed copy."""
+    logs = {p.split(os.sep)[-2]: p for p in glob.glob(os.path.join(d, "runs", "*", "log.jsonl"))}
+    for p in glob.glob(os.path.join(d, "landing-logs", "*.jsonl")):
+        logs.setdefault(os.path.basename(p)[: -len(".jsonl")], p)
+    return sorted(logs.items())
+
+
+def export_landing(d):
+    os.makedirs(os.path.join(d, "landing-logs"), exist_ok=True)
+    for path in sorted(glob.glob(os.path.join(d, "runs", "*", "log.jsonl"))):
+        label = path.split(os.sep)[-2]
+        with open(path) as f, open(os.path.join(d, "landing-logs", label + ".jsonl"), "w") as out:
+            for line in f:
+                if line.strip():
+                    e = json.loads(line)
+                    t = {k: e[k] for k in TRIMMED if k in e}
+                    t["first_update_wins"] = first_wins(e)
+                    out.write(json.dumps(t) + "\n")
+
+
 def landing_table(d):
-    runs = sorted(glob.glob(os.path.join(d, "runs", "*", "log.jsonl")))
+    runs = run_logs(d)
     if not runs:
         return
     print()
     print("| run | edits | target wins right after its edit | after its first update | edits with > 1 "
           "attempt | median margin | median ‖ΔW‖ | median s per edit |")
     print("|---|---|---|---|---|---|---|---|")
-    for path in runs:
+    for label, path in runs:
         log = [json.loads(l) for l in open(path) if l.strip()]
         if not log:
             continue
@@ -75,7 +106,6 @@ def landing_table(d):
         first = sum(first_wins(e) for e in log)
         more = sum(e.get("attempts", 1) > 1 for e in log)
         margins = [e["margin"] for e in log if e.get("margin") is not None]
-        label = path.split(os.sep)[-2]
         print(f"| {label} | {n} | {wins} ({100 * wins / n:.1f}%) | {first} ({100 * first / n:.1f}%) | {more} "
               f"| {st.median(margins):.2f} | {st.median(e['update_norm'] for e in log):.2f} "
               f"| {st.median(e['seconds'] for e in log):.1f} |")
@@ -96,6 +126,10 @@ def oldest_table(d):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--export-landing"]:
+        for d in sys.argv[2:]:
+            export_landing(d)
+        sys.exit(0)
     for d in sys.argv[1:]:
         print(f"### {d}\n")
         main_table(d)
