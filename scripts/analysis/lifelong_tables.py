@@ -7,7 +7,7 @@ reports (oldest/LABEL-N-first100.json).
 usage: lifelong_tables.py DIR [DIR ...]
        lifelong_tables.py --export-landing DIR   (write DIR/landing-logs/LABEL.jsonl from runs/)
 
-The run directories are not committed (they hold model weights); the trimmed logs keep, per
+The run directories are not committed (they hold each edit's update); the trimmed logs keep, per
 edit, what the landing table needs, so the table can be rebuilt from a fresh clone.
 
 Prints Markdown: per DIR, (1) every report with both evaluation protocols, the unedited model
@@ -68,9 +68,14 @@ def first_wins(e):
     return e["target_wins"]
 
 
+def live_run_logs(d):
+    """{label: path} of the logs in the run directories still present (runs/LABEL/log.jsonl)."""
+    return {p.split(os.sep)[-2]: p for p in glob.glob(os.path.join(d, "runs", "*", "log.jsonl"))}
+
+
 def run_logs(d):
     """(label, path) of every run's log: the live run directory's, else the trimmed copy."""
-    logs = {p.split(os.sep)[-2]: p for p in glob.glob(os.path.join(d, "runs", "*", "log.jsonl"))}
+    logs = live_run_logs(d)
     for p in glob.glob(os.path.join(d, "landing-logs", "*.jsonl")):
         logs.setdefault(os.path.basename(p)[: -len(".jsonl")], p)
     return sorted(logs.items())
@@ -78,8 +83,7 @@ def run_logs(d):
 
 def export_landing(d):
     os.makedirs(os.path.join(d, "landing-logs"), exist_ok=True)
-    for path in sorted(glob.glob(os.path.join(d, "runs", "*", "log.jsonl"))):
-        label = path.split(os.sep)[-2]
+    for label, path in sorted(live_run_logs(d).items()):
         with open(path) as f, open(os.path.join(d, "landing-logs", label + ".jsonl"), "w") as out:
             for line in f:
                 if line.strip():
