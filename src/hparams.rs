@@ -213,6 +213,11 @@ pub struct Hparams {
     /// probable one on every rewrite prompt (ENCORE's most-probable early stopping). Omitted: off.
     #[serde(default)]
     pub stop_at_argmax: bool,
+    /// With `stop_at_argmax`: stop only once every target token also leads the next most
+    /// probable token by at least this many nats, so the edit keeps a margin for greedy
+    /// decoding. Omitted: 0 (stop as soon as the targets are on top).
+    #[serde(default)]
+    pub argmax_margin: f64,
     /// Norm control of v\* (see [`ValueNorm`]). Omitted: free.
     #[serde(default)]
     pub value_norm: ValueNorm,
@@ -305,6 +310,7 @@ impl Hparams {
             ("kl_weight", self.kl_weight),
             ("weight_decay", self.weight_decay),
             ("stop_loss", self.stop_loss),
+            ("argmax_margin", self.argmax_margin),
             ("cov_regularization", self.cov_regularization),
         ];
         for (name, v) in non_negative {
@@ -432,7 +438,7 @@ mod tests {
         assert_eq!(hp.oedit_soft.lambda, 3_000.0);
         hp.validate(4).unwrap();
         assert_eq!(hp.landing, LandingParams::off());
-        let cases: [BadCase; 13] = [
+        let cases: [BadCase; 14] = [
             ("subspace.tolerance", |h| h.subspace.tolerance = 1.5),
             ("subspace.tolerance", |h| h.subspace.tolerance = -0.1),
             ("subspace.tolerance", |h| h.subspace.tolerance = 0.0),
@@ -448,6 +454,7 @@ mod tests {
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = 0.0),
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = f64::NAN),
             ("alphaedit.l2", |h| h.alphaedit.l2 = -1.0),
+            ("argmax_margin", |h| h.argmax_margin = -0.5),
             ("layer 7 out of range", |h| h.layer = 7),
         ];
         for (want, tweak) in cases {

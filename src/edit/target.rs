@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
@@ -172,7 +172,8 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         nll_last = nll_v as f64;
         losses.push(loss_last);
         if (nll_v as f64) < hp.stop_loss
-            || (hp.stop_at_argmax && all_argmax(&lp.narrow(0, 0, n_target_rows)?, &target_ids)?)
+            || (hp.stop_at_argmax
+                && targets_lead(&lp.narrow(0, 0, n_target_rows)?, &target_ids, hp.argmax_margin)?)
         {
             break;
         }
@@ -225,6 +226,38 @@ pub fn all_argmax(lp: &Tensor, ids: &[u32]) -> Result<bool> {
     Ok(on_top(&lp.argmax(D::Minus1)?.to_vec1()?, ids))
 }
 
+/// Whether every `ids[i]` is the most probable token of row `i` of `lp` and, when `margin` > 0,
+/// leads the next most probable token of its row by at least `margin` nats: the stop of the v\*
+/// optimisation with `stop_at_argmax` and `argmax_margin`.
+pub fn targets_lead(lp: &Tensor, ids: &[u32], margin: f64) -> Result<bool> {
+    if !all_argmax(lp, ids)? {
+        return Ok(false);
+    }
+    Ok(margin <= 0.0 || row_leads(lp, ids)?.iter().all(|&l| l >= margin))
+}
+
+/// For each row `i` of the log-probabilities `lp` (`[ids.len(), vocab]`), how far `ids[i]` leads
+/// the most probable other token of the row, in nats (negative where another token is ahead).
+pub fn row_leads(lp: &Tensor, ids: &[u32]) -> Result<Vec<f64>> {
+    let rows: Vec<Vec<f32>> = lp.to_dtype(DType::F32)?.to_vec2()?;
+    if rows.len() != ids.len() {
+        bail!("{} rows of log-probabilities for {} targets", rows.len(), ids.len());
+    }
+    rows.iter()
+        .zip(ids)
+        .map(|(row, &id)| {
+            let own = *row.get(id as usize).context("target id outside the vocabulary")?;
+            let rival = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != id as usize)
+                .map(|(_, &x)| x)
+                .fold(f32::NEG_INFINITY, f32::max);
+            Ok(own as f64 - rival as f64)
+        })
+        .collect()
+}
+
 /// Whether the most probable tokens `best` are the targets `ids`, one for one.
 pub fn on_top(best: &[u32], ids: &[u32]) -> bool {
     best.len() == ids.len() && best.iter().zip(ids).all(|(a, b)| a == b)
@@ -273,6 +306,20 @@ mod tests {
         assert!(!all_argmax(&lp, &[1, 1]).unwrap());
         assert!(!all_argmax(&lp, &[2, 0]).unwrap());
         assert!(!all_argmax(&lp, &[1]).unwrap());
+    }
+
+    #[test]
+    fn targets_lead_by_the_margin_on_every_row() {
+        let lp = Tensor::new(&[[-3.0f32, -0.1, -2.0], [-0.2, -1.0, -4.0]], &Device::Cpu).unwrap();
+        let leads = row_leads(&lp, &[1, 0]).unwrap();
+        assert!((leads[0] - 1.9).abs() < 1e-6 && (leads[1] - 0.8).abs() < 1e-6, "{leads:?}");
+        assert!((row_leads(&lp, &[2, 2]).unwrap()[0] + 1.9).abs() < 1e-6);
+        assert!(targets_lead(&lp, &[1, 0], 0.0).unwrap());
+        assert!(targets_lead(&lp, &[1, 0], 0.79).unwrap());
+        assert!(!targets_lead(&lp, &[1, 0], 0.81).unwrap(), "the second row leads by 0.8 only");
+        assert!(!targets_lead(&lp, &[2, 0], 0.0).unwrap());
+        assert!(row_leads(&lp, &[1]).is_err());
+        assert!(row_leads(&lp, &[1, 7]).is_err());
     }
 
     #[test]
