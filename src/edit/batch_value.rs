@@ -7,12 +7,13 @@
 //! the step minimises the sum of the losses of the records still running: no record's loss
 //! depends on another record's δ (the rows of different records never attend to each other), so
 //! each δ gets the gradient of its own loss. Adam works element by element, so one stacked Var
-//! evolves as B separate ones. A record whose target NLL falls below `stop_loss` (or whose targets
-//! are all the most probable tokens, with `stop_at_argmax`, leading by `argmax_margin`) is frozen at that step (its δ is put
-//! back after the optimiser step) and leaves the stack: later steps run the rows of the records
-//! still optimising only ([`View`]). Each record keeps its own step count and losses, and each δ
-//! is clamped to its own norm bound. Records of equal suffix length are stacked together, since
-//! a stack pads every row to its longest suffix. Per record the trajectory is the one the
+//! evolves as B separate ones. A record whose target NLL falls below `stop_loss` (or, with
+//! `stop_at_argmax`, whose targets are all the most probable tokens, leading by `argmax_margin`:
+//! the single-record predicate [`super::target::targets_lead`]) is frozen at that step (its δ is
+//! put back after the optimiser step) and leaves the stack: later steps run the rows of the
+//! records still optimising only ([`View`]). Each record keeps its own step count and losses,
+//! and each δ is clamped to its own norm bound. Records of equal suffix length are stacked
+//! together, since a stack pads every row to its longest suffix. Per record the trajectory is the one the
 //! single-record optimisation takes, up to float rounding (checked by a test).
 
 use std::time::Instant;
@@ -22,7 +23,7 @@ use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::prompts::EditPrompts;
-use super::target::{control_norm, on_top, row_leads, KeyValue, StepShape};
+use super::target::{control_norm, targets_lead, KeyValue, StepShape};
 use crate::hparams::Hparams;
 use crate::infer::log_softmax;
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Taps};
@@ -377,27 +378,17 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
         let loss = ((&nll + (kl * hp.kl_weight)?)? + wd)?;
         let loss_v: Vec<f32> = loss.to_dtype(DType::F32)?.to_vec1()?;
         let nll_v: Vec<f32> = nll.to_dtype(DType::F32)?.to_vec1()?;
-        let best: Option<Vec<u32>> = if hp.stop_at_argmax {
-            Some(lp.narrow(0, 0, n_targets)?.argmax(D::Minus1)?.to_vec1()?)
-        } else {
-            None
-        };
-        let leads: Option<Vec<f64>> = if hp.stop_at_argmax && hp.argmax_margin > 0.0 {
-            Some(row_leads(&lp.narrow(0, 0, n_targets)?, &view.target_ids)?)
-        } else {
-            None
-        };
         for (a, &i) in view.records.iter().enumerate() {
             let t = &mut track[i];
             t.losses.push(loss_v[a] as f64);
             t.nll_last = nll_v[a] as f64;
             let (start, len) = view.segments[a];
-            let argmax = best
-                .as_ref()
-                .is_some_and(|b| on_top(&b[start..start + len], &view.target_ids[start..start + len]))
-                && leads
-                    .as_ref()
-                    .is_none_or(|l| l[start..start + len].iter().all(|&x| x >= hp.argmax_margin));
+            let argmax = hp.stop_at_argmax
+                && targets_lead(
+                    &lp.narrow(0, start, len)?,
+                    &view.target_ids[start..start + len],
+                    hp.argmax_margin,
+                )?;
             if (nll_v[a] as f64) < hp.stop_loss || argmax {
                 t.running = false;
             }
