@@ -183,6 +183,14 @@ impl LandingParams {
 /// Most landing attempts per edit (each costs a v\* optimisation).
 pub const MAX_LANDING_ATTEMPTS: usize = 16;
 
+/// Seed of the sampled context templates when `template_seed` is omitted (fixed, so a run's
+/// templates are drawn identically by every session on the same device).
+pub const DEFAULT_TEMPLATE_SEED: u64 = 0x5EED;
+
+fn default_template_seed() -> u64 {
+    DEFAULT_TEMPLATE_SEED
+}
+
 /// Hyper-parameters of one editing run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -197,6 +205,10 @@ pub struct Hparams {
     /// 0: greedy continuations. Omitted: 0.
     #[serde(default)]
     pub template_top_k: usize,
+    /// Seed of the top-k template sampler (with `template_top_k` > 0): another seed draws
+    /// other templates. Omitted: [`DEFAULT_TEMPLATE_SEED`].
+    #[serde(default = "default_template_seed")]
+    pub template_seed: u64,
     /// Maximum optimisation steps for v*.
     pub v_steps: usize,
     /// Adam learning rate for v*.

@@ -12,32 +12,36 @@ use crate::tokenizer::Tok;
 /// Words that start the generated prefixes.
 const STARTERS: &[&str] = &["The", "Therefore", "Because", "I", "You", "However", "In", "It", "When", "A"];
 
-/// Seed of the sampled templates (fixed: a run's templates are regenerated, identically, by every
-/// session on the same device).
-const TEMPLATE_SEED: u64 = 0x5EED;
-
 /// The context templates `hp` asks for: greedy continuations ([`context_templates`]), or, with
 /// `template_top_k` > 0, top-k samples ([`sampled_context_templates`]).
 pub fn templates_for(model: &Llama, tok: &Tok, hp: &Hparams) -> Result<Vec<String>> {
     if hp.template_top_k == 0 {
         context_templates(model, tok, hp.context_templates, hp.template_length)
     } else {
-        sampled_context_templates(model, tok, hp.context_templates, hp.template_length, hp.template_top_k)
+        sampled_context_templates(
+            model,
+            tok,
+            hp.context_templates,
+            hp.template_length,
+            hp.template_top_k,
+            hp.template_seed,
+        )
     }
 }
 
 /// `count` templates like [`context_templates`], the prefixes drawn with top-`k` sampling at
 /// temperature 1 (ROME's and MEMIT's way: varied, natural contexts rather than one greedy and often
-/// repetitive continuation per starter), from a fixed seed.
+/// repetitive continuation per starter), from `seed`.
 pub fn sampled_context_templates(
     model: &Llama,
     tok: &Tok,
     count: usize,
     length: usize,
     k: usize,
+    seed: u64,
 ) -> Result<Vec<String>> {
     let mut out = vec!["{}".to_string()];
-    let mut sampler = LogitsProcessor::from_sampling(TEMPLATE_SEED, Sampling::TopK { k, temperature: 1.0 });
+    let mut sampler = LogitsProcessor::from_sampling(seed, Sampling::TopK { k, temperature: 1.0 });
     for s in STARTERS.iter().cycle().take(count.saturating_sub(1)) {
         let text = format!("{s}{}", generate_sampled(model, tok, s, length, &mut sampler)?);
         out.push(template_of(&text));

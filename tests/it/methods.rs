@@ -572,7 +572,8 @@ fn sampled_context_templates_are_varied_reproducible_and_chosen_by_the_hyper_par
     let sampled = templates_for(&lm.model, &lm.tok, &hp).unwrap();
     assert_eq!(
         sampled,
-        sampled_context_templates(&lm.model, &lm.tok, 6, 5, 5).unwrap(),
+        sampled_context_templates(&lm.model, &lm.tok, 6, 5, 5, oedit::hparams::DEFAULT_TEMPLATE_SEED)
+            .unwrap(),
         "same seed, same text"
     );
     assert_eq!(sampled.len(), 6);
@@ -581,4 +582,9 @@ fn sampled_context_templates_are_varied_reproducible_and_chosen_by_the_hyper_par
         assert_eq!(t.matches("{}").count(), 1, "{t}");
     }
     assert_ne!(sampled, greedy, "sampling gave the greedy continuations");
+    hp.template_seed = 7;
+    let reseeded = templates_for(&lm.model, &lm.tok, &hp).unwrap();
+    assert_eq!(reseeded, sampled_context_templates(&lm.model, &lm.tok, 6, 5, 5, 7).unwrap());
+    assert_ne!(reseeded, sampled, "another seed drew the same templates");
+    assert_eq!(reseeded[0], "{}");
 }
