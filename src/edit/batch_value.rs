@@ -13,8 +13,8 @@
 //! put back after the optimiser step) and leaves the stack: later steps run the rows of the
 //! records still optimising only ([`View`]). Each record keeps its own step count and losses,
 //! and each δ is clamped to its own norm bound. Records of equal suffix length are stacked
-//! together, since a stack pads every row to its longest suffix. Per record the trajectory is the one the
-//! single-record optimisation takes, up to float rounding (checked by a test).
+//! together, since a stack pads every row to its longest suffix. Per record the trajectory is
+//! the one the single-record optimisation takes, up to float rounding (checked by a test).
 
 use std::time::Instant;
 

@@ -222,8 +222,9 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
 
 /// Whether `ids[i]` is the most probable token of row `i` of the log-probabilities `lp`
 /// (`[ids.len(), vocab]`) for every row: the most-probable early stop of the v\* optimisation.
-pub fn all_argmax(lp: &Tensor, ids: &[u32]) -> Result<bool> {
-    Ok(on_top(&lp.argmax(D::Minus1)?.to_vec1()?, ids))
+fn all_argmax(lp: &Tensor, ids: &[u32]) -> Result<bool> {
+    let best: Vec<u32> = lp.argmax(D::Minus1)?.to_vec1()?;
+    Ok(best.len() == ids.len() && best.iter().zip(ids).all(|(a, b)| a == b))
 }
 
 /// Whether every `ids[i]` is the most probable token of row `i` of `lp` and, when `margin` > 0,
@@ -238,7 +239,7 @@ pub fn targets_lead(lp: &Tensor, ids: &[u32], margin: f64) -> Result<bool> {
 
 /// For each row `i` of the log-probabilities `lp` (`[ids.len(), vocab]`), how far `ids[i]` leads
 /// the most probable other token of the row, in nats (negative where another token is ahead).
-pub fn row_leads(lp: &Tensor, ids: &[u32]) -> Result<Vec<f64>> {
+fn row_leads(lp: &Tensor, ids: &[u32]) -> Result<Vec<f64>> {
     let rows: Vec<Vec<f32>> = lp.to_dtype(DType::F32)?.to_vec2()?;
     if rows.len() != ids.len() {
         bail!("{} rows of log-probabilities for {} targets", rows.len(), ids.len());
@@ -256,11 +257,6 @@ pub fn row_leads(lp: &Tensor, ids: &[u32]) -> Result<Vec<f64>> {
             Ok(own as f64 - rival as f64)
         })
         .collect()
-}
-
-/// Whether the most probable tokens `best` are the targets `ids`, one for one.
-pub fn on_top(best: &[u32], ids: &[u32]) -> bool {
-    best.len() == ids.len() && best.iter().zip(ids).all(|(a, b)| a == b)
 }
 
 /// Applies the norm control `mode` to an optimised value: with [`ValueNorm::Original`], v\* is
