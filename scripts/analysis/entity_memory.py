@@ -31,7 +31,7 @@ import os
 import numpy as np
 from safetensors.numpy import load_file
 
-from key_leak import load_rows, stats_path
+from key_leak import load_rows, stats_path, write_json
 
 
 def per_edit(rows, layer):
@@ -138,9 +138,7 @@ def main():
         print(f"  {name:32s} unseen subjects {row['unseen_subjects']:.3f}  corpus {row['corpus']:.4f}"
               f"  oldest-100 drift {row['oldest_100_drift']:.3f}  median |dW_i| {row['median_update_norm']:.2f}")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-            fh.write("\n")
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":

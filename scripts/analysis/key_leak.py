@@ -78,6 +78,13 @@ def leak(u, own, others, c):
     return float(nb), float(corpus)
 
 
+def write_json(path, data):
+    """The report as indented JSON with a final newline."""
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -152,9 +159,7 @@ def main():
             print(f"  after {s['n']} edits: on unseen subjects' keys {s['unseen_subjects']:.2f}, "
                   f"on corpus keys {s['corpus']:.3f}{ex}")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-            fh.write("\n")
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":
