@@ -121,9 +121,9 @@ def main():
     for g in map(float, a.gammas.split(",")):
         rules.append((f"+ entity memory, gamma {g:g}",
                       alphaedit_directions(null_basis, alpha, keys, a.n, entity, g)))
-    out = {"run": a.run, "layer": a.layer, "n": a.n, "entity_keys": len(entity),
-           "null_dim": int(null_basis.shape[0]), "median_landed": unit, "rules": []}
     n0 = null_basis.shape[0]
+    out = {"run": a.run, "layer": a.layer, "n": a.n, "entity_keys": len(entity),
+           "null_dim": n0, "median_landed": unit, "rules": []}
     captured, cos = shared_shape(null_basis, keys, a.n, entity)
     out["unseen_energy_in_entity_pcs"] = {str(r): v for r, v in captured.items()}
     out["median_abs_cos"] = cos
