@@ -472,6 +472,19 @@ impl RunDir {
         Ok(Some(m))
     }
 
+    /// Fails when the directory no longer holds its manifest (moved or deleted while the run was
+    /// going), so that a commit never starts a partial run where the run used to be.
+    fn check_still_in_place(&self) -> Result<()> {
+        if !self.manifest_path().is_file() {
+            bail!(
+                "{}: the run directory was moved or deleted while editing (no manifest.json); \
+                 this edit was not written, the edits committed before it are wherever the directory went",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Writes manifest.json.
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
         atomic_write(&self.manifest_path(), serde_json::to_string_pretty(m)?.as_bytes())
@@ -691,6 +704,7 @@ impl RunDir {
     /// added (format 2: its record; format 1: the unfinished factor chunk and the whole basis),
     /// then the commit point. `live` are the rule's subspaces after the edit.
     pub fn commit(&self, state: &mut State, live: &[(usize, &Subspace)]) -> Result<CommitStats> {
+        self.check_still_in_place()?;
         if state.format == 1 {
             return self.commit_v1(state, live);
         }

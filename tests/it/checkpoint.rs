@@ -195,3 +195,26 @@ fn a_format_1_run_resumes_in_format_1_to_the_same_result() {
     // eval reads it (as f32: the manifest has no dtype).
     assert_ok(&run(fx.eval(&old, &[])));
 }
+
+#[test]
+fn a_commit_after_the_run_directory_moved_fails_and_recreates_nothing() {
+    let fx = Fx::new(2);
+    let dir = fx.path("run");
+    assert_ok(&run(fx.edit(&dir, &[])));
+    let rd = RunDir::open(&dir).unwrap();
+    let mut state = rd.read_state(INTERMEDIATE).unwrap();
+    let live: Vec<(usize, &Subspace)> = Vec::new();
+    let before = checkpoint(&dir);
+
+    // Moved away while an edit is going: its commit must not start a partial run in its place.
+    let moved = fx.path("moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    let err = format!("{:#}", rd.commit(&mut state, &live).unwrap_err());
+    assert!(err.contains("moved or deleted"), "{err}");
+    assert!(!dir.exists(), "the commit recreated {}", dir.display());
+    assert!(checkpoint(&moved) == before, "the moved run changed");
+    // Where it went, the run resumes.
+    let o = run(fx.edit(&moved, &[]));
+    assert_ok(&o);
+    assert_eq!(edit_summary(&o)["resumed_from"], 2);
+}
