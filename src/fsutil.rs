@@ -83,6 +83,11 @@ fn temp_owner(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
+/// Whether `name` is the name of a temporary file or folder of an atomic write.
+pub(crate) fn is_temp_name(name: &str) -> bool {
+    temp_owner(name).is_some()
+}
+
 /// Whether process `pid` is alive: `Some` where `/proc` tells, `None` where it cannot be known.
 fn process_alive(pid: u32) -> Option<bool> {
     if pid == std::process::id() {

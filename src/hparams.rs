@@ -272,7 +272,8 @@ pub const MAX_CONTEXT_TEMPLATES: usize = 64;
 pub const MAX_TEMPLATE_LENGTH: usize = 64;
 
 impl Hparams {
-    /// Reads a JSON file holding either the hyper-parameters or a model preset with an `hparams` key.
+    /// Reads a JSON file holding either the hyper-parameters or a model preset with an `hparams` key,
+    /// and checks every value but the layer numbers (which need the model: [`Hparams::validate`]).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -284,7 +285,10 @@ impl Hparams {
         } else {
             serde_json::from_str::<Hparams>(&text)
         };
-        parsed.with_context(|| format!("{}: invalid hyper-parameters", path.display()))
+        let hp = parsed.with_context(|| format!("{}: invalid hyper-parameters", path.display()))?;
+        // Every value but the layer numbers (checked against the model once it loads).
+        hp.validate(usize::MAX).with_context(|| format!("{}: invalid hyper-parameters", path.display()))?;
+        Ok(hp)
     }
 
     /// Checks the values against a model with `num_layers` layers.

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod linalg;
 pub mod loader;
 pub mod model;
+pub mod output;
 pub mod packing;
 pub mod presets;
 pub mod progress;
@@ -28,10 +29,12 @@ pub mod tensor_file;
 pub mod threads;
 pub mod tokenizer;
 
-/// Process exit code for an error: 3 for a metric below its threshold, 2 for bad input or
-/// usage, 1 for anything else.
+/// Process exit code for an error: 141 when standard output was closed by its reader, 3 for a
+/// metric below its threshold, 2 for bad input or usage, 1 for anything else.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|e| e.is::<errors::ThresholdError>()) {
+    if err.chain().any(|e| e.is::<output::OutputClosed>()) {
+        141
+    } else if err.chain().any(|e| e.is::<errors::ThresholdError>()) {
         3
     } else if err.chain().any(|e| e.is::<errors::InputError>()) {
         2

@@ -12,6 +12,7 @@
 //!                            when the chunk completes (the per-edit files are then deleted)
 //! DIR/log.jsonl              one JSON line per edit
 //! DIR/rejected.jsonl         rejected input lines (with --on-invalid skip)
+//! DIR/lock                   held (an OS file lock) by the `oedit edit` editing the run, see [`guard`]
 //! ```
 //! A commit writes the edit's record (O(f) bytes: its factors and the few basis rows it appended),
 //! then the small commit point; once every 256 edits, the chunk file. Resuming rebuilds each
@@ -41,6 +42,7 @@ use crate::hparams::Hparams;
 use crate::loader::hf::check_safetensors;
 use crate::model::Llama;
 
+pub mod guard;
 pub mod journal;
 pub mod log;
 
@@ -308,6 +310,8 @@ pub struct Committed {
 /// A run directory.
 pub struct RunDir {
     pub path: PathBuf,
+    /// The exclusive lock of an editing session ([`RunDir::create`]); `None` when opened to read.
+    _lock: Option<std::fs::File>,
 }
 
 pub(crate) fn hash_f32(h: &mut Fnv, v: &[f32]) {
@@ -425,19 +429,30 @@ fn write_safetensors(
 }
 
 impl RunDir {
-    /// Opens (creating if needed) the run directory.
+    /// Opens the run directory to edit it, creating it if needed, and takes its exclusive lock
+    /// (held while the value lives). A path that cannot hold a run (a file, a directory that is
+    /// neither empty nor a run) or a run another process is editing is an [`InputError`], with
+    /// nothing written ([`guard::check_run_path`]).
     pub fn create(path: &Path) -> Result<Self> {
+        guard::check_run_path(path)?;
         std::fs::create_dir_all(path.join("updates"))
             .with_context(|| format!("{}: cannot create run directory", path.display()))?;
-        Ok(Self { path: path.to_path_buf() })
+        let lock = guard::lock_run_dir(path)?;
+        Ok(Self { path: path.to_path_buf(), _lock: Some(lock) })
     }
 
-    /// Opens an existing run directory.
+    /// A handle to read what `path` may hold (no check, no lock): e.g. [`RunDir::committed`] of a
+    /// run directory that may not exist yet.
+    pub fn peek(path: &Path) -> Self {
+        Self { path: path.to_path_buf(), _lock: None }
+    }
+
+    /// Opens an existing run directory to read it (no lock: a run can be read while it edits).
     pub fn open(path: &Path) -> Result<Self> {
         if !path.join("manifest.json").is_file() {
             bail!("{}: not an oedit run directory (no manifest.json)", path.display());
         }
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self { path: path.to_path_buf(), _lock: None })
     }
 
     fn manifest_path(&self) -> PathBuf {

@@ -106,33 +106,34 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
         fingerprint: fingerprint.clone(),
     };
     let dtype = crate::device::dtype_name(lm.dtype).to_string();
-    let manifest = match existing {
-        Some(m) => {
-            let probe = Manifest {
-                templates: m.templates.clone(),
-                batch_size: opts.batch_size.max(1),
-                ..new_manifest(identity, opts.method, &hp, vec![], stats_id, &opts.edits, &dtype)
-            };
-            if let Some(why) = m.incompatibility(&probe) {
-                return Err(InputError(format!(
-                    "run directory {} cannot be continued: {why}; use another --run directory",
-                    opts.run_dir.display()
-                ))
-                .into());
-            }
-            m
+    // The manifest this command would write, with the given context templates.
+    let batch_size = opts.batch_size.max(1);
+    let fresh = |templates: Vec<String>| Manifest {
+        batch_size,
+        ..new_manifest(identity.clone(), opts.method, &hp, templates, stats_id.clone(), &opts.edits, &dtype)
+    };
+    let manifest = match existing.map(|m| {
+        let why = m.incompatibility(&fresh(m.templates.clone()));
+        (m, why)
+    }) {
+        Some((m, None)) => m,
+        // A run that has committed no edit (a first session that failed before its first
+        // commit, e.g. on a corpus too small for cov_tokens) binds nothing: it starts afresh.
+        Some((_, Some(why))) if rd.committed()?.is_none() => {
+            eprintln!(
+                "note: {} holds no committed edit; starting it afresh with this command's settings ({why})",
+                opts.run_dir.display()
+            );
+            start_manifest(&rd, lm, &hp, fresh)?
         }
-        None => {
-            let t = Instant::now();
-            let templates = templates_for(&lm.model, &lm.tok, &hp)?;
-            report_timing("context templates", t);
-            let m = Manifest {
-                batch_size: opts.batch_size.max(1),
-                ..new_manifest(identity, opts.method, &hp, templates, stats_id, &opts.edits, &dtype)
-            };
-            rd.write_manifest(&m)?;
-            m
+        Some((_, Some(why))) => {
+            return Err(InputError(format!(
+                "run directory {} cannot be continued: {why}; use another --run directory",
+                opts.run_dir.display()
+            ))
+            .into());
         }
+        None => start_manifest(&rd, lm, &hp, fresh)?,
     };
     input.set_check(crate::limits::record_check(&lm.tok, lm.config(), &manifest.templates, opts.limits)?);
     let f = lm.config().intermediate_size;
@@ -188,7 +189,6 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
     let mut rejected = 0usize;
     let mut this_session = 0usize;
     let mut stopped_by_limit = false;
-    let batch_size = opts.batch_size.max(1);
     let mut next_batch = next_batch_number(&state);
     loop {
         // Gather up to --batch-size good records (fewer at --limit or at the end of the input).
@@ -372,20 +372,41 @@ impl BatchRun<'_> {
         let stats = self.rd.commit(state, &editor.subspaces())?;
         let checkpoint = tc.elapsed().as_secs_f64();
         let seconds = t.elapsed().as_secs_f64();
+        let mut lines = Vec::with_capacity(entries.len());
         for entry in entries.iter_mut() {
             entry.phases.checkpoint = checkpoint;
             entry.phases.checkpoint_bytes = Some(stats.bytes_written);
             entry.seconds = seconds;
             let line_text = entry.to_line();
             self.rd.append_line(&self.rd.log_path(), &line_text)?;
-            if self.json_lines {
-                println!("{line_text}");
-            }
+            lines.push(line_text);
         }
         state.last_log = entries.pop();
         state.batch_log = entries;
+        // Printed once the whole batch is in the log: a closed standard output stops the run
+        // after a complete commit.
+        if self.json_lines {
+            for line_text in &lines {
+                crate::output::print_line(line_text)?;
+            }
+        }
         Ok(wins)
     }
+}
+
+/// Draws the context templates and writes the manifest of a run that starts afresh.
+fn start_manifest(
+    rd: &RunDir,
+    lm: &LoadedModel,
+    hp: &Hparams,
+    fresh: impl Fn(Vec<String>) -> Manifest,
+) -> Result<Manifest> {
+    let t = Instant::now();
+    let templates = templates_for(&lm.model, &lm.tok, hp)?;
+    report_timing("context templates", t);
+    let m = fresh(templates);
+    rd.write_manifest(&m)?;
+    Ok(m)
 }
 
 fn new_manifest(

@@ -101,7 +101,12 @@ impl Corpus {
             }
         }
         if windows.is_empty() || total < max_tokens / 2 {
-            bail!("corpus `{}` has only {total} tokens; {max_tokens} were requested (lower cov_tokens or give a larger --stats-corpus)", self.name);
+            // Bad input (exit code 2): the hyper-parameters ask more of the corpus than it has.
+            return Err(crate::errors::InputError(format!(
+                "corpus `{}` has only {total} tokens; cov_tokens asks for {max_tokens} (lower cov_tokens or give a larger --stats-corpus)",
+                self.name
+            ))
+            .into());
         }
         Ok(windows)
     }

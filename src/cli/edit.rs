@@ -78,9 +78,16 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         .map(Hparams::from_file)
         .transpose()
         .map_err(|e| InputError(format!("{e:#}")))?;
+    // The run directory: a new path, an empty directory or a run no other process is editing.
+    crate::run::guard::check_run_path(&args.run)?;
     // The edits too: checked against the run they continue, and validated up to --limit (the
     // first records of standard input, kept for the session) when bad lines stop the run.
     let input = EditInput::prepare(&args.edits, &args.run, args.limit, args.on_invalid, args.max_line_bytes)?;
+    // The statistics corpus too.
+    let corpus = match &args.stats_corpus {
+        Some(p) => Corpus::from_path(p).map_err(|e| InputError(format!("--stats-corpus: {e:#}")))?,
+        None => Corpus::builtin(),
+    };
     // JSON lines and the summary line go to standard output with --json or when it is not a terminal.
     let json = args.json || !std::io::stdout().is_terminal();
     let t = std::time::Instant::now();
@@ -111,10 +118,6 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
             .into());
         }
     }
-    let corpus = match &args.stats_corpus {
-        Some(p) => Corpus::from_path(p)?,
-        None => Corpus::builtin(),
-    };
     let summary = run(
         &mut lm,
         SessionOptions {
@@ -136,7 +139,7 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         },
     )?;
     if json {
-        println!("{}", serde_json::json!({ "summary": summary }));
+        crate::output::print_line(&serde_json::json!({ "summary": summary }).to_string())?;
     }
     if !args.json {
         let wins = match summary.target_wins_rate {

@@ -14,6 +14,7 @@ use crate::eval::report::Summaries;
 use crate::eval::run_eval::{apply_token_limits, edits_up_to};
 use crate::eval::{
     evaluate, metric_columns, parse_thresholds, read_records, EvalOptions, EvalRun, MetricSet, Report,
+    Threshold,
 };
 use crate::fsutil::atomic_write;
 use crate::limits::{DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_PROMPT_TOKENS};
@@ -97,8 +98,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.at == Some(0) {
         return Err(InputError("--at: N must be at least 1".into()).into());
     }
-    let log = run_dir.as_ref().map(RunDir::read_log).transpose()?;
-    let edited = log.as_deref().map(|l| edits_up_to(l, args.at));
+    // The run as committed (its log with the lines a crash may have kept only in the
+    // checkpoint), pinned at its N-th edit: a run still editing gains edits after this read.
+    let committed = run_dir.as_ref().map(RunDir::committed).transpose()?;
+    let at = match &committed {
+        None => args.at,
+        Some(c) => {
+            let n_edits = c.as_ref().map_or(0, |c| c.n_edits);
+            if let Some(n) = args.at.filter(|&n| n > n_edits) {
+                return Err(InputError(format!(
+                    "--at {n}: {} has only {n_edits} committed edits",
+                    run_dir.as_ref().map(|d| d.path.display().to_string()).unwrap_or_default()
+                ))
+                .into());
+            }
+            Some(args.at.unwrap_or(n_edits))
+        }
+    };
+    let log = committed.map(|c| c.map(|c| c.log).unwrap_or_default());
+    let edited = log.as_deref().map(|l| edits_up_to(l, at));
+    unmeasured_thresholds(&thresholds, which)?;
+    check_output_path(args.json.as_deref())?;
     // Records (invalid ones skipped and reported), checked against the run before the model loads.
     let mut input = read_records(&args.edits, edited.as_deref(), args.limit, args.max_line_bytes)?;
 
@@ -124,7 +144,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         which,
         timing: args.timing,
         gen_tokens: args.gen_tokens,
-        at: args.at,
+        at,
         use_cache: !args.no_cache,
         per_record: args.per_record,
         started,
@@ -133,13 +153,52 @@ pub fn run(args: EvalArgs) -> Result<()> {
     print_table(&report, started.elapsed().as_secs_f64());
     let json = || serde_json::to_string_pretty(&report);
     match &args.json {
-        Some(p) if p.as_os_str() == "-" => println!("{}", json()?),
+        Some(p) if p.as_os_str() == "-" => crate::output::print_line(&json()?)?,
         Some(p) => atomic_write(p, json()?.as_bytes())?,
         None => {}
+    }
+    // A threshold on a metric none of the records could give (e.g. generalization on records
+    // without paraphrases) is bad input, not a score below it.
+    if let Some(t) = thresholds.iter().find(|t| !report.metrics.edited.contains_key(&t.metric)) {
+        return Err(InputError(format!(
+            "--fail-under {}: no evaluated record gives that metric (e.g. no paraphrase or neighbourhood prompt)",
+            t.metric
+        ))
+        .into());
     }
     let failures = report.failures(&thresholds);
     if !failures.is_empty() {
         return Err(ThresholdError(failures.join("; ")).into());
+    }
+    Ok(())
+}
+
+/// A `--fail-under` threshold on a metric that `--metrics` does not measure is a usage error.
+fn unmeasured_thresholds(thresholds: &[Threshold], which: MetricSet) -> Result<()> {
+    match thresholds.iter().find(|t| !which.measures(&t.metric)) {
+        Some(t) => Err(InputError(format!(
+            "--fail-under {}: that metric is not measured; add it to --metrics",
+            t.metric
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// The folder of the `--json` report must exist before the evaluation spends its time.
+fn check_output_path(json: Option<&std::path::Path>) -> Result<()> {
+    let Some(p) = json.filter(|p| p.as_os_str() != "-") else { return Ok(()) };
+    if p.is_dir() {
+        return Err(InputError(format!("--json {}: is a directory; give a file name", p.display())).into());
+    }
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !parent.is_dir() {
+        return Err(InputError(format!(
+            "--json {}: the folder {} does not exist",
+            p.display(),
+            parent.display()
+        ))
+        .into());
     }
     Ok(())
 }

@@ -75,10 +75,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             generate_sampled(&lm.model, &lm.tok, &args.prompt, args.max_tokens, &mut sampler)?
         }
     };
-    if args.json {
-        println!("{}", serde_json::json!({ "prompt": args.prompt, "completion": completion }));
+    let text = if args.json {
+        serde_json::json!({ "prompt": args.prompt, "completion": completion }).to_string()
     } else {
-        println!("{}{}", args.prompt, completion);
-    }
-    Ok(())
+        format!("{}{}", args.prompt, completion)
+    };
+    crate::output::print_line(&text)
 }

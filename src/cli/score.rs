@@ -37,12 +37,10 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     };
     let lm = args.model.load()?;
     let s = score_text(&lm.model, &lm.tok, &text)?;
-    if args.json {
-        println!("{}", serde_json::to_string(&s)?);
+    let text = if args.json {
+        serde_json::to_string(&s)?
     } else {
-        println!("tokens      {}", s.tokens);
-        println!("mean_nll    {:.4}", s.mean_nll);
-        println!("perplexity  {:.3}", s.perplexity);
-    }
-    Ok(())
+        format!("tokens      {}\nmean_nll    {:.4}\nperplexity  {:.3}", s.tokens, s.mean_nll, s.perplexity)
+    };
+    crate::output::print_line(&text)
 }

@@ -112,6 +112,20 @@ impl MetricSet {
     pub fn generation(self) -> bool {
         self.gen_efficacy || self.gen_generalization || self.gen_locality
     }
+
+    /// Whether the set computes report column `column` (a name of [`super::metric_columns`]).
+    pub fn measures(self, column: &str) -> bool {
+        match column {
+            "efficacy" | "efficacy_token_acc" => self.efficacy,
+            "generalization" | "generalization_token_acc" => self.generalization,
+            "locality" | "locality_agreement" => self.locality,
+            "fluency" => self.fluency,
+            "gen_efficacy" => self.gen_efficacy,
+            "gen_generalization" => self.gen_generalization,
+            "gen_locality" => self.gen_locality,
+            _ => false,
+        }
+    }
 }
 
 /// One scoring job: a (prompt, answer) pair and where its score goes.
@@ -300,6 +314,19 @@ pub fn ngram_entropy(text: &str) -> f64 {
 mod tests {
     use super::*;
     use crate::data::RecordFormat;
+
+    #[test]
+    fn every_report_column_belongs_to_exactly_the_metric_that_computes_it() {
+        let all = MetricSet::parse("efficacy,generalization,locality,fluency,gen").unwrap();
+        for c in super::super::metric_columns() {
+            assert!(all.measures(c.name), "{}", c.name);
+            let family = c.name.trim_end_matches("_token_acc").trim_end_matches("_agreement");
+            let only = MetricSet::parse(family).unwrap();
+            assert!(only.measures(c.name), "{}", c.name);
+            let others = MetricSet::parse(if family == "fluency" { "efficacy" } else { "fluency" }).unwrap();
+            assert!(!others.measures(c.name), "{}", c.name);
+        }
+    }
 
     fn score(mean_nll: f64, token_accuracy: f64) -> AnswerScore {
         AnswerScore { tokens: 2, sum_nll: 2.0 * mean_nll, mean_nll, token_accuracy, argmax: vec![1, 2] }

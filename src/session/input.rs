@@ -61,9 +61,8 @@ impl EditInput {
         max_line_bytes: usize,
     ) -> Result<Self> {
         let mut input = Self::open(path, max_line_bytes)?;
-        let progress = RunDir { path: run_dir.to_path_buf() }
-            .committed()
-            .with_context(|| format!("resuming {}", run_dir.display()))?;
+        let progress =
+            RunDir::peek(run_dir).committed().with_context(|| format!("resuming {}", run_dir.display()))?;
         let (n_edits, last_line, log) = match progress {
             Some(p) => (p.n_edits, p.last_line, p.log),
             None => (0, 0, Vec::new()),

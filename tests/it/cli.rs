@@ -463,4 +463,19 @@ fn missing_edit_file_and_bad_hparams_fail_before_the_run_directory_exists() {
         assert!(line.contains("line 3"), "{name}: {line}");
         assert!(!run.exists());
     }
+    // A value out of range is named with its file before the model loads (the model path here
+    // does not exist: its error would come first otherwise).
+    let hp = tmp.path().join("zero-lr.json");
+    let mut v = tiny_hparams();
+    v["v_lr"] = serde_json::json!(0.0);
+    std::fs::write(&hp, v.to_string()).unwrap();
+    let args = ["edit", "--model", "no/such/model-folder", "--edits", edits.to_str().unwrap()];
+    let o = cmd_in(
+        tmp.path(),
+        &[&args[..], &["--run", run.to_str().unwrap(), "--hparams", hp.to_str().unwrap()]].concat(),
+    );
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains(hp.to_str().unwrap()) && line.contains("v_lr"), "{line}");
+    assert!(!run.exists());
 }

@@ -339,12 +339,47 @@ fn bad_eval_input_is_reported() {
     assert!(!err.contains("panicked"), "{err}");
     let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "efficacy=0"]);
     assert_ok(&o);
+    // A threshold on a metric --metrics leaves out is a usage error, found before any scoring.
     let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "fluency=0.5"]);
-    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("--fail-under fluency") && line.contains("--metrics"), "{line}");
     let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "bogus=0.5"]);
     let line = assert_clean_failure(&o);
     assert_eq!(o.status.code(), Some(2), "{line}");
     assert!(line.contains("bogus"), "{line}");
+}
+
+#[test]
+fn a_report_into_a_missing_folder_is_refused_before_the_evaluation() {
+    let fx = Fx::new(1);
+    let run_dir = fx.run_dir.to_str().unwrap();
+    let out = fx.path("no-such-folder").join("report.json");
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--json", out.to_str().unwrap()]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("no-such-folder") && line.contains("does not exist"), "{line}");
+    // Nothing was scored: no unedited scores were cached.
+    assert!(!fx.path("cache").join("eval").exists());
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--json", fx.tmp.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn eval_counts_the_edit_whose_log_line_only_the_checkpoint_kept() {
+    let fx = Fx::new(3);
+    // A crash between the commit of the third edit and its log line: the log has two lines.
+    let log = fx.run_dir.join("log.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let two: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, two).unwrap();
+    let r = eval_json(&fx.model, &fx.edits, &fx.path("r.json"), &["--run", fx.run_dir.to_str().unwrap()]);
+    assert_eq!(r["run"]["n_edits"], 3);
+    assert_eq!(r["records"]["evaluated"], 3);
+    let o = eval(&fx.model, &fx.edits, &["--run", fx.run_dir.to_str().unwrap(), "--at", "4"]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("--at 4") && line.contains("only 3 committed edits"), "{line}");
 }
 
 #[test]

@@ -21,6 +21,7 @@ mod limits;
 mod loaders;
 mod methods;
 mod resume;
+mod rundir;
 mod runlog;
 mod scoring;
 mod smollm2;
