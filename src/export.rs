@@ -12,6 +12,8 @@ use crate::tokenizer::Tok;
 /// Writes `model` and `tok` to `out` (created if needed). Tied embeddings stay tied.
 pub fn export_hf(model: &Llama, tok: &Tok, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+    // An export killed earlier left its temporary copy of the weights here.
+    crate::fsutil::remove_stale_temps(out);
     let mut cfg = model.config().clone();
     cfg.torch_dtype = Some(
         match model.dtype() {

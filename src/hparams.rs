@@ -287,18 +287,23 @@ impl Hparams {
         };
         let hp = parsed.with_context(|| format!("{}: invalid hyper-parameters", path.display()))?;
         // Every value but the layer numbers (checked against the model once it loads).
-        hp.validate(usize::MAX).with_context(|| format!("{}: invalid hyper-parameters", path.display()))?;
+        hp.validate_values().with_context(|| format!("{}: invalid hyper-parameters", path.display()))?;
         Ok(hp)
     }
 
     /// Checks the values against a model with `num_layers` layers.
     pub fn validate(&self, num_layers: usize) -> Result<()> {
-        if self.layer >= num_layers {
-            bail!(
-                "layer {} out of range: the model has {num_layers} layers (0..{})",
-                self.layer,
-                num_layers - 1
-            );
+        self.check(Some(num_layers))
+    }
+
+    /// Checks every value but the layer numbers (which need the model's layer count).
+    pub fn validate_values(&self) -> Result<()> {
+        self.check(None)
+    }
+
+    fn check(&self, num_layers: Option<usize>) -> Result<()> {
+        if let Some(n) = num_layers.filter(|&n| self.layer >= n) {
+            bail!("layer {} out of range: the model has {n} layers (0..{})", self.layer, n.saturating_sub(1));
         }
         if self.context_templates == 0 {
             bail!("context_templates must be at least 1");
@@ -357,8 +362,8 @@ impl Hparams {
         ];
         for (name, layers) in spreads {
             for &l in &self.spread_layers(layers) {
-                if l >= num_layers {
-                    bail!("{name}: layer {l} out of range: the model has {num_layers} layers");
+                if let Some(n) = num_layers.filter(|&n| l >= n) {
+                    bail!("{name}: layer {l} out of range: the model has {n} layers");
                 }
             }
             if !layers.windows(2).all(|w| w[0] < w[1]) {

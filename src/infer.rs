@@ -1,6 +1,6 @@
 //! Inference helpers: teacher-forced text scoring, greedy and sampled generation.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::LogitsProcessor;
 
@@ -31,7 +31,11 @@ pub fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
 pub fn score_text(model: &Llama, tok: &Tok, text: &str) -> Result<TextScore> {
     let ids = tok.encode_prompt(text)?;
     if ids.len() < 2 {
-        bail!("text has {} token(s); at least 2 are needed to score it", ids.len());
+        return Err(InputError(format!(
+            "text has {} token(s); at least 2 are needed to score it",
+            ids.len()
+        ))
+        .into());
     }
     if let Some(context) = model.config().max_position_embeddings.filter(|&c| ids.len() > c) {
         return Err(InputError(format!(
@@ -103,7 +107,7 @@ pub fn generate_sampled(
 fn prompt_ids(tok: &Tok, prompt: &str) -> Result<Vec<u32>> {
     let ids = tok.encode_prompt(prompt)?;
     if ids.is_empty() {
-        bail!("the prompt is empty");
+        return Err(InputError("--prompt: the prompt is empty".into()).into());
     }
     Ok(ids)
 }

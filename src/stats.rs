@@ -250,6 +250,8 @@ pub fn load_or_compute(
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("{}: cannot create cache folder", dir.display()))?;
+                // A process killed while writing left its temporary copy (f²·8 bytes) here.
+                crate::fsutil::remove_stale_temps(dir);
             }
             write(&path, &s)?;
             if let Some(slot) = layers.iter().position(|&l| l == s.layer) {

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::builder::RangedU64ValueParser;
 use clap::Args;
 
@@ -83,6 +83,7 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
     // The edits too: checked against the run they continue, and validated up to --limit (the
     // first records of standard input, kept for the session) when bad lines stop the run.
     let input = EditInput::prepare(&args.edits, &args.run, args.limit, args.on_invalid, args.max_line_bytes)?;
+    check_eval_each(&args.run, args.eval_each)?;
     // The statistics corpus too.
     let corpus = match &args.stats_corpus {
         Some(p) => Corpus::from_path(p).map_err(|e| InputError(format!("--stats-corpus: {e:#}")))?,
@@ -105,6 +106,10 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
         }
     };
     if let Some(l) = args.layer {
+        let n = lm.model.num_layers();
+        if l >= n {
+            return Err(InputError(format!("--layer {l}: the model has {n} layers (0..{})", n - 1)).into());
+        }
         hp.layer = l;
         // A spread method whose hyper-parameters list its layers optimises v* at the last of
         // them: --layer must not be silently ignored.
@@ -154,6 +159,26 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
             summary.rejected,
             summary.seconds
         );
+    }
+    Ok(())
+}
+
+/// A run scored right after each edit (`--eval-each`) continues so, and one that was not
+/// continues without: a mixed log could never give the after-each report
+/// (`oedit eval --timing after-each`). Read from the run's last committed log line.
+fn check_eval_each(run: &std::path::Path, eval_each: bool) -> Result<()> {
+    let committed =
+        crate::run::RunDir::peek(run).committed().with_context(|| format!("resuming {}", run.display()))?;
+    let Some(last) = committed.and_then(|c| c.log.into_iter().last()) else { return Ok(()) };
+    let had = last.eval.is_some();
+    if had != eval_each {
+        let (was, now) = if had { ("with", "without") } else { ("without", "with") };
+        return Err(InputError(format!(
+            "run directory {} cannot be continued {now} --eval-each: its edits were made {was} it \
+             (resume it {was} --eval-each, or use another --run directory)",
+            run.display()
+        ))
+        .into());
     }
     Ok(())
 }

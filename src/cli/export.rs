@@ -1,6 +1,6 @@
 //! `oedit export`: write a model, or the edited model of a run, as a Hugging Face folder.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -8,7 +8,7 @@ use clap::Args;
 use crate::errors::InputError;
 use crate::export::export_hf;
 use crate::fingerprint::model_fingerprint;
-use crate::loader::load_model;
+use crate::loader::{load_model, resolve, ModelSource};
 use crate::run::{replay, RunDir};
 
 /// Arguments of `oedit export`.
@@ -47,7 +47,19 @@ pub fn run(args: ExportArgs) -> Result<()> {
     };
     let dtype =
         super::run_dtype(dtype, run_dir.as_ref().zip(manifest.as_ref()).map(|(d, m)| (d.path.as_path(), m)))?;
-    let mut lm = load_model(&model_arg, &device, dtype)?;
+    refuse_overwriting_the_model(&model_arg, &args.out)?;
+    let loaded = load_model(&model_arg, &device, dtype);
+    let mut lm = match (&args.model, &run_dir) {
+        // The run's own record of its model: a path is as the run's command gave it.
+        (None, Some(rd)) => loaded.with_context(|| {
+            format!(
+                "the model `{model_arg}` recorded in {} (as given to the command that made the run, \
+                 relative to its folder); give it with --model",
+                rd.path.join("manifest.json").display()
+            )
+        })?,
+        _ => loaded?,
+    };
     if let (Some(rd), Some(m)) = (&run_dir, &manifest) {
         m.check_model(&rd.path, &model_arg, &model_fingerprint(&lm.model)?)?;
         let state = rd.read_state(lm.config().intermediate_size)?;
@@ -56,5 +68,23 @@ pub fn run(args: ExportArgs) -> Result<()> {
     }
     export_hf(&lm.model, &lm.tok, &args.out)?;
     eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `--out` must not be the folder the model is read from: its weights would be replaced by the
+/// export, and a run of that model could no longer be resumed, evaluated or exported (its base
+/// model gone). Bad input (exit code 2), found before the model loads.
+fn refuse_overwriting_the_model(model_arg: &str, out: &Path) -> Result<()> {
+    let Ok(spec) = resolve(model_arg) else { return Ok(()) };
+    let ModelSource::Dir(folder) = &spec.source else { return Ok(()) };
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
+    if same(folder, out) {
+        return Err(InputError(format!(
+            "--out {}: is the folder of the model `{model_arg}`; exporting there would replace the \
+             weights its runs are made on; give another folder",
+            out.display()
+        ))
+        .into());
+    }
     Ok(())
 }

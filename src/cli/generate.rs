@@ -39,8 +39,9 @@ pub struct GenerateArgs {
 /// The sampling rule the flags ask for, or None for greedy decoding.
 fn sampling(args: &GenerateArgs) -> Result<Option<Sampling>, InputError> {
     let t = args.temperature;
-    if !(t.is_finite() && t >= 0.0) {
-        return Err(InputError(format!("--temperature must be a number ≥ 0, not {t}")));
+    // Below 10⁻⁴ the scaled logits overflow the sampler's weights: 0 is the greedy setting.
+    if !(t.is_finite() && (t == 0.0 || t >= 1e-4)) {
+        return Err(InputError(format!("--temperature must be 0 (greedy) or a number ≥ 0.0001, not {t}")));
     }
     if let Some(p) = args.top_p {
         if !(p > 0.0 && p <= 1.0) {

@@ -188,7 +188,7 @@ pub fn after_each_scores(rd: &RunDir, log: &[LogEntry], lines: &[usize]) -> Resu
         .map(|l| {
             by_line.get(l).map(|s| (*s).clone()).ok_or_else(|| {
                 InputError(format!(
-                    "{}: no after-each scores for input line {l}; run `oedit edit --eval-each` to record them",
+                    "{}: no after-each scores for input line {l}: its edit was made without `oedit edit --eval-each`",
                     rd.log_path().display()
                 ))
                 .into()

@@ -98,8 +98,10 @@ impl HfConfig {
             serde_json::from_str(text).with_context(|| format!("{origin}: not valid JSON"))?;
         let has_theta = raw.get("rope_theta").is_some();
         let has_scaling = raw.get("rope_scaling").is_some_and(|v| !v.is_null());
+        // Parsed from the text (not the Value) so that a wrong field type is reported with its
+        // line and column.
         let mut cfg: HfConfig =
-            serde_json::from_value(raw).with_context(|| format!("{origin}: not a valid model config"))?;
+            serde_json::from_str(text).with_context(|| format!("{origin}: not a valid model config"))?;
         if let Some(rp) = cfg.rope_parameters.take() {
             if !has_theta {
                 if let Some(theta) = rp.get("rope_theta").and_then(|v| v.as_f64()) {
@@ -141,6 +143,16 @@ impl HfConfig {
         for (name, v) in sizes {
             if v == 0 {
                 bail!("{name} must be at least 1");
+            }
+        }
+        for (name, ids) in [("bos_token_id", &self.bos_token_id), ("eos_token_id", &self.eos_token_id)] {
+            let ids: &[u32] = match ids {
+                None => &[],
+                Some(TokenIds::One(id)) => std::slice::from_ref(id),
+                Some(TokenIds::Many(v)) => v,
+            };
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+                bail!("{name} {id} is not below vocab_size {}", self.vocab_size);
             }
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
@@ -332,6 +344,9 @@ mod tests {
                    "high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
                 "high_freq_factor above low_freq_factor",
             ),
+            (r#""num_hidden_layers":1,"eos_token_id":10"#, "eos_token_id 10 is not below vocab_size 10"),
+            (r#""num_hidden_layers":1,"bos_token_id":[1,12]"#, "bos_token_id 12 is not below vocab_size 10"),
+            (r#""num_hidden_layers":"thirty""#, "line 1 column"),
         ];
         for (fields, want) in cases {
             let e = HfConfig::from_json(&format!("{{{base},{fields}}}"), "c.json").unwrap_err();

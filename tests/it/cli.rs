@@ -379,6 +379,26 @@ fn export_cli_roundtrip_is_bit_exact() {
         .filter(|n| n.contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    // The temporary copy of a killed export (its process gone) is swept by the next export.
+    let stale = out.join(".model.safetensors.tmp-999999999");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"half").unwrap();
+    assert_ok(&cmd_in(
+        tmp.path(),
+        &["export", "--model", dir.to_str().unwrap(), "--out", out.to_str().unwrap()],
+    ));
+    if cfg!(target_os = "linux") {
+        assert!(!stale.exists());
+    }
+    // Exporting into the model's own folder would replace the weights it is read from.
+    let before = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let same = tmp.path().join("m").join(".");
+    let o =
+        cmd_in(tmp.path(), &["export", "--model", dir.to_str().unwrap(), "--out", same.to_str().unwrap()]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("--out") && line.contains("is the folder of the model"), "{line}");
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), before);
 }
 
 #[test]
@@ -423,6 +443,10 @@ fn bad_flag_values_are_input_errors() {
         (vec!["score", "--model", m, "--dtype", "f8", "--text", "a"], "invalid dtype `f8`"),
         (vec!["score", "--model", m], "--text"),
         (vec!["export", "--model", m, "--device", "cuda:x", "--out", "o"], "invalid device `cuda:x`"),
+        (vec!["score", "--model", m, "--file", "."], "--file"),
+        (vec!["score", "--model", m, "--text", ""], "at least 2 are needed"),
+        (vec!["generate", "--model", m, "--prompt", ""], "--prompt: the prompt is empty"),
+        (vec!["generate", "--model", m, "--prompt", "a", "--temperature", "1e-45"], "--temperature"),
     ] {
         let o = cmd_in(tmp.path(), &args);
         let line = assert_clean_failure(&o);

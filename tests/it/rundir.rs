@@ -113,3 +113,21 @@ fn a_closed_standard_output_stops_the_run_after_a_commit_without_a_panic() {
     assert_eq!(logged, 1);
     assert_eq!(fx.edit_ok(&edits, &dir, &[])["edits_total"], 4);
 }
+
+#[test]
+fn a_resume_keeps_the_run_s_eval_each_setting_and_layer_flags_name_themselves() {
+    let fx = EditFx::new();
+    let edits = fx.edits("e.jsonl", &minimal_lines(3));
+    let dir = fx.path("run");
+    fx.edit_ok(&edits, &dir, &["--limit", "1", "--eval-each"]);
+    let o = fx.edit(&edits, &dir, &["--limit", "2"]);
+    assert_input_error(&o, &["cannot be continued without --eval-each", "resume it with --eval-each"]);
+    fx.edit_ok(&edits, &dir, &["--limit", "2", "--eval-each"]);
+    let plain = fx.path("plain");
+    fx.edit_ok(&edits, &plain, &["--limit", "1"]);
+    let o = fx.edit(&edits, &plain, &["--eval-each"]);
+    assert_input_error(&o, &["cannot be continued with --eval-each"]);
+    // --layer past the model's layers names the flag and the layer count.
+    let o = fx.edit(&edits, &fx.path("other"), &["--layer", "99"]);
+    assert_input_error(&o, &["--layer 99", "layers"]);
+}
