@@ -10,6 +10,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::errors::{InputError, ThresholdError};
+use crate::eval::metrics::family_of;
 use crate::eval::report::Summaries;
 use crate::eval::run_eval::{apply_token_limits, edits_up_to};
 use crate::eval::{
@@ -117,7 +118,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let log = committed.map(|c| c.map(|c| c.log).unwrap_or_default());
     let edited = log.as_deref().map(|l| edits_up_to(l, at));
-    unmeasured_thresholds(&thresholds, which)?;
+    let has_unedited = args.run.is_some() || args.base.is_some();
+    unmeasured_thresholds(&thresholds, which, has_unedited)?;
+    if which.gen_locality && !has_unedited {
+        eprintln!(
+            "note: gen_locality compares with the unedited model; without --run or --base it is left out"
+        );
+    }
     check_output_path(args.json.as_deref())?;
     // Records (invalid ones skipped and reported), checked against the run before the model loads.
     let mut input = read_records(&args.edits, edited.as_deref(), args.limit, args.max_line_bytes)?;
@@ -173,16 +180,31 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// A `--fail-under` threshold on a metric that `--metrics` does not measure is a usage error.
-fn unmeasured_thresholds(thresholds: &[Threshold], which: MetricSet) -> Result<()> {
-    match thresholds.iter().find(|t| !which.measures(&t.metric)) {
-        Some(t) => Err(InputError(format!(
-            "--fail-under {}: that metric is not measured; add it to --metrics",
-            t.metric
-        ))
-        .into()),
-        None => Ok(()),
+/// The metrics that compare the edited model with the unedited one; without `--run` or
+/// `--base` there is no unedited model to compare with.
+const COMPARED_WITH_UNEDITED: [&str; 2] = ["locality_agreement", "gen_locality"];
+
+/// A `--fail-under` threshold on a metric this evaluation cannot give (not in `--metrics`, or
+/// a comparison with the unedited model when there is none) is a usage error.
+fn unmeasured_thresholds(thresholds: &[Threshold], which: MetricSet, has_unedited: bool) -> Result<()> {
+    for t in thresholds {
+        if !which.measures(&t.metric) {
+            let family = family_of(&t.metric).unwrap_or(t.metric.as_str());
+            return Err(InputError(format!(
+                "--fail-under {}: that metric is not measured; add `{family}` to --metrics",
+                t.metric
+            ))
+            .into());
+        }
+        if !has_unedited && COMPARED_WITH_UNEDITED.contains(&t.metric.as_str()) {
+            return Err(InputError(format!(
+                "--fail-under {}: that metric compares with the unedited model; give --run or --base",
+                t.metric
+            ))
+            .into());
+        }
     }
+    Ok(())
 }
 
 /// The folder of the `--json` report must exist before the evaluation spends its time.

@@ -91,9 +91,10 @@ impl MetricSet {
         let mut m = MetricSet::default();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name.replace('-', "_").as_str() {
-                "efficacy" => m.efficacy = true,
-                "generalization" | "generalisation" => m.generalization = true,
-                "locality" => m.locality = true,
+                // A report column names the family that computes it.
+                "efficacy" | "efficacy_token_acc" => m.efficacy = true,
+                "generalization" | "generalisation" | "generalization_token_acc" => m.generalization = true,
+                "locality" | "locality_agreement" => m.locality = true,
                 "fluency" => m.fluency = true,
                 "gen_efficacy" => m.gen_efficacy = true,
                 "gen_generalization" | "gen_generalisation" => m.gen_generalization = true,
@@ -115,17 +116,32 @@ impl MetricSet {
 
     /// Whether the set computes report column `column` (a name of [`super::metric_columns`]).
     pub fn measures(self, column: &str) -> bool {
-        match column {
-            "efficacy" | "efficacy_token_acc" => self.efficacy,
-            "generalization" | "generalization_token_acc" => self.generalization,
-            "locality" | "locality_agreement" => self.locality,
-            "fluency" => self.fluency,
-            "gen_efficacy" => self.gen_efficacy,
-            "gen_generalization" => self.gen_generalization,
-            "gen_locality" => self.gen_locality,
+        match family_of(column) {
+            Some("efficacy") => self.efficacy,
+            Some("generalization") => self.generalization,
+            Some("locality") => self.locality,
+            Some("fluency") => self.fluency,
+            Some("gen_efficacy") => self.gen_efficacy,
+            Some("gen_generalization") => self.gen_generalization,
+            Some("gen_locality") => self.gen_locality,
             _ => false,
         }
     }
+}
+
+/// The `--metrics` name whose computation gives report column `column` (`efficacy` for
+/// `efficacy_token_acc`, `locality` for `locality_agreement`, ...).
+pub fn family_of(column: &str) -> Option<&'static str> {
+    Some(match column {
+        "efficacy" | "efficacy_token_acc" => "efficacy",
+        "generalization" | "generalization_token_acc" => "generalization",
+        "locality" | "locality_agreement" => "locality",
+        "fluency" => "fluency",
+        "gen_efficacy" => "gen_efficacy",
+        "gen_generalization" => "gen_generalization",
+        "gen_locality" => "gen_locality",
+        _ => return None,
+    })
 }
 
 /// One scoring job: a (prompt, answer) pair and where its score goes.
@@ -320,9 +336,11 @@ mod tests {
         let all = MetricSet::parse("efficacy,generalization,locality,fluency,gen").unwrap();
         for c in super::super::metric_columns() {
             assert!(all.measures(c.name), "{}", c.name);
-            let family = c.name.trim_end_matches("_token_acc").trim_end_matches("_agreement");
-            let only = MetricSet::parse(family).unwrap();
-            assert!(only.measures(c.name), "{}", c.name);
+            let family = family_of(c.name).unwrap();
+            assert_eq!(family, c.name.trim_end_matches("_token_acc").trim_end_matches("_agreement"));
+            for name in [family, c.name] {
+                assert!(MetricSet::parse(name).unwrap().measures(c.name), "{name} {}", c.name);
+            }
             let others = MetricSet::parse(if family == "fluency" { "efficacy" } else { "fluency" }).unwrap();
             assert!(!others.measures(c.name), "{}", c.name);
         }

@@ -343,7 +343,20 @@ fn bad_eval_input_is_reported() {
     let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "fluency=0.5"]);
     let line = assert_clean_failure(&o);
     assert_eq!(o.status.code(), Some(2), "{line}");
-    assert!(line.contains("--fail-under fluency") && line.contains("--metrics"), "{line}");
+    assert!(line.contains("--fail-under fluency") && line.contains("add `fluency` to --metrics"), "{line}");
+    let args =
+        ["--run", run_dir, "--metrics", "gen-efficacy,locality", "--fail-under", "efficacy_token_acc=0.1"];
+    let line = assert_clean_failure(&eval(&fx.model, &fx.edits, &args));
+    assert!(line.contains("add `efficacy` to --metrics"), "{line}");
+    // A report column is accepted by --metrics as the family that computes it.
+    let args = ["--run", run_dir, "--metrics", "efficacy_token_acc,locality_agreement"];
+    let o = eval(&fx.model, &fx.edits, &[&args[..], &["--fail-under", "locality_agreement=0"]].concat());
+    assert_ok(&o);
+    // Without --run or --base nothing is compared with the unedited model.
+    let o = eval(&fx.model, &fx.edits, &["--fail-under", "locality_agreement=0.5"]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("give --run or --base"), "{line}");
     let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "bogus=0.5"]);
     let line = assert_clean_failure(&o);
     assert_eq!(o.status.code(), Some(2), "{line}");
