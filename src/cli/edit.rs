@@ -12,6 +12,7 @@ use crate::edit::Method;
 use crate::errors::InputError;
 use crate::hparams::Hparams;
 use crate::limits::{InputLimits, DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_PROMPT_TOKENS};
+use crate::run::{Committed, RunDir};
 use crate::session::{run, EditInput, OnInvalid, SessionOptions};
 use crate::stats::Corpus;
 
@@ -82,8 +83,17 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
     crate::run::guard::check_run_path(&args.run)?;
     // The edits too: checked against the run they continue, and validated up to --limit (the
     // first records of standard input, kept for the session) when bad lines stop the run.
-    let input = EditInput::prepare(&args.edits, &args.run, args.limit, args.on_invalid, args.max_line_bytes)?;
-    check_eval_each(&args.run, args.eval_each)?;
+    let progress =
+        RunDir::peek(&args.run).committed().with_context(|| format!("resuming {}", args.run.display()))?;
+    let input = EditInput::prepare(
+        &args.edits,
+        &args.run,
+        progress.as_ref(),
+        args.limit,
+        args.on_invalid,
+        args.max_line_bytes,
+    )?;
+    check_eval_each(&args.run, progress.as_ref(), args.eval_each)?;
     // The statistics corpus too.
     let corpus = match &args.stats_corpus {
         Some(p) => Corpus::from_path(p).map_err(|e| InputError(format!("--stats-corpus: {e:#}")))?,
@@ -166,10 +176,8 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
 /// A run scored right after each edit (`--eval-each`) continues so, and one that was not
 /// continues without: a mixed log could never give the after-each report
 /// (`oedit eval --timing after-each`). Read from the run's last committed log line.
-fn check_eval_each(run: &std::path::Path, eval_each: bool) -> Result<()> {
-    let committed =
-        crate::run::RunDir::peek(run).committed().with_context(|| format!("resuming {}", run.display()))?;
-    let Some(last) = committed.and_then(|c| c.log.into_iter().last()) else { return Ok(()) };
+fn check_eval_each(run: &std::path::Path, progress: Option<&Committed>, eval_each: bool) -> Result<()> {
+    let Some(last) = progress.and_then(|c| c.log.last()) else { return Ok(()) };
     let had = last.eval.is_some();
     if had != eval_each {
         let (was, now) = if had { ("with", "without") } else { ("without", "with") };

@@ -90,17 +90,15 @@ impl MetricSet {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut m = MetricSet::default();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match name.replace('-', "_").as_str() {
-                // A report column names the family that computes it.
-                "efficacy" | "efficacy_token_acc" => m.efficacy = true,
-                "generalization" | "generalisation" | "generalization_token_acc" => m.generalization = true,
-                "locality" | "locality_agreement" => m.locality = true,
-                "fluency" => m.fluency = true,
-                "gen_efficacy" => m.gen_efficacy = true,
-                "gen_generalization" | "gen_generalisation" => m.gen_generalization = true,
-                "gen_locality" => m.gen_locality = true,
-                "gen" => (m.gen_efficacy, m.gen_generalization, m.gen_locality) = (true, true, true),
-                _ => return Err(format!("unknown metric `{name}` (known: {})", METRICS.join(", "))),
+            let key = name.replace('-', "_").replace("generalisation", "generalization");
+            if key == "gen" {
+                (m.gen_efficacy, m.gen_generalization, m.gen_locality) = (true, true, true);
+                continue;
+            }
+            // A family's name, or a report column, which names the family that computes it.
+            match family_of(&key).and_then(|f| m.flag(f)) {
+                Some(on) => *on = true,
+                None => return Err(format!("unknown metric `{name}` (known: {})", METRICS.join(", "))),
             }
         }
         if !(m.efficacy || m.generalization || m.locality || m.fluency || m.generation()) {
@@ -115,17 +113,22 @@ impl MetricSet {
     }
 
     /// Whether the set computes report column `column` (a name of [`super::metric_columns`]).
-    pub fn measures(self, column: &str) -> bool {
-        match family_of(column) {
-            Some("efficacy") => self.efficacy,
-            Some("generalization") => self.generalization,
-            Some("locality") => self.locality,
-            Some("fluency") => self.fluency,
-            Some("gen_efficacy") => self.gen_efficacy,
-            Some("gen_generalization") => self.gen_generalization,
-            Some("gen_locality") => self.gen_locality,
-            _ => false,
-        }
+    pub fn measures(mut self, column: &str) -> bool {
+        family_of(column).and_then(|f| self.flag(f)).is_some_and(|on| *on)
+    }
+
+    /// The switch of metric family `family` (a name [`family_of`] returns).
+    fn flag(&mut self, family: &str) -> Option<&mut bool> {
+        Some(match family {
+            "efficacy" => &mut self.efficacy,
+            "generalization" => &mut self.generalization,
+            "locality" => &mut self.locality,
+            "fluency" => &mut self.fluency,
+            "gen_efficacy" => &mut self.gen_efficacy,
+            "gen_generalization" => &mut self.gen_generalization,
+            "gen_locality" => &mut self.gen_locality,
+            _ => return None,
+        })
     }
 }
 

@@ -4,13 +4,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::OnInvalid;
 use crate::data::{EditReader, EditRecord, RecordCheck, RecordError};
 use crate::errors::InputError;
 use crate::run::log::by_line;
-use crate::run::{LogEntry, RunDir};
+use crate::run::{Committed, LogEntry};
 
 /// Records of standard input read (and kept) ahead of the session at most.
 pub const STDIN_AHEAD: usize = 1000;
@@ -47,7 +47,7 @@ impl EditInput {
     }
 
     /// Opens the edits file and, before any model is loaded, checks it against the run in
-    /// `run_dir` (if there is one): the records at the lines the run edited must be the facts
+    /// `run_dir` (`progress`: what it has committed, if anything): the records at the lines the run edited must be the facts
     /// it edited (else an [`InputError`] naming the line). With `OnInvalid::Stop` it then
     /// validates the records the session will edit, up to `limit` edits in all (a file: up to
     /// its end without a limit; standard input or a pipe: at most [`STDIN_AHEAD`] records, kept for the
@@ -56,16 +56,15 @@ impl EditInput {
     pub fn prepare(
         path: &Path,
         run_dir: &Path,
+        progress: Option<&Committed>,
         limit: Option<usize>,
         on_invalid: OnInvalid,
         max_line_bytes: usize,
     ) -> Result<Self> {
         let mut input = Self::open(path, max_line_bytes)?;
-        let progress =
-            RunDir::peek(run_dir).committed().with_context(|| format!("resuming {}", run_dir.display()))?;
         let (n_edits, last_line, log) = match progress {
-            Some(p) => (p.n_edits, p.last_line, p.log),
-            None => (0, 0, Vec::new()),
+            Some(p) => (p.n_edits, p.last_line, p.log.as_slice()),
+            None => (0, 0, &[][..]),
         };
         let remaining = limit.map(|l| l.saturating_sub(n_edits));
         if remaining == Some(0) {
@@ -76,7 +75,7 @@ impl EditInput {
             // Nothing to validate; the session checks the consumed lines as they stream past.
             return Ok(input);
         }
-        let logged = by_line(&log);
+        let logged = by_line(log);
         let mut good = 0usize;
         while let Some(item) = input.read() {
             let line = item_line(&item);
