@@ -8,7 +8,7 @@ usage: lifelong_tables.py DIR [DIR ...]
        lifelong_tables.py --export-landing DIR   (write DIR/landing-logs/LABEL.jsonl from runs/)
 
 The run directories are not committed (they hold each edit's update); the trimmed logs keep, per
-edit, what the landing table needs, so the table can be rebuilt from a fresh clone.
+edit, what the landing table needs (and each landing attempt's gain), so the table can be rebuilt from a fresh clone.
 
 Prints Markdown: per DIR, (1) every report with both evaluation protocols, the unedited model
 first at each N; (2) the landing right after each edit from the logs; (3) the oldest 100 edits.
@@ -90,6 +90,9 @@ def export_landing(d):
                     e = json.loads(line)
                     t = {k: e[k] for k in TRIMMED if k in e}
                     t["first_update_wins"] = first_wins(e)
+                    if e.get("landing"):
+                        # each attempt's scale of the rule's step (1 for the first update)
+                        t["gains"] = [round(a["gain"], 4) for a in e["landing"]]
                     out.write(json.dumps(t) + "\n")
 
 
