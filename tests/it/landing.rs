@@ -1,6 +1,6 @@
 //! Closed-loop landing (tiny model): an edit that lands on its first update makes no further
 //! attempt; one whose first update lands too little gets more attempts and ends with its target
-//! winning; a hard projection keeps its subspace and its guarantee for earlier keys through the
+//! winning, each further attempt scaled by at most `landing.max_gain`; a hard projection keeps its subspace and its guarantee for earlier keys through the
 //! attempts; and a run of multi-attempt edits resumes to the same bytes.
 
 use candle_core::DType;
@@ -188,6 +188,33 @@ fn a_first_update_that_lands_too_little_gets_more_attempts_and_lands() {
             }
         }
     }
+}
+
+#[test]
+fn further_attempts_are_scaled_at_most_max_gain() {
+    let method = Method::named("oedit-soft").unwrap();
+    // The first update lands 3% of the change: landing the rest needs a gain of about 30.
+    let (off, free) = landing_off_and_on(method, 0.03);
+    let mut capped = free.clone();
+    capped.landing.max_gain = 3.0;
+    let fx = Fx::new(method, &off);
+    let recs = some_records(&LOSING[..1]);
+    let (_, free_out, _) = fx.edit_all(method, &free, &recs);
+    let (_, capped_out, _) = fx.edit_all(method, &capped, &recs);
+    let (f, c) = (&free_out[0].0, &capped_out[0].0);
+    assert!(f.attempts > 1 && c.attempts > 1, "{f:?} {c:?}");
+    // The first attempt does not depend on the cap; from the second on, the cap holds.
+    assert_eq!(f.landing[0].update_norm, c.landing[0].update_norm);
+    assert!(f.landing[1].gain > 3.0, "uncapped gain {}", f.landing[1].gain);
+    for a in &c.landing[1..] {
+        assert!(a.gain > 1.0 && a.gain <= 3.0, "capped gain {}", a.gain);
+    }
+    assert_eq!(c.landing[1].gain, 3.0);
+    // Both second attempts start from the same weights and residual: the capped one is the
+    // same step scaled by 3 instead of the uncapped gain.
+    let ratio = c.landing[1].update_norm.unwrap() / f.landing[1].update_norm.unwrap();
+    let expected = 3.0 / f.landing[1].gain;
+    assert!((ratio - expected).abs() < 1e-3 * expected, "ratio {ratio}, expected {expected}");
 }
 
 #[test]
