@@ -8,7 +8,8 @@ usage: lifelong_tables.py DIR [DIR ...]
        lifelong_tables.py --export-landing DIR   (write DIR/landing-logs/LABEL.jsonl from runs/)
 
 The run directories are not committed (they hold each edit's update); the trimmed logs keep, per
-edit, what the landing table needs (and each landing attempt's gain), so the table can be rebuilt from a fresh clone.
+edit, what the landing table needs (and each landing attempt's gain), so the table can be
+rebuilt from a fresh clone.
 
 Prints Markdown: per DIR, (1) every report with both evaluation protocols, the unedited model
 first at each N; (2) the landing right after each edit from the logs; (3) the oldest 100 edits.

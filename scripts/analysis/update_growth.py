@@ -10,7 +10,7 @@ Markdown table per log: edits in the window, edits with > 1 attempt, mean ‖ΔW
 of all, and the share of Σ‖ΔW‖² (the window's squared change, what adds up as leak onto other
 keys) that the multi-attempt edits carry; where the log has each attempt's gain (live logs, and
 trimmed logs exported since session 30), also the further attempts' median gain and how many
-reached 3 and 10 (the presets' cap is `landing.max_gain` 10). Only the Python standard library.
+reached 3 and 10 (the presets' cap, `landing.max_gain`, is 3 since session 30 and was 10 before). Only the Python standard library.
 """
 import json
 import os

@@ -47,12 +47,13 @@ impl EditInput {
     }
 
     /// Opens the edits file and, before any model is loaded, checks it against the run in
-    /// `run_dir` (`progress`: what it has committed, if anything): the records at the lines the run edited must be the facts
-    /// it edited (else an [`InputError`] naming the line). With `OnInvalid::Stop` it then
-    /// validates the records the session will edit, up to `limit` edits in all (a file: up to
-    /// its end without a limit; standard input or a pipe: at most [`STDIN_AHEAD`] records, kept for the
-    /// session): a bad one is an [`InputError`] naming file, line and field. Lines the run
-    /// already consumed (edited or rejected) are not validated again, as when they are skipped.
+    /// `run_dir` (`progress`: what it has committed, if anything): the records at the lines the
+    /// run edited must be the facts it edited (else an [`InputError`] naming the line). With
+    /// `OnInvalid::Stop` it then validates the records the session will edit, up to `limit`
+    /// edits in all (a file: up to its end without a limit; standard input or a pipe: at most
+    /// [`STDIN_AHEAD`] records, kept for the session): a bad one is an [`InputError`] naming
+    /// file, line and field. Lines the run already consumed (edited or rejected) are not
+    /// validated again, as when they are skipped.
     pub fn prepare(
         path: &Path,
         run_dir: &Path,

@@ -1,7 +1,8 @@
 //! Closed-loop landing (tiny model): an edit that lands on its first update makes no further
 //! attempt; one whose first update lands too little gets more attempts and ends with its target
-//! winning, each further attempt scaled by at most `landing.max_gain`; a hard projection keeps its subspace and its guarantee for earlier keys through the
-//! attempts; and a run of multi-attempt edits resumes to the same bytes.
+//! winning, each further attempt scaled by at most `landing.max_gain`; a hard projection keeps
+//! its subspace and its guarantee for earlier keys through the attempts; and a run of
+//! multi-attempt edits resumes to the same bytes.
 
 use candle_core::DType;
 use oedit::data::{parse_record, EditRecord};
