@@ -83,7 +83,7 @@ pub fn decode_ids(
 
 /// Greedy continuation of one text prompt, decoded.
 pub fn generate(model: &Llama, tok: &Tok, prompt: &str, max_tokens: usize) -> Result<String> {
-    let ids = prompt_ids(tok, prompt)?;
+    let ids = prompt_ids(model, tok, prompt, max_tokens)?;
     let gen = greedy_ids(model, tok, &[ids], max_tokens)?;
     tok.decode(&gen[0])
 }
@@ -97,17 +97,40 @@ pub fn generate_sampled(
     max_tokens: usize,
     sampler: &mut LogitsProcessor,
 ) -> Result<String> {
-    let ids = prompt_ids(tok, prompt)?;
+    let ids = prompt_ids(model, tok, prompt, max_tokens)?;
     let gen = decode_ids(model, tok, &[ids], max_tokens, &mut |logits| {
         (0..logits.dim(0)?).map(|i| Ok(sampler.sample(&logits.get(i)?)?)).collect()
     })?;
     tok.decode(&gen[0])
 }
 
-fn prompt_ids(tok: &Tok, prompt: &str) -> Result<Vec<u32>> {
+/// The prompt's token ids, refused (an [`InputError`]) when empty or when the prompt and
+/// `max_tokens` new tokens do not fit the model's context (`max_position_embeddings`): past it
+/// the positions are ones the model was never trained on.
+fn prompt_ids(model: &Llama, tok: &Tok, prompt: &str, max_tokens: usize) -> Result<Vec<u32>> {
     let ids = tok.encode_prompt(prompt)?;
     if ids.is_empty() {
         return Err(InputError("--prompt: the prompt is empty".into()).into());
+    }
+    if let Some(context) = model.config().max_position_embeddings {
+        if ids.len() >= context {
+            return Err(InputError(format!(
+                "--prompt: the prompt has {} tokens, leaving no room in the model's context of \
+                 {context} (max_position_embeddings); give a shorter prompt",
+                ids.len()
+            ))
+            .into());
+        }
+        if ids.len().saturating_add(max_tokens) > context {
+            return Err(InputError(format!(
+                "--max-tokens {max_tokens}: the prompt's {} tokens and {max_tokens} new ones are more \
+                 than the model's context of {context} (max_position_embeddings); give \
+                 --max-tokens {} or less",
+                ids.len(),
+                context - ids.len()
+            ))
+            .into());
+        }
     }
     Ok(ids)
 }

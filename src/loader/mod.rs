@@ -13,6 +13,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::device::{default_dtype, DeviceSpec};
+use crate::errors::InputError;
 use crate::model::{HfConfig, Llama};
 use crate::presets::{self, Preset};
 use crate::tokenizer::Tok;
@@ -99,6 +100,15 @@ pub fn resolve(arg: &str) -> Result<ModelSpec> {
     }
     if path.exists() {
         bail!("{arg}: not a model folder or a .gguf file");
+    }
+    if let Some((_, revision)) = arg.split_once('@').filter(|(id, _)| looks_like_repo_id(id)) {
+        if revision.is_empty() || revision.contains('@') {
+            return Err(InputError(format!(
+                "--model {arg}: a hub model with a revision is owner/name@revision, with one `@` \
+                 and a revision after it (a branch, tag or commit); leave out `@` for main"
+            ))
+            .into());
+        }
     }
     if looks_like_repo_id(arg) && !arg.starts_with("./") && !arg.starts_with('/') {
         return Ok(ModelSpec { arg: arg.into(), source: ModelSource::Hub(arg.into()), preset: None });

@@ -438,6 +438,8 @@ fn bad_flag_values_are_input_errors() {
     let tmp = TempDir::new().unwrap();
     let model = tiny_in(&tmp, "m");
     let m = model.to_str().unwrap();
+    // Past the tiny model's context of 128 positions.
+    let long_prompt = "the cat ".repeat(100);
     for (args, needle) in [
         (vec!["score", "--model", m, "--device", "gpu", "--text", "a"], "invalid device `gpu`"),
         (vec!["score", "--model", m, "--dtype", "f8", "--text", "a"], "invalid dtype `f8`"),
@@ -447,6 +449,10 @@ fn bad_flag_values_are_input_errors() {
         (vec!["score", "--model", m, "--text", ""], "at least 2 are needed"),
         (vec!["generate", "--model", m, "--prompt", ""], "--prompt: the prompt is empty"),
         (vec!["generate", "--model", m, "--prompt", "a", "--temperature", "1e-45"], "--temperature"),
+        (vec!["generate", "--model", m, "--prompt", &long_prompt], "the model's context of 128"),
+        (vec!["generate", "--model", m, "--prompt", "a", "--max-tokens", "500"], "--max-tokens 500: "),
+        (vec!["score", "--model", "tiny/llama@", "--text", "a b"], "owner/name@revision"),
+        (vec!["score", "--model", "tiny/llama@v1@v2", "--text", "a b"], "owner/name@revision"),
     ] {
         let o = cmd_in(tmp.path(), &args);
         let line = assert_clean_failure(&o);

@@ -51,3 +51,26 @@ fn bad_sampling_flags_are_input_errors() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// The prompt and the new tokens must fit the model's context (128 positions for the tiny
+/// model): one token more is refused with the largest `--max-tokens` that fits, which runs.
+#[test]
+fn generation_past_the_context_is_refused_naming_the_largest_max_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), TinyOpts::default());
+    let gen = |max: &str| {
+        let mut c = oedit_cmd();
+        c.args(["--threads", "1", "generate", "--model"]).arg(&model);
+        c.args(["--prompt", "Tom works at", "--max-tokens", max]);
+        run(c)
+    };
+    let o = gen("1000");
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("more than the model's context of 128"), "{line}");
+    let fits: usize =
+        line.split("give --max-tokens ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!((100..128).contains(&fits), "{line}");
+    assert_ok(&gen(&fits.to_string()));
+    assert_eq!(gen(&(fits + 1).to_string()).status.code(), Some(2));
+}
