@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::fsutil::{atomic_write, atomic_write_with};
+use crate::fsutil::{atomic_write_all, bytes_writer};
 use crate::model::Llama;
 use crate::tokenizer::Tok;
 
@@ -33,14 +33,23 @@ pub fn export_hf(model: &Llama, tok: &Tok, out: &Path) -> Result<()> {
         .map(|(n, t)| Ok((n, t.to_dtype(model.dtype())?.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    atomic_write_with(&out.join("model.safetensors"), |path| {
-        safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta.clone()), path)
-            .map_err(anyhow::Error::from)
-    })?;
-    atomic_write(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
-    let tok_path = out.join("tokenizer.json");
-    atomic_write_with(&tok_path, |p| tok.save(p))?;
-    atomic_write(&out.join("tokenizer_config.json"), tokenizer_config(tok).to_string().as_bytes())?;
+    let config = serde_json::to_string_pretty(&cfg)?;
+    let tok_config = tokenizer_config(tok).to_string();
+    // Every file is written in full before any is put in place: an export killed while writing
+    // the weights (minutes at 7B) leaves the folder as it was, not new weights beside an old
+    // config.
+    atomic_write_all(vec![
+        (
+            out.join("model.safetensors"),
+            Box::new(|path: &Path| {
+                safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), path)
+                    .map_err(anyhow::Error::from)
+            }),
+        ),
+        (out.join("config.json"), bytes_writer(config.as_bytes())),
+        (out.join("tokenizer.json"), Box::new(|p: &Path| tok.save(p))),
+        (out.join("tokenizer_config.json"), bytes_writer(tok_config.as_bytes())),
+    ])?;
     for name in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
         make_readable(&out.join(name))?;
     }

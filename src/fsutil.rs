@@ -27,33 +27,77 @@ fn sync_parent(path: &Path) {
     }
 }
 
-/// Atomically replaces `path` with what `write` puts in the temporary path it is given.
-///
-/// The file gets the permissions of the file it replaces, or for a new file those of any file
-/// this process creates (0666 less the umask), whatever permissions `write` gave it.
-pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = temp_dir(path);
-    let tmp = dir.join(path.file_name().unwrap_or_default());
-    let result = (|| -> Result<()> {
-        if dir.exists() {
-            // Left by an earlier write of this process that failed half-way.
-            std::fs::remove_dir_all(&dir)?;
-        }
-        std::fs::create_dir(&dir)?;
-        // A file created the ordinary way carries the permissions the umask gives.
-        let fresh = File::create(&tmp)?.metadata()?.permissions();
-        let perms = std::fs::metadata(path).map(|m| m.permissions()).unwrap_or(fresh);
-        write(&tmp)?;
-        std::fs::set_permissions(&tmp, perms)?;
-        File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result.with_context(|| format!("{}: cannot write", path.display()))?;
-    sync_parent(path);
-    Ok(())
+/// A file written and fsynced under its temporary name, not yet in place: [`Staged::commit`]
+/// renames it over its target; dropped uncommitted, it is removed and the target left as it was.
+#[must_use = "a staged file is removed unless committed"]
+pub struct Staged {
+    path: PathBuf,
+    dir: PathBuf,
 }
+
+impl Staged {
+    /// Writes `path`'s temporary file with `write` and fsyncs it, leaving `path` untouched.
+    ///
+    /// The file gets the permissions of the file it will replace, or for a new file those of any
+    /// file this process creates (0666 less the umask), whatever permissions `write` gave it.
+    pub fn write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<Self> {
+        let staged = Staged { path: path.to_path_buf(), dir: temp_dir(path) };
+        let tmp = staged.tmp();
+        (|| -> Result<()> {
+            if staged.dir.exists() {
+                // Left by an earlier write of this process that failed half-way.
+                std::fs::remove_dir_all(&staged.dir)?;
+            }
+            std::fs::create_dir(&staged.dir)?;
+            // A file created the ordinary way carries the permissions the umask gives.
+            let fresh = File::create(&tmp)?.metadata()?.permissions();
+            let perms = std::fs::metadata(path).map(|m| m.permissions()).unwrap_or(fresh);
+            write(&tmp)?;
+            std::fs::set_permissions(&tmp, perms)?;
+            File::open(&tmp)?.sync_all()?;
+            Ok(())
+        })()
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(staged)
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.dir.join(self.path.file_name().unwrap_or_default())
+    }
+
+    /// Renames the file over its target and fsyncs the folder.
+    pub fn commit(self) -> Result<()> {
+        std::fs::rename(self.tmp(), &self.path)
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
+        sync_parent(&self.path);
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Atomically replaces `path` with what `write` puts in the temporary path it is given (the
+/// permissions as [`Staged::write`] gives them).
+pub fn atomic_write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    Staged::write(path, write)?.commit()
+}
+
+/// Replaces several files together: every one is written and fsynced under its temporary name
+/// first, and only then are they renamed into place, one after another. A failure while writing
+/// leaves every target as it was; the window in which a crash leaves some replaced and some
+/// not is that of the renames, not that of the writes.
+pub fn atomic_write_all(files: Vec<(PathBuf, AtomicWriter<'_>)>) -> Result<()> {
+    let staged =
+        files.into_iter().map(|(path, write)| Staged::write(&path, write)).collect::<Result<Vec<_>>>()?;
+    staged.into_iter().try_for_each(Staged::commit)
+}
+
+/// What writes one file of [`atomic_write_all`] at the temporary path it is given.
+pub type AtomicWriter<'a> = Box<dyn FnOnce(&Path) -> Result<()> + 'a>;
 
 /// Root of oedit's caches: `$OEDIT_CACHE`, else `~/.cache/oedit`.
 pub fn cache_root() -> PathBuf {
@@ -66,7 +110,12 @@ pub fn cache_root() -> PathBuf {
 
 /// Atomically replaces `path` with `bytes`.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    atomic_write_with(path, |tmp| {
+    atomic_write_with(path, bytes_writer(bytes))
+}
+
+/// An [`AtomicWriter`] that writes `bytes`.
+pub fn bytes_writer(bytes: &[u8]) -> AtomicWriter<'_> {
+    Box::new(move |tmp: &Path| {
         let mut f = File::create(tmp)?;
         f.write_all(bytes)?;
         Ok(())
@@ -204,5 +253,32 @@ mod tests {
         assert!(format!("{e:#}").contains("no space"), "{e:#}");
         assert_eq!(std::fs::read(&target).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn files_written_together_are_all_replaced_or_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a.bin"), tmp.path().join("b.json"));
+        std::fs::write(&a, b"old a").unwrap();
+        std::fs::write(&b, b"old b").unwrap();
+        // The second file fails after the first was written in full: neither is replaced.
+        let e = atomic_write_all(vec![
+            (a.clone(), bytes_writer(b"new a")),
+            (b.clone(), Box::new(|_: &Path| anyhow::bail!("disk full"))),
+        ])
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("disk full") && format!("{e:#}").contains("b.json"), "{e:#}");
+        assert_eq!(
+            (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap()),
+            (b"old a".to_vec(), b"old b".to_vec())
+        );
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "temporary files left");
+        atomic_write_all(vec![(a.clone(), bytes_writer(b"new a")), (b.clone(), bytes_writer(b"new b"))])
+            .unwrap();
+        assert_eq!(
+            (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap()),
+            (b"new a".to_vec(), b"new b".to_vec())
+        );
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "temporary files left");
     }
 }
