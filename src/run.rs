@@ -67,6 +67,7 @@ pub struct ModelIdentity {
 /// Inputs of the key statistics.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatsIdentity {
+    /// The corpus as named when the run started (informative only).
     pub corpus: String,
     pub corpus_hash: String,
     pub tokens: usize,
@@ -159,7 +160,9 @@ impl Manifest {
                 .collect();
             return Some(format!("its hyper-parameters differ ({})", diff.join("; ")));
         }
-        if self.stats != other.stats {
+        // The statistics are identified by their content; the corpus path is informative only
+        // (the same text under another name or from another folder resumes).
+        if (&self.stats.corpus_hash, self.stats.tokens) != (&other.stats.corpus_hash, other.stats.tokens) {
             return Some(format!(
                 "its key statistics came from corpus `{}` (content {}, {} tokens), not `{}` (content {}, {} tokens)",
                 self.stats.corpus,
@@ -553,26 +556,14 @@ impl RunDir {
         let mut layers: HashMap<usize, journal::Rebuild> = HashMap::new();
         let mut edit = 0;
         while edit < state.n_edits {
-            let chunk = edit / CHUNK;
-            let records = if state.n_edits >= (chunk + 1) * CHUNK {
-                self.read_records(&self.chunk_path(chunk), chunk * CHUNK, CHUNK, state.n_edits, key_dim)?
-            } else {
-                self.read_records(&self.edit_path(edit), edit, 1, state.n_edits, key_dim)?
-            };
+            let (file, records) = self.committed_records(edit, state.n_edits, key_dim)?;
             for (rec, hash) in records {
-                let file = || {
-                    if state.n_edits >= (chunk + 1) * CHUNK {
-                        self.chunk_path(chunk)
-                    } else {
-                        self.edit_path(edit)
-                    }
-                };
                 for c in &rec.changes {
                     layers
                         .entry(c.layer as usize)
                         .or_default()
                         .apply(c, key_dim)
-                        .with_context(|| format!("{}: corrupt checkpoint", file().display()))?;
+                        .with_context(|| format!("{}: corrupt checkpoint", file.display()))?;
                 }
                 state.updates.extend(rec.updates);
                 state.edit_ends.push(state.updates.len());
@@ -604,6 +595,36 @@ impl RunDir {
         state.persisted_edits = state.n_edits;
         state.persisted_updates = n_updates;
         Ok(state)
+    }
+
+    /// The committed records from edit `edit` on that one file holds (a full chunk's file, or
+    /// the edit's own file before its chunk is full), below `n_edits`, with the file.
+    ///
+    /// A writer that fills the chunk after this reader read the commit point replaces the
+    /// chunk's edit files with the chunk file; a missing edit file is then read from there, so
+    /// `eval` and `export` run while `edit` goes on.
+    fn committed_records(
+        &self,
+        edit: usize,
+        n_edits: usize,
+        key_dim: usize,
+    ) -> Result<(PathBuf, Vec<(journal::EditRecord, u64)>)> {
+        let chunk = edit / CHUNK;
+        let chunk_file = self.chunk_path(chunk);
+        let from_chunk = || -> Result<(PathBuf, Vec<(journal::EditRecord, u64)>)> {
+            let mut records = self.read_records(&chunk_file, chunk * CHUNK, CHUNK, n_edits, key_dim)?;
+            records.drain(..edit - chunk * CHUNK);
+            Ok((chunk_file.clone(), records))
+        };
+        if n_edits >= (chunk + 1) * CHUNK {
+            return from_chunk();
+        }
+        let single = self.edit_path(edit);
+        match self.read_records(&single, edit, 1, n_edits, key_dim) {
+            Ok(records) => Ok((single, records)),
+            Err(_) if !single.is_file() && chunk_file.is_file() => from_chunk(),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads `count` records from `file` starting at edit `first`, the ones below `n_edits`.

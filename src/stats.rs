@@ -101,12 +101,20 @@ impl Corpus {
             }
         }
         if windows.is_empty() || total < max_tokens / 2 {
-            // Bad input (exit code 2): the hyper-parameters ask more of the corpus than it has.
+            // Bad input (exit code 2): the hyper-parameters ask far more of the corpus than it
+            // has. Short of that (at least half), C averages what there is, with a note.
             return Err(crate::errors::InputError(format!(
                 "corpus `{}` has only {total} tokens; cov_tokens asks for {max_tokens} (lower cov_tokens or give a larger --stats-corpus)",
                 self.name
             ))
             .into());
+        }
+        if total < max_tokens {
+            eprintln!(
+                "note: corpus `{}` has {total} tokens of the {max_tokens} cov_tokens asks for; the key \
+                 statistics average those {total}",
+                self.name
+            );
         }
         Ok(windows)
     }

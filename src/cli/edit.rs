@@ -133,6 +133,15 @@ pub fn run_cmd(args: EditArgs) -> Result<()> {
             .into());
         }
     }
+    // The layer numbers need the model's layer count; checked before any statistics are
+    // computed, naming where the values came from.
+    hp.validate(lm.model.num_layers()).map_err(|e| {
+        let source = match &args.hparams {
+            Some(p) => format!("--hparams {}", p.display()),
+            None => format!("the preset of `{}`", args.model.model),
+        };
+        InputError(format!("{source}: invalid hyper-parameters: {e:#}"))
+    })?;
     let summary = run(
         &mut lm,
         SessionOptions {

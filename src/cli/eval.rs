@@ -12,7 +12,7 @@ use super::ModelArgs;
 use crate::errors::{InputError, ThresholdError};
 use crate::eval::metrics::family_of;
 use crate::eval::report::Summaries;
-use crate::eval::run_eval::{apply_token_limits, edits_up_to};
+use crate::eval::run_eval::{apply_token_limits, check_gen_tokens, edits_up_to};
 use crate::eval::{
     evaluate, metric_columns, parse_thresholds, read_records, EvalOptions, EvalRun, MetricSet, Report,
     Threshold,
@@ -96,6 +96,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if run_dir.is_none() && args.timing == Timing::AfterEach {
         return Err(InputError("--timing after-each needs --run (it reads the run's log)".into()).into());
     }
+    if args.timing == Timing::AfterEach && (which.fluency || which.generation()) {
+        return Err(InputError(
+            "--timing after-each reads the scores `oedit edit --eval-each` logged (efficacy, \
+             generalization, locality); fluency and the gen metrics are measured after all edits \
+             only (leave them out of --metrics, or use --timing after-all)"
+                .into(),
+        )
+        .into());
+    }
     if args.at == Some(0) {
         return Err(InputError("--at: N must be at least 1".into()).into());
     }
@@ -134,6 +143,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .load_for_run(run_dir.as_ref().zip(manifest.as_ref()).map(|(d, m)| (d.path.as_path(), m)))?;
     let context = lm.config().max_position_embeddings;
     apply_token_limits(&mut input, &args.edits, &lm.tok, context, args.max_prompt_tokens, run_dir.is_some())?;
+    if which.fluency {
+        check_gen_tokens(&input, &args.edits, &lm.tok, context, args.gen_tokens)?;
+    }
     let base = match (&args.base, &run_dir, args.timing) {
         (Some(b), None, Timing::AfterAll) => {
             Some(load_model(b, &args.model.device.parse()?, lm.dtype.into())?)

@@ -117,6 +117,34 @@ impl MetricSet {
         family_of(column).and_then(|f| self.flag(f)).is_some_and(|on| *on)
     }
 
+    /// Clears the scores of `scores` whose family the set leaves out (scores read from a log,
+    /// which holds every family `oedit edit --eval-each` measures).
+    pub fn keep_measured(self, scores: &mut RecordScores) {
+        if !self.efficacy {
+            (scores.efficacy, scores.efficacy_token_acc) = (None, None);
+        }
+        if !self.generalization {
+            (scores.generalization, scores.generalization_token_acc) = (None, None);
+        }
+        if !self.locality {
+            (scores.locality, scores.locality_agreement) = (None, None);
+            scores.locality_argmax.clear();
+        }
+        if !self.fluency {
+            scores.fluency = None;
+        }
+        if !self.gen_efficacy {
+            scores.gen_efficacy = None;
+        }
+        if !self.gen_generalization {
+            scores.gen_generalization = None;
+        }
+        if !self.gen_locality {
+            scores.gen_locality = None;
+            scores.locality_greedy.clear();
+        }
+    }
+
     /// The switch of metric family `family` (a name [`family_of`] returns).
     fn flag(&mut self, family: &str) -> Option<&mut bool> {
         Some(match family {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::generation::SLACK_TOKENS;
-use super::{metric_columns, summarize, RecordScores, Summary};
+use super::{metric_columns, summarize, MetricSet, RecordScores, Summary};
 use crate::data::RecordError;
 use crate::errors::InputError;
 
@@ -156,7 +156,10 @@ impl Protocol {
             generalization: "as efficacy, averaged over the paraphrase prompts",
             generalization_token_acc: "as efficacy_token_acc, averaged over the paraphrase prompts",
             locality: "binary: mean NLL(true answer) < mean NLL(target_new) on neighbourhood prompts (neighbourhood score)",
-            locality_agreement: "fraction of the locality answer's tokens whose teacher-forced argmax is unchanged from the unedited model",
+            locality_agreement: match timing {
+                Timing::AfterAll => "fraction of the locality answer's tokens whose teacher-forced argmax is unchanged from the unedited model",
+                Timing::AfterEach => "fraction of the locality answer's tokens whose teacher-forced argmax is unchanged from the model right before the record's edit (after-each)",
+            },
             fluency: format!("generation entropy: mean of (2/3)H2 and (4/3)H3 of word n-grams (bits) of {gen_tokens} greedy tokens per generation prompt (edit prompt when none)"),
             gen_efficacy: format!("binary: the greedy continuation of the edit prompt (at most target_new's token count + {SLACK_TOKENS} tokens) starts with target_new, compared as text after dropping its leading whitespace, case-insensitively, ending at a word boundary (end of text or a non-alphanumeric character)"),
             gen_generalization: "as gen_efficacy, averaged over the paraphrase prompts",
@@ -187,9 +190,43 @@ pub struct PerRecord {
     /// The record's case id.
     pub case_id: Option<u64>,
     /// Scores on the edited model.
-    pub edited: RecordScores,
+    pub edited: AskedScores,
     /// Scores on the unedited model, when there is one.
-    pub unedited: Option<RecordScores>,
+    pub unedited: Option<AskedScores>,
+}
+
+/// A record's scores as the report writes them: every generation metric asked for is present
+/// (null where the record lacks its prompts), the others are left out.
+#[derive(Debug, Clone, Serialize)]
+pub struct AskedScores {
+    #[serde(flatten)]
+    scores: RecordScores,
+    #[serde(flatten)]
+    missing: MissingGeneration,
+}
+
+/// The generation metrics asked for that a record has no score for (serialised as null).
+#[derive(Debug, Clone, Default, Serialize)]
+struct MissingGeneration {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gen_efficacy: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gen_generalization: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gen_locality: Option<Option<f64>>,
+}
+
+impl AskedScores {
+    /// `scores` as measured with the metric set `which`.
+    pub fn new(scores: RecordScores, which: MetricSet) -> Self {
+        let missing = |asked: bool, got: Option<f64>| (asked && got.is_none()).then_some(None);
+        let missing = MissingGeneration {
+            gen_efficacy: missing(which.gen_efficacy, scores.gen_efficacy),
+            gen_generalization: missing(which.gen_generalization, scores.gen_generalization),
+            gen_locality: missing(which.gen_locality, scores.gen_locality),
+        };
+        Self { scores, missing }
+    }
 }
 
 /// The summary of every metric measured on `scores`.
@@ -218,17 +255,22 @@ pub fn parse_thresholds(s: &str) -> Result<Vec<Threshold>> {
             let (k, v) = p
                 .split_once('=')
                 .ok_or_else(|| InputError(format!("--fail-under: `{p}` is not METRIC=VALUE")))?;
-            let k = k.trim();
-            if !known.contains(&k) {
+            // `-` may replace `_` and `generalisation` `generalization`, as in `--metrics`.
+            let k = k.trim().replace('-', "_").replace("generalisation", "generalization");
+            if !known.contains(&k.as_str()) {
                 return Err(InputError(format!(
                     "--fail-under: unknown metric `{k}` (known: {})",
                     known.join(", ")
                 ))
                 .into());
             }
-            let min: f64 =
-                v.trim().parse().map_err(|_| InputError(format!("--fail-under: `{v}` is not a number")))?;
-            Ok(Threshold { metric: k.to_string(), min })
+            let min = v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|m| m.is_finite())
+                .ok_or_else(|| InputError(format!("--fail-under: `{v}` is not a finite number")))?;
+            Ok(Threshold { metric: k, min })
         })
         .collect()
 }

@@ -9,7 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use super::report::{
-    summaries, Metrics, ModelInfo, PerRecord, Protocol, RecordsInfo, Report, RunInfo, Skipped, Timing,
+    summaries, AskedScores, Metrics, ModelInfo, PerRecord, Protocol, RecordsInfo, Report, RunInfo, Skipped,
+    Timing,
 };
 use super::{generation_locality, locality_agreement, score_all, score_unedited, MetricSet, RecordScores};
 use crate::data::{EditReader, EditRecord, RecordError};
@@ -136,6 +137,45 @@ pub fn apply_token_limits(
     input.skipped.sort_by_key(|s| s.line);
     if input.records.is_empty() {
         return Err(InputError(format!("{}: no records to evaluate", source.display())).into());
+    }
+    Ok(())
+}
+
+/// Refuses a `--gen-tokens` that would decode the fluency generations past the model's context:
+/// the longest generation prompt (the edit prompt for a record without one) plus `gen_tokens`
+/// new tokens must fit, as `oedit generate` requires of its prompt.
+pub fn check_gen_tokens(
+    input: &EvalRecords,
+    source: &Path,
+    tok: &Tok,
+    context: Option<usize>,
+    gen_tokens: usize,
+) -> Result<()> {
+    let Some(context) = context else { return Ok(()) };
+    let mut longest = (0usize, 0usize);
+    for (rec, &line) in input.records.iter().zip(&input.lines) {
+        let prompts: Vec<&str> = if rec.generation_prompts.is_empty() {
+            vec![rec.prompt.as_str()]
+        } else {
+            rec.generation_prompts.iter().map(String::as_str).collect()
+        };
+        for p in prompts {
+            let n = tok.encode_prompt(p)?.len();
+            if n > longest.0 {
+                longest = (n, line);
+            }
+        }
+    }
+    let (n, line) = longest;
+    if n.saturating_add(gen_tokens) > context {
+        return Err(InputError(format!(
+            "--gen-tokens {gen_tokens}: the longest fluency prompt ({}:{line}) has {n} tokens, and with \
+             {gen_tokens} new ones the generation passes the model's context of {context} \
+             (max_position_embeddings); give --gen-tokens {} or less",
+            source.display(),
+            context.saturating_sub(n)
+        ))
+        .into());
     }
     Ok(())
 }
@@ -269,7 +309,8 @@ pub fn evaluate(
         }
         (Some(run), Timing::AfterEach) => {
             let base = unedited(&lm.model, &lm.tok, &fingerprint)?;
-            let each = after_each_scores(run.dir, run.log, &input.lines)?;
+            let mut each = after_each_scores(run.dir, run.log, &input.lines)?;
+            each.iter_mut().for_each(|s| which.keep_measured(s));
             (Some(base), each, Some(input.lines.len()))
         }
         (None, Timing::AfterEach) => {
@@ -306,8 +347,8 @@ pub fn evaluate(
             .map(|(i, &line)| PerRecord {
                 line,
                 case_id: records[i].case_id,
-                edited: edited_scores[i].clone(),
-                unedited: base_scores.as_ref().map(|b| b[i].clone()),
+                edited: AskedScores::new(edited_scores[i].clone(), which),
+                unedited: base_scores.as_ref().map(|b| AskedScores::new(b[i].clone(), which)),
             })
             .collect()
     });

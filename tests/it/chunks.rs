@@ -1,6 +1,7 @@
 //! A run that crosses the 256-edit boundary of the update chunk files: stopped at the boundary
-//! and resumed across it, it ends with the bytes of an uninterrupted run, and `eval --at` on
-//! either side of the boundary scores what the run scored when it stood there.
+//! and resumed across it, it ends with the bytes of an uninterrupted run, `eval --at` on either
+//! side of the boundary scores what the run scored when it stood there, and a reader whose
+//! commit point predates the chunk file finds its records there.
 
 use std::path::Path;
 
@@ -78,11 +79,24 @@ fn a_run_across_the_chunk_boundary_resumes_and_evaluates_on_both_sides() {
     assert_eq!(names, ["chunk-00000.safetensors", "edit-00000256.safetensors", "edit-00000257.safetensors"]);
     assert_eq!(reference.2[0].as_deref(), Some(N.to_string().as_str()));
 
-    // Stopped with the first chunk exactly full, then one edit into the second chunk, then on.
+    // Stopped one edit short of the boundary, with the first chunk exactly full, then one edit
+    // into the second chunk, then on.
     let part = tmp.path().join("part");
+    edit_to(&part, CHUNK - 1);
+    // A reader that read the commit point there while the writer went on to fill the chunk:
+    // the chunk's edit files it expects have been replaced by the chunk file.
+    let stale = tmp.path().join("stale");
+    std::fs::create_dir_all(stale.join("updates")).unwrap();
+    for f in ["manifest.json", "subspace.safetensors", "log.jsonl"] {
+        std::fs::copy(part.join(f), stale.join(f)).unwrap();
+    }
     let mut at_stop = Vec::new();
     for (i, n) in [CHUNK, CHUNK + 1].into_iter().enumerate() {
         edit_to(&part, n);
+        if n == CHUNK {
+            let chunk = "chunk-00000.safetensors";
+            std::fs::copy(part.join("updates").join(chunk), stale.join("updates").join(chunk)).unwrap();
+        }
         let chunks = std::fs::read_dir(part.join("updates")).unwrap().count();
         assert_eq!(chunks, if n == CHUNK { 1 } else { 2 }, "after {n} edits");
         at_stop.push(eval_report(
@@ -107,6 +121,12 @@ fn a_run_across_the_chunk_boundary_resumes_and_evaluates_on_both_sides() {
         assert_eq!(at["metrics"], at_stop[i]["metrics"], "--at {n}");
         assert_eq!(at["per_record"], at_stop[i]["per_record"], "--at {n}");
     }
+    // The stale reader's view is the run as it stood after CHUNK - 1 edits.
+    let at = eval_report(&model, &edits, &full, &cache, &tmp.path().join("at-short.json"), Some(CHUNK - 1));
+    let seen = eval_report(&model, &edits, &stale, &cache, &tmp.path().join("stale.json"), None);
+    assert_eq!(seen["run"]["n_edits"], CHUNK - 1);
+    assert_eq!(seen["metrics"], at["metrics"]);
+    assert_eq!(seen["per_record"], at["per_record"]);
     // The 257th edit changed the model: the first 256 records do not all score the same.
     let scores = |r: &Value| r["per_record"].as_array().unwrap()[..CHUNK].to_vec();
     assert_ne!(scores(&at_stop[0]), scores(&at_stop[1]));

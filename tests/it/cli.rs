@@ -508,4 +508,16 @@ fn missing_edit_file_and_bad_hparams_fail_before_the_run_directory_exists() {
     assert_eq!(o.status.code(), Some(2), "{line}");
     assert!(line.contains(hp.to_str().unwrap()) && line.contains("v_lr"), "{line}");
     assert!(!run.exists());
+    // A layer the model does not have is found once the model is loaded, named with its file,
+    // before the run directory is made.
+    let hp = tmp.path().join("layer.json");
+    let mut v = tiny_hparams();
+    v["layer"] = serde_json::json!(40);
+    std::fs::write(&hp, v.to_string()).unwrap();
+    let args = ["edit", "--model", m, "--edits", edits.to_str().unwrap(), "--run", run.to_str().unwrap()];
+    let o = cmd_in(tmp.path(), &[&args[..], &["--hparams", hp.to_str().unwrap()]].concat());
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains(hp.to_str().unwrap()) && line.contains("layer 40 out of range"), "{line}");
+    assert!(!run.exists());
 }

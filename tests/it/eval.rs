@@ -122,6 +122,49 @@ fn report_has_edited_and_unedited_metrics() {
 }
 
 #[test]
+fn after_each_reports_the_logged_scores_of_the_metrics_asked_for() {
+    let tmp = TempDir::new().unwrap();
+    let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
+    let hparams = write_json(&tmp.path().join("hparams.json"), &tiny_hparams());
+    let edits = write_lines(&tmp.path().join("cf.jsonl"), &sample_lines("counterfact-sample.jsonl", 3));
+    let run_dir = tmp.path().join("run");
+    let mut c = edit_cmd(&model, &hparams, &edits, &run_dir, &tmp.path().join("cache"));
+    c.args(["--limit", "2", "--eval-each"]);
+    assert_ok(&run(c));
+    let log: Vec<Value> = std::fs::read_to_string(run_dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+
+    let out = tmp.path().join("report.json");
+    let dir = run_dir.to_str().unwrap();
+    let args = ["--run", dir, "--timing", "after-each", "--metrics", "efficacy,locality", "--per-record"];
+    let r = eval_json(&model, &edits, &out, &args);
+    assert_eq!(r["protocol"]["timing"], "after-each");
+    assert!(r["protocol"]["locality_agreement"].as_str().unwrap().contains("right before the record's edit"));
+    let edited = &r["metrics"]["edited"];
+    assert_eq!(edited["efficacy"]["count"], 2, "{edited}");
+    assert_eq!(edited["locality_agreement"]["count"], 2, "{edited}");
+    // The log holds generalization too; it was not asked for, so neither side reports it.
+    assert!(edited.get("generalization").is_none(), "{edited}");
+    assert!(r["metrics"]["unedited"].get("generalization").is_none());
+    let per = r["per_record"].as_array().unwrap();
+    for (p, l) in per.iter().zip(&log) {
+        assert_eq!(p["edited"]["efficacy"], l["eval"]["efficacy"], "{p}");
+        assert_eq!(p["edited"]["locality_agreement"], l["eval"]["locality_agreement"], "{p}");
+        assert!(p["edited"]["generalization"].is_null(), "{p}");
+    }
+    // Metrics the log cannot hold are refused before the model loads.
+    for m in ["fluency", "gen", "efficacy,gen-locality"] {
+        let o = eval(&model, &edits, &["--run", dir, "--timing", "after-each", "--metrics", m]);
+        let line = assert_clean_failure(&o);
+        assert_eq!(o.status.code(), Some(2), "{m}: {line}");
+        assert!(line.contains("--timing after-each") && line.contains("--timing after-all"), "{line}");
+    }
+}
+
+#[test]
 fn eval_at_n_is_the_run_as_it_stood_after_n_edits() {
     let fx = Fx::new(3);
     let short = fx.path("run-2");
@@ -361,6 +404,29 @@ fn bad_eval_input_is_reported() {
     let line = assert_clean_failure(&o);
     assert_eq!(o.status.code(), Some(2), "{line}");
     assert!(line.contains("bogus"), "{line}");
+    // A threshold that is not a finite number is bad input, not a missed threshold.
+    for v in ["nan", "inf", "-inf", "x"] {
+        let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", &format!("efficacy={v}")]);
+        let line = assert_clean_failure(&o);
+        assert_eq!(o.status.code(), Some(2), "{v}: {line}");
+        assert!(line.contains("not a finite number"), "{line}");
+    }
+    // Fluency generations past the model's context (128 positions) are refused, naming what fits.
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--metrics", "fluency", "--gen-tokens", "200"]);
+    let line = assert_clean_failure(&o);
+    assert_eq!(o.status.code(), Some(2), "{line}");
+    assert!(line.contains("--gen-tokens 200") && line.contains("context of 128"), "{line}");
+    let fits: usize =
+        line.rsplit("--gen-tokens ").next().unwrap().split(' ').next().unwrap().parse().unwrap();
+    let o = eval(
+        &fx.model,
+        &fx.edits,
+        &["--run", run_dir, "--metrics", "fluency", "--gen-tokens", &fits.to_string()],
+    );
+    assert_ok(&o);
+    // Names are spelt as --metrics accepts them (`-` for `_`).
+    let o = eval(&fx.model, &fx.edits, &["--run", run_dir, "--fail-under", "efficacy-token-acc=0"]);
+    assert_ok(&o);
 }
 
 #[test]

@@ -155,6 +155,18 @@ fn generation_and_teacher_forcing_disagree_on_a_hand_made_record() {
     assert_eq!(r["protocol"]["metric_protocols"]["gen_generalization"], "generation");
     assert_eq!(r["protocol"]["metric_protocols"]["locality"], "teacher-forced");
     assert!(r["protocol"]["gen_efficacy"].as_str().unwrap().contains("greedy"));
+    // A record without paraphrases has null for both kinds of generalization, not a missing key.
+    let rec = serde_json::json!({
+        "case_id": 2, "prompt": prompt, "subject": "the cat", "target_new": "a", "ground_truth": "b",
+    });
+    let edits = write_lines(&dir.path().join("p.jsonl"), &[rec.to_string()]);
+    let r = eval_report(&path, &edits, &dir.path().join("p.json"), &["--metrics", "generalization,gen"]);
+    let got = r["per_record"][0]["edited"].as_object().unwrap();
+    for key in ["generalization", "gen_generalization", "gen_efficacy"] {
+        assert!(got.contains_key(key), "{key} missing: {got:?}");
+    }
+    assert!(got["generalization"].is_null() && got["gen_generalization"].is_null(), "{got:?}");
+    assert!(got["gen_efficacy"].is_number(), "{got:?}");
 
     // The other way round: the target is the greedy answer's first word, the "ground truth" an
     // answer teacher forcing prefers (a shorter one with a lower mean NLL, when there is one).

@@ -131,3 +131,32 @@ fn a_resume_keeps_the_run_s_eval_each_setting_and_layer_flags_name_themselves() 
     let o = fx.edit(&edits, &fx.path("other"), &["--layer", "99"]);
     assert_input_error(&o, &["--layer 99", "layers"]);
 }
+
+#[test]
+fn a_run_resumes_with_its_corpus_under_another_path_but_not_with_other_text() {
+    let fx = EditFx::new();
+    let edits = fx.edits("e.jsonl", &minimal_lines(3));
+    let dir = fx.path("run");
+    fx.edit_ok(&edits, &dir, &["--limit", "1"]);
+    let with_corpus = |corpus: &std::path::Path, limit: &str| {
+        let mut c = oedit_cmd();
+        c.env("OEDIT_CACHE", &fx.cache).args(["--threads", "1", "edit", "--method", "oedit-plus", "--model"]);
+        c.arg(&fx.model).arg("--hparams").arg(&fx.hparams).arg("--edits").arg(&edits).arg("--run").arg(&dir);
+        c.arg("--stats-corpus").arg(corpus).args(["--json", "--limit", limit]);
+        run(c)
+    };
+    // The same text under another name: only the content identifies the statistics.
+    let text = std::fs::read_to_string(corpus_file()).unwrap();
+    std::fs::create_dir_all(fx.path("copy")).unwrap();
+    let copy = fx.path("copy").join("corpus.txt");
+    std::fs::write(&copy, &text).unwrap();
+    let o = with_corpus(&copy, "2");
+    assert_ok(&o);
+    assert_eq!(edit_summary(&o)["edits_total"], 2);
+    // Other text is other statistics: refused, naming both.
+    let other = fx.path("other.txt");
+    std::fs::write(&other, text.replacen("the", "a", 200)).unwrap();
+    let line =
+        assert_input_error(&with_corpus(&other, "3"), &["cannot be continued", "key statistics came from"]);
+    assert!(line.contains("other.txt"), "{line}");
+}
