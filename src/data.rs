@@ -126,6 +126,8 @@ pub struct RecordError {
     pub field: Option<String>,
     /// What is wrong.
     pub reason: String,
+    /// The input could not be read (an I/O error, not a bad line): never skipped.
+    pub io: bool,
 }
 
 impl fmt::Display for RecordError {
@@ -365,9 +367,7 @@ fn parse_flat(obj: &Map<String, Value>) -> Result<Draft<'_>, FieldError> {
 fn parse_zsre(obj: &Map<String, Value>) -> Result<Draft<'_>, FieldError> {
     let head = Draft::top_level(RecordFormat::Zsre, obj)?;
     Ok(Draft {
-        ground_truth: str_or_list(obj, "answers", "answers")?
-            .first()
-            .and_then(|first| non_empty_answer(first)),
+        ground_truth: first_answer(obj, "answers")?,
         rephrase_prompts: str_or_list(obj, "rephrase", "rephrase")?,
         locality: optional_locality(obj, "loc", "loc_ans")?,
         ..head
@@ -543,6 +543,30 @@ fn opt_answer(obj: &Map<String, Value>, key: &str, path: &str) -> Result<Option<
     Ok(opt_str(obj, key, path)?.and_then(non_empty_answer))
 }
 
+/// The first of a string-or-list of reference answers, trimmed; absent, null, an empty list or
+/// a blank first answer gives `None` (as a blank `ground_truth` does).
+fn first_answer(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, FieldError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(non_empty_answer(s)),
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                if !item.is_string() {
+                    let found = kind(item);
+                    return Err(field_err(
+                        &format!("{key}[{i}]"),
+                        format!("expected a string, found {found}"),
+                    ));
+                }
+            }
+            Ok(items.first().and_then(Value::as_str).and_then(non_empty_answer))
+        }
+        Some(other) => {
+            Err(field_err(key, format!("expected a string or an array of strings, found {}", kind(other))))
+        }
+    }
+}
+
 /// A trimmed answer, or `None` when blank.
 fn non_empty_answer(s: &str) -> Option<String> {
     let t = s.trim();
@@ -666,7 +690,7 @@ impl EditReader {
     }
 
     fn error(&self, line: usize, field: Option<String>, reason: String) -> RecordError {
-        RecordError { source: self.source.clone(), line, field, reason }
+        RecordError { source: self.source.clone(), line, field, reason, io: false }
     }
 
     /// Reads the next line into `buf`, at most `max_line_bytes` of it: `None` at the end of the
@@ -739,7 +763,7 @@ impl Iterator for EditReader {
                 Err(e) => {
                     self.done = true;
                     let reason = format!("I/O error while reading: {e}");
-                    return Some(Err(self.error(self.line + 1, None, reason)));
+                    return Some(Err(RecordError { io: true, ..self.error(self.line + 1, None, reason) }));
                 }
             }
         }
@@ -1019,6 +1043,22 @@ mod tests {
     }
 
     #[test]
+    fn a_blank_zsre_reference_answer_means_no_ground_truth() {
+        for answers in [serde_json::json!([""]), serde_json::json!("  "), serde_json::json!([])] {
+            let mut v = zsre();
+            v["answers"] = answers.clone();
+            let r = parse_record(&v.to_string()).unwrap_or_else(|e| panic!("{answers}: {e:?}"));
+            assert_eq!(r.ground_truth, None, "{answers}");
+        }
+        let mut v = zsre();
+        v["answers"] = serde_json::json!([" 1949 ", "x"]);
+        assert_eq!(parse_record(&v.to_string()).unwrap().ground_truth.as_deref(), Some("1949"));
+        let mut v = zsre();
+        v["answers"] = serde_json::json!(["1949", 3]);
+        assert_field_err(v, "answers[1]", "expected a string, found a number");
+    }
+
+    #[test]
     fn wrong_types_are_named() {
         let mut v = flat();
         v["subject"] = 5.into();
@@ -1116,6 +1156,7 @@ mod tests {
             line: 12,
             field: Some("alt".into()),
             reason: "empty target".into(),
+            io: false,
         };
         assert_eq!(e.to_string(), "edits.jsonl:12: field `alt`: empty target");
         e.field = None;
@@ -1139,7 +1180,8 @@ mod tests {
                 source: "mem.jsonl".into(),
                 line: 5,
                 field: Some("alt".into()),
-                reason: "empty target".into()
+                reason: "empty target".into(),
+                io: false,
             })
         );
         let e = items[2].as_ref().expect_err("bad JSON");

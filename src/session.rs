@@ -190,16 +190,19 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
     let mut this_session = 0usize;
     let mut stopped_by_limit = false;
     let mut next_batch = next_batch_number(&state);
+    let source = input.source().to_string();
     loop {
         // Gather up to --batch-size good records (fewer at --limit or at the end of the input).
         let mut batch: Vec<(usize, EditRecord)> = Vec::with_capacity(batch_size);
         let mut bad: Option<RecordError> = None;
         let mut ended = true;
-        while let Some(item) = input.next() {
+        loop {
+            // At --limit nothing more is read: a pipe that stays open must not hold the run.
             if opts.limit.is_some_and(|l| state.n_edits + batch.len() >= l) {
                 stopped_by_limit = true;
                 break;
             }
+            let Some(item) = input.next() else { break };
             // Lines an earlier session consumed: skipped, after checking that they are the
             // facts the run edited there.
             let consumed = match &item {
@@ -213,6 +216,12 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
             match item {
                 Ok(x) => batch.push(x),
                 Err(e) => match opts.on_invalid {
+                    // An input that cannot be read stops the run whatever --on-invalid says:
+                    // its line is not consumed, so a resume reads it again.
+                    _ if e.io => {
+                        bad = Some(e);
+                        break;
+                    }
                     OnInvalid::Stop => {
                         bad = Some(e);
                         break;
@@ -231,7 +240,8 @@ pub fn run(lm: &mut LoadedModel, mut opts: SessionOptions) -> Result<SessionSumm
             }
         }
         if !batch.is_empty() {
-            let ctx = BatchRun { rd: &rd, opts: &opts, edited_layers: &edited_layers, json_lines };
+            let ctx =
+                BatchRun { rd: &rd, source: &source, opts: &opts, edited_layers: &edited_layers, json_lines };
             let number = (batch_size > 1).then_some(next_batch);
             wins += ctx.apply(lm, &mut editor, &mut state, &batch, number)?;
             next_batch += 1;
@@ -280,6 +290,8 @@ fn next_batch_number(state: &State) -> usize {
 /// What applying one batch needs besides the model, the editor and the state.
 struct BatchRun<'a> {
     rd: &'a RunDir,
+    /// The input's name in errors (file name or `<stdin>`).
+    source: &'a str,
     opts: &'a SessionOptions,
     edited_layers: &'a [usize],
     json_lines: bool,
@@ -304,8 +316,8 @@ impl BatchRun<'_> {
         let before = if opts.eval_each { Some(score_records(&lm.model, &lm.tok, &recs, all)?) } else { None };
         let (first, last) = (batch[0].0, batch[batch.len() - 1].0);
         let edited = editor.edit_batch(&mut lm.model, &lm.tok, &recs).with_context(|| match batch.len() {
-            1 => format!("{}:{first}: edit failed", opts.edits.display()),
-            n => format!("{}:{first}-{last}: edit of a batch of {n} failed", opts.edits.display()),
+            1 => format!("{}:{first}: edit failed", self.source),
+            n => format!("{}:{first}-{last}: edit of a batch of {n} failed", self.source),
         })?;
         let evals: Vec<Option<crate::eval::RecordScores>> = match &before {
             Some(before) => {

@@ -55,17 +55,19 @@ pub fn read_records(
     max_line_bytes: usize,
 ) -> Result<EvalRecords> {
     let by_line: Option<HashMap<usize, &LogEntry>> = edited.map(|e| e.iter().map(|e| (e.line, *e)).collect());
-    let reader = EditReader::open(edits)?.with_max_line_bytes(max_line_bytes);
+    let mut reader = EditReader::open(edits)?.with_max_line_bytes(max_line_bytes);
     let source = reader.source_name().to_string();
     let mismatch = |line: usize, why: String| InputError(format!("{source}:{line}: {why}; {EVAL_HINT}"));
     let mut out = EvalRecords { records: Vec::new(), lines: Vec::new(), skipped: Vec::new() };
     let mut last_seen = 0;
     let mut ended = true;
-    for item in reader {
+    loop {
+        // At --limit nothing more is read (a pipe that stays open must not hold the command).
         if limit.is_some_and(|l| out.records.len() >= l) {
             ended = false;
             break;
         }
+        let Some(item) = reader.next() else { break };
         match item {
             Ok((line, rec)) => {
                 last_seen = line;
@@ -78,6 +80,7 @@ pub fn read_records(
                 out.lines.push(line);
                 out.records.push(rec);
             }
+            Err(e) if e.io => return Err(InputError(e.to_string()).into()),
             Err(e) => {
                 last_seen = e.line;
                 if let Some(entry) = by_line.as_ref().and_then(|m| m.get(&e.line)) {
@@ -123,7 +126,7 @@ pub fn apply_token_limits(
                 input.lines.push(line);
             }
             Err((field, reason)) => {
-                let e = RecordError { source: source.display().to_string(), line, field, reason };
+                let e = RecordError { source: source.display().to_string(), line, field, reason, io: false };
                 if from_run {
                     return Err(InputError(format!(
                         "{e}; the run edited this line: give eval the --max-prompt-tokens its edit had"

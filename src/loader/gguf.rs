@@ -130,6 +130,15 @@ fn config_from_gguf(ct: &gguf_file::Content, arch: &str) -> Result<HfConfig> {
             .map(|v| v.len())
             .context("GGUF has neither vocab_size nor tokenizer tokens")?,
     };
+    // llama.cpp stores Llama-3.1's `llama3` rope scaling as per-frequency factors in a tensor,
+    // not as metadata; loading without them would give another model's logits.
+    if ct.tensor_infos.contains_key("rope_freqs.weight") {
+        bail!(
+            "the file carries `rope_freqs.weight` (rope scaling stored as frequency factors, as \
+             llama.cpp writes Llama-3.1 and later), which oedit does not read; load the model from \
+             its Hugging Face folder or hub id instead"
+        );
+    }
     let rope_scaling = match ct.metadata.get(&k("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
         Some(t) if t == "linear" => Some(RopeScaling {
             rope_type: "linear".into(),
@@ -148,7 +157,8 @@ fn config_from_gguf(ct: &gguf_file::Content, arch: &str) -> Result<HfConfig> {
         num_hidden_layers: md_usize(ct, &k("block_count"))?,
         num_attention_heads: heads,
         num_key_value_heads: Some(md_usize(ct, &k("attention.head_count_kv")).unwrap_or(heads)),
-        head_dim: None,
+        // Set where it is not embedding_length / head_count (e.g. Mistral-Nemo).
+        head_dim: md_usize(ct, &k("attention.key_length")).ok(),
         rms_norm_eps: md_f64(ct, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: md_f64(ct, &k("rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling,
@@ -163,8 +173,8 @@ fn config_from_gguf(ct: &gguf_file::Content, arch: &str) -> Result<HfConfig> {
         rope_parameters: None,
     };
     cfg.validate()?;
-    if cfg.head_dim() * heads != hidden {
-        bail!("head dimension does not divide the embedding length");
+    if cfg.head_dim.is_none() && cfg.head_dim() * heads != hidden {
+        bail!("head dimension does not divide the embedding length (and no attention.key_length is given)");
     }
     Ok(cfg)
 }

@@ -30,6 +30,11 @@ fn split_revision(spec: &str) -> (&str, &str) {
     spec.split_once('@').unwrap_or((spec, "main"))
 }
 
+/// Whether a revision is a full commit hash (40 hexadecimal digits).
+fn is_commit_hash(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Files of a hub model, resolved to local paths.
 pub struct HubFiles {
     pub config: PathBuf,
@@ -44,23 +49,30 @@ pub fn fetch(spec: &str) -> Result<HubFiles> {
     let dir = cache_dir();
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     let cache = Cache::new(dir.clone()).repo(repo.clone());
+    // A revision that is a commit hash has no `refs/` entry in the cache (huggingface_hub writes
+    // none); its snapshot folder is looked up directly.
+    let pinned =
+        is_commit_hash(revision).then(|| dir.join(repo.folder_name()).join("snapshots").join(revision));
     let api = if offline() {
-        None
+        Err("not in the cache and HF_HUB_OFFLINE is set".to_string())
     } else {
         ApiBuilder::from_env()
             .with_cache_dir(dir.clone())
             .with_progress(false)
             .build()
-            .ok()
             .map(|a| a.repo(repo))
+            .map_err(|e| format!("not in the cache, and the hub client could not start: {e}"))
     };
     let get = |file: &str| -> Result<PathBuf> {
         if let Some(p) = cache.get(file) {
             return Ok(p);
         }
+        if let Some(p) = pinned.as_ref().map(|d| d.join(file)).filter(|p| p.is_file()) {
+            return Ok(p);
+        }
         match &api {
-            Some(api) => api.get(file).map_err(|e| anyhow::anyhow!("{e}")),
-            None => bail!("not in the cache and HF_HUB_OFFLINE is set"),
+            Ok(api) => api.get(file).map_err(|e| anyhow::anyhow!("{e}")),
+            Err(why) => bail!("{why}"),
         }
     };
     let missing_help = |file: &str, e: anyhow::Error| {

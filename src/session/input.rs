@@ -125,7 +125,8 @@ impl EditInput {
         for item in self.ahead.iter_mut() {
             if let Ok((line, rec)) = item {
                 if let Err((field, reason)) = check(rec) {
-                    *item = Err(RecordError { source: source.clone(), line: *line, field, reason });
+                    *item =
+                        Err(RecordError { source: source.clone(), line: *line, field, reason, io: false });
                 }
             }
         }

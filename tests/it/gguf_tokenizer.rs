@@ -790,4 +790,27 @@ fn negative_or_out_of_vocabulary_ids_are_absent_and_negative_counts_refused() {
     let o = run(cmd);
     let line = assert_clean_failure(&o);
     assert!(line.contains("llama.block_count") && line.contains("not a non-negative integer"), "{line}");
+
+    // The head dimension given explicitly (attention.key_length) loads the same model.
+    let explicit = tmp.path().join("k.gguf");
+    let key_length = vec![("llama.attention.key_length", Value::U32((HIDDEN / HEADS) as u32))];
+    write_tiny_gguf_with(&explicit, &tiny_weights(false, 7), true, key_length);
+    let plain = tmp.path().join("p.gguf");
+    write_tiny_gguf(&plain, &tiny_weights(false, 7), true);
+    let ids = sample_ids(7, 5);
+    let (a, b) = (load(&explicit), load(&plain));
+    assert_eq!(max_abs_diff(&logits(&a.model, &ids), &logits(&b.model, &ids)), 0.0);
+    // Rope scaling stored as a frequency tensor is refused, not silently dropped.
+    let scaled = tmp.path().join("r.gguf");
+    let mut weights = tiny_weights(false, 7);
+    weights.push((
+        "rope_freqs.weight".into(),
+        candle_core::Tensor::ones(HIDDEN / HEADS / 2, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
+    ));
+    write_tiny_gguf(&scaled, &weights, true);
+    let mut cmd = oedit_cmd();
+    cmd.args(["score", "--model", scaled.to_str().unwrap(), "--text", "the cat"]);
+    let line = assert_clean_failure(&run(cmd));
+    assert!(line.contains("rope_freqs.weight") && line.contains("Hugging Face folder"), "{line}");
 }

@@ -294,7 +294,13 @@ fn diverged_update_is_refused_and_nothing_is_committed() {
     let o = run(edit_cmd(&fx.model, &hparams, &edits, &run_dir, &fx.cache));
     let line = assert_clean_failure(&o);
     assert!(line.contains("NaN or infinite entries"), "{line}");
+    assert!(line.contains("e.jsonl:1: edit failed"), "{line}");
     assert!(logged_lines(&run_dir).is_empty());
+    // On standard input the error names it as every other record error does.
+    let mut c = edit_cmd(&fx.model, &hparams, std::path::Path::new("-"), &fx.path("run2"), &fx.cache);
+    c.stdin(std::fs::File::open(&edits).unwrap());
+    let line = assert_clean_failure(&run(c));
+    assert!(line.contains("<stdin>:1: edit failed"), "{line}");
 }
 
 /// `oedit score` on a text longer than the model's context: a usage error, not an attention

@@ -121,6 +121,18 @@ fn hub_cache_via_hf_hub_cache_matches_folder() {
     let mut cmd = oedit_cmd();
     cmd.env("HF_HUB_CACHE", &cache).env("HF_HUB_OFFLINE", "1");
     assert_eq!(score_json(cmd, "tiny/llama@main", tmp.path()), from_folder);
+    // A revision pinned to a commit hash has no refs/ entry (huggingface_hub writes none): its
+    // snapshot folder is found directly.
+    let mut cmd = oedit_cmd();
+    cmd.env("HF_HUB_CACHE", &cache).env("HF_HUB_OFFLINE", "1");
+    assert_eq!(score_json(cmd, &format!("tiny/llama@{FAKE_COMMIT}"), tmp.path()), from_folder);
+    // A commit the cache does not have is missing, offline.
+    let mut cmd = oedit_cmd();
+    cmd.env("HF_HUB_CACHE", &cache).env("HF_HUB_OFFLINE", "1");
+    cmd.current_dir(tmp.path()).args(["score", "--model", &format!("tiny/llama@{}", "f".repeat(40))]);
+    cmd.args(["--text", TEXT]);
+    let line = assert_clean_failure(&run(cmd));
+    assert!(line.contains("HF_HUB_OFFLINE"), "{line}");
 }
 
 #[test]

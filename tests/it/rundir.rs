@@ -160,3 +160,54 @@ fn a_run_resumes_with_its_corpus_under_another_path_but_not_with_other_text() {
         assert_input_error(&with_corpus(&other, "3"), &["cannot be continued", "key statistics came from"]);
     assert!(line.contains("other.txt"), "{line}");
 }
+
+#[test]
+fn at_its_limit_a_run_reads_no_further_from_a_pipe_that_stays_open() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let fx = EditFx::new();
+    let dir = fx.path("run");
+    let mut child = fx
+        .cmd(&fx.model, std::path::Path::new("-"), &dir, &["--limit", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for l in minimal_lines(3) {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    stdin.flush().unwrap();
+    // The writer keeps the pipe open (as `tail -f` would): the run must end on its own.
+    let start = Instant::now();
+    let ended = loop {
+        if child.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert!(ended, "still reading at its limit: {}", stderr(&o));
+    assert_ok(&o);
+    assert_eq!(edit_summary(&o)["edits_total"], 2);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn an_edits_file_that_cannot_be_read_stops_the_run_even_when_skipping_bad_lines() {
+    let fx = EditFx::new();
+    let dir = fx.path("run");
+    // Reading a process's memory from offset 0 fails with EIO: an I/O error, not a bad line.
+    let unreadable = std::path::Path::new("/proc/self/mem");
+    for extra in [&["--on-invalid", "skip"][..], &[][..]] {
+        let o = fx.edit(unreadable, &dir, extra);
+        let line = assert_input_error(&o, &["/proc/self/mem"]);
+        assert!(line.contains("I/O error") || line.contains("cannot"), "{extra:?}: {line}");
+        assert!(!dir.join("rejected.jsonl").exists(), "{extra:?}: an unread line was recorded as rejected");
+    }
+}

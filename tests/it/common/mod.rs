@@ -237,6 +237,7 @@ pub fn llama_cpp_permute(w: &Tensor, n_head: usize) -> Tensor {
 /// llama.cpp's name for a Hugging Face tensor name.
 pub fn gguf_name(hf: &str) -> String {
     match hf {
+        "rope_freqs.weight" => return hf.into(),
         "model.embed_tokens.weight" => return "token_embd.weight".into(),
         "model.norm.weight" => return "output_norm.weight".into(),
         "lm_head.weight" => return "output.weight".into(),
