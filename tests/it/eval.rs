@@ -23,13 +23,18 @@ struct Fx {
 
 impl Fx {
     fn new(n: usize) -> Self {
+        Self::with(n, &[])
+    }
+
+    /// The first `n` records edited with `extra` arguments to `oedit edit`.
+    fn with(n: usize, extra: &[&str]) -> Self {
         let tmp = TempDir::new().unwrap();
         let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
         let hparams = write_json(&tmp.path().join("hparams.json"), &tiny_hparams());
         let edits = write_lines(&tmp.path().join("cf.jsonl"), &sample_lines("counterfact-sample.jsonl", 5));
         let run_dir = tmp.path().join("run");
         let mut c = edit_cmd(&model, &hparams, &edits, &run_dir, &tmp.path().join("cache"));
-        c.args(["--limit", &n.to_string()]);
+        c.args(["--limit", &n.to_string()]).args(extra);
         assert_ok(&run(c));
         Self { tmp, model, edits, run_dir }
     }
@@ -123,24 +128,18 @@ fn report_has_edited_and_unedited_metrics() {
 
 #[test]
 fn after_each_reports_the_logged_scores_of_the_metrics_asked_for() {
-    let tmp = TempDir::new().unwrap();
-    let model = tiny_model(&tmp.path().join("model"), TinyOpts::default());
-    let hparams = write_json(&tmp.path().join("hparams.json"), &tiny_hparams());
-    let edits = write_lines(&tmp.path().join("cf.jsonl"), &sample_lines("counterfact-sample.jsonl", 3));
-    let run_dir = tmp.path().join("run");
-    let mut c = edit_cmd(&model, &hparams, &edits, &run_dir, &tmp.path().join("cache"));
-    c.args(["--limit", "2", "--eval-each"]);
-    assert_ok(&run(c));
+    let fx = Fx::with(2, &["--eval-each"]);
+    let (model, edits, run_dir) = (&fx.model, &fx.edits, &fx.run_dir);
     let log: Vec<Value> = std::fs::read_to_string(run_dir.join("log.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
 
-    let out = tmp.path().join("report.json");
+    let out = fx.path("report.json");
     let dir = run_dir.to_str().unwrap();
     let args = ["--run", dir, "--timing", "after-each", "--metrics", "efficacy,locality", "--per-record"];
-    let r = eval_json(&model, &edits, &out, &args);
+    let r = eval_json(model, edits, &out, &args);
     assert_eq!(r["protocol"]["timing"], "after-each");
     assert!(r["protocol"]["locality_agreement"].as_str().unwrap().contains("right before the record's edit"));
     let edited = &r["metrics"]["edited"];
@@ -157,7 +156,7 @@ fn after_each_reports_the_logged_scores_of_the_metrics_asked_for() {
     }
     // Metrics the log cannot hold are refused before the model loads.
     for m in ["fluency", "gen", "efficacy,gen-locality"] {
-        let o = eval(&model, &edits, &["--run", dir, "--timing", "after-each", "--metrics", m]);
+        let o = eval(model, edits, &["--run", dir, "--timing", "after-each", "--metrics", m]);
         let line = assert_clean_failure(&o);
         assert_eq!(o.status.code(), Some(2), "{m}: {line}");
         assert!(line.contains("--timing after-each") && line.contains("--timing after-all"), "{line}");
