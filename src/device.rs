@@ -5,6 +5,7 @@ use std::str::FromStr;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
+use crate::errors::InputError;
 use crate::model::HfConfig;
 
 /// A device named on the command line.
@@ -44,7 +45,11 @@ impl DeviceSpec {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
-                    bail!("device cuda:{n} requested, but this oedit was built without CUDA; rebuild with `cargo build --release --features cuda`");
+                    return Err(InputError(format!(
+                        "device cuda:{n} requested, but this oedit was built without CUDA; rebuild with \
+                         `cargo build --release --features cuda`"
+                    ))
+                    .into());
                 }
                 Ok(Device::new_cuda(n)?)
             }

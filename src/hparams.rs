@@ -65,7 +65,8 @@ impl Default for MemitParams {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlphaEditParams {
-    /// Eigenvectors of C with eigenvalues below this span the null space (AlphaEdit: 1e-2).
+    /// Eigenvectors of C with eigenvalues below this span the null space (default 1e-2, the
+    /// SmolLM2 runs' value; AlphaEdit's published settings use 2e-2, as the 7B presets do).
     pub nullspace_threshold: f64,
     /// At least this many of the smallest eigenvectors are used.
     pub min_nullspace_dim: usize,
@@ -373,6 +374,13 @@ impl Hparams {
         if !(self.memit.mom2_weight.is_finite() && self.memit.mom2_weight >= 0.0) {
             bail!("memit.mom2_weight must be a non-negative number");
         }
+        let t = self.alphaedit.nullspace_threshold;
+        if !(t.is_finite() && t >= 0.0) {
+            bail!("alphaedit.nullspace_threshold must be a non-negative number");
+        }
+        if t == 0.0 && self.alphaedit.min_nullspace_dim == 0 {
+            bail!("alphaedit.nullspace_threshold 0 with min_nullspace_dim 0 leaves an empty null space");
+        }
         if !(self.alphaedit.l2.is_finite() && self.alphaedit.l2 > 0.0) {
             bail!("alphaedit.l2 must be a positive number");
         }
@@ -459,7 +467,7 @@ mod tests {
         assert_eq!(hp.oedit_soft.lambda, 3_000.0);
         hp.validate(4).unwrap();
         assert_eq!(hp.landing, LandingParams::off());
-        let cases: [BadCase; 14] = [
+        let cases: [BadCase; 17] = [
             ("subspace.tolerance", |h| h.subspace.tolerance = 1.5),
             ("subspace.tolerance", |h| h.subspace.tolerance = -0.1),
             ("subspace.tolerance", |h| h.subspace.tolerance = 0.0),
@@ -475,6 +483,9 @@ mod tests {
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = 0.0),
             ("oedit_soft.lambda", |h| h.oedit_soft.lambda = f64::NAN),
             ("alphaedit.l2", |h| h.alphaedit.l2 = -1.0),
+            ("alphaedit.nullspace_threshold", |h| h.alphaedit.nullspace_threshold = -1.0),
+            ("alphaedit.nullspace_threshold", |h| h.alphaedit.nullspace_threshold = f64::NAN),
+            ("empty null space", |h| h.alphaedit.nullspace_threshold = 0.0),
             ("argmax_margin", |h| h.argmax_margin = -0.5),
             ("layer 7 out of range", |h| h.layer = 7),
         ];

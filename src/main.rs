@@ -1,5 +1,6 @@
 //! The `oedit` command.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -18,7 +19,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A closed stderr must not turn the error into a panic (exit 101): the exit code is
+            // what a script reads.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::from(oedit::exit_code(&e))
         }
     }

@@ -46,3 +46,44 @@ pub fn find(name: &str) -> Result<Option<Preset>> {
         serde_json::from_str(text).with_context(|| format!("configs/{name}.json: invalid preset"))?;
     Ok(Some(p))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every embedded preset parses and its hyper-parameters pass the checks a run makes.
+    #[test]
+    fn every_preset_is_valid() {
+        for name in names() {
+            let p = find(name).unwrap().unwrap();
+            assert_eq!(p.name, name);
+            p.hparams.validate(32).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+    }
+
+    /// The 7B presets edit the layers AlphaEdit's and MEMIT's published Llama settings edit
+    /// (4–8) with AlphaEdit's published null-space threshold (2e-2); SmolLM2 keeps 1–5.
+    #[test]
+    fn seven_b_presets_use_the_published_multi_layer_settings() {
+        for name in ["llama-2-7b", "llama-3-8b", "mistral-7b"] {
+            let hp = find(name).unwrap().unwrap().hparams;
+            assert_eq!(hp.alphaedit_layers(), vec![4, 5, 6, 7, 8], "{name}");
+            assert_eq!(hp.memit_layers(), vec![4, 5, 6, 7, 8], "{name}");
+            assert_eq!(hp.alphaedit.nullspace_threshold, 2e-2, "{name}");
+        }
+        let hp = find("smollm2-135m").unwrap().unwrap().hparams;
+        assert_eq!(hp.alphaedit_layers(), vec![1, 2, 3, 4, 5]);
+    }
+
+    /// configs/hparams/smollm2-135m-sampled.json is the SmolLM2 preset with sampled templates
+    /// and nothing else changed (the README points users to it).
+    #[test]
+    fn sampled_variant_is_the_preset_with_top_k_5() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("configs/hparams/smollm2-135m-sampled.json");
+        let variant = Hparams::from_file(&path).unwrap();
+        let mut want = find("smollm2-135m").unwrap().unwrap().hparams;
+        want.template_top_k = 5;
+        assert_eq!(variant, want);
+    }
+}

@@ -44,6 +44,9 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
     let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
     files.sort();
     files.dedup();
+    if files.is_empty() {
+        bail!("{}: `weight_map` names no shard file", index.display());
+    }
     Ok(files)
 }
 
@@ -72,7 +75,7 @@ pub fn load_files(
     let model = Llama::load(vb, &cfg).with_context(|| {
         format!(
             "{}: weights do not match config.json",
-            weights[0].parent().unwrap_or(Path::new(".")).display()
+            weights.first().and_then(|w| w.parent()).unwrap_or(Path::new(".")).display()
         )
     })?;
     let tok = Tok::from_file(

@@ -202,11 +202,14 @@ fn cuda_device_in_cpu_build() {
     let tmp = TempDir::new().unwrap();
     let dir = tiny_in(&tmp, "m");
     for dev in ["cuda", "cuda:1"] {
-        let line = assert_clean_failure(&cmd_in(
+        let out = cmd_in(
             tmp.path(),
             &["score", "--model", dir.to_str().unwrap(), "--device", dev, "--text", "the cat"],
-        ));
+        );
+        let line = assert_clean_failure(&out);
         assert!(line.contains("--features cuda"), "{line}");
+        // A device this build cannot use is a bad flag (exit 2), as the README's table says.
+        assert_eq!(out.status.code(), Some(2), "{line}");
     }
     let line = assert_clean_failure(&cmd_in(
         tmp.path(),
@@ -520,4 +523,31 @@ fn missing_edit_file_and_bad_hparams_fail_before_the_run_directory_exists() {
     assert_eq!(o.status.code(), Some(2), "{line}");
     assert!(line.contains(hp.to_str().unwrap()) && line.contains("layer 40 out of range"), "{line}");
     assert!(!run.exists());
+}
+
+/// An error reported while stderr is a closed pipe still exits with its own code, not a panic's
+/// 101 (`oedit … 2>&1 | head -1` closes both).
+#[test]
+fn error_with_closed_stderr_keeps_its_exit_code() {
+    let tmp = TempDir::new().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut c = oedit_cmd();
+    c.current_dir(tmp.path())
+        .args(["score", "--model", "no-such-model", "--text", "the cat"])
+        .stderr(writer)
+        .stdout(std::process::Stdio::null());
+    let status = c.status().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
+
+/// A sharded folder whose index lists no shard is refused with the index named, not a panic.
+#[test]
+fn index_without_shards_is_refused() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tiny_in(&tmp, "m");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), r#"{"weight_map":{}}"#).unwrap();
+    let line = score_fails(tmp.path(), &dir);
+    assert!(line.contains("model.safetensors.index.json") && line.contains("no shard"), "{line}");
 }
