@@ -148,6 +148,22 @@ pub enum ValueNorm {
     Original,
 }
 
+/// The form of the v\* objective's regularisers (the target NLL is the same in both).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VObjective {
+    /// oedit's: ‖δ‖ clamped to `clamp_norm_factor`·‖v‖ and weight decay
+    /// `weight_decay`·‖δ‖²/‖v‖², v the template-averaged MLP output at the subject's last token;
+    /// KL(initial ‖ current) at the last token of "{subject} is a".
+    #[default]
+    Oedit,
+    /// MEMIT's and AlphaEdit's reference code (`compute_z`): ‖δ‖ clamped to
+    /// `clamp_norm_factor`·‖h‖ and weight decay `weight_decay`·‖δ‖/‖h‖², h the hidden state
+    /// after the layer at the subject's last token of the bare prompt; KL(current ‖ initial) at
+    /// the subject's last token of "{subject} is a".
+    Memit,
+}
+
 /// Closed-loop landing (see `src/edit/landing.rs`): after an edit's update, check on the edit
 /// prompt that target_new beats ground_truth by at least `min_margin`; if not, re-optimise v\* on
 /// the updated weights and apply the method's rule again to what is still missing, at most
@@ -216,10 +232,13 @@ pub struct Hparams {
     pub v_lr: f64,
     /// Weight of the KL term on the "{subject} is a" prompt.
     pub kl_weight: f64,
-    /// Weight decay on ‖δ‖² / ‖v‖².
+    /// Weight of the weight decay (on ‖δ‖²/‖v‖², or ‖δ‖/‖h‖² with `v_objective: "memit"`).
     pub weight_decay: f64,
-    /// ‖δ‖ is clamped to this factor times ‖v‖.
+    /// ‖δ‖ is clamped to this factor times ‖v‖ (‖h‖ with `v_objective: "memit"`).
     pub clamp_norm_factor: f64,
+    /// The form of the v\* regularisers (see [`VObjective`]). Omitted: oedit's.
+    #[serde(default)]
+    pub v_objective: VObjective,
     /// Stop the v* optimisation once the target NLL is below this.
     pub stop_loss: f64,
     /// Also stop the v\* optimisation at the first step where every target token is the most

@@ -75,6 +75,20 @@ mod tests {
         assert_eq!(hp.alphaedit_layers(), vec![1, 2, 3, 4, 5]);
     }
 
+    /// Every file in configs/hparams/ is a valid `--hparams` file for SmolLM2's 30 layers.
+    #[test]
+    fn hparams_variants_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hparams");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let hp = Hparams::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            hp.validate(30).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 2, "configs/hparams holds {n} files");
+    }
+
     /// configs/hparams/smollm2-135m-sampled.json is the SmolLM2 preset with sampled templates
     /// and nothing else changed (the README points users to it).
     #[test]

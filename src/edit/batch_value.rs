@@ -23,8 +23,10 @@ use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::prompts::EditPrompts;
-use super::target::{control_norm, targets_lead, KeyValue, StepShape};
-use crate::hparams::Hparams;
+use super::target::{
+    control_norm, decay, hidden_at, kl_position, kl_terms, reference_norm, targets_lead, KeyValue, StepShape,
+};
+use crate::hparams::{Hparams, VObjective};
 use crate::infer::log_softmax;
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Taps};
 
@@ -297,15 +299,23 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
     let keys = cap.keys.take().context("key capture failed")?;
     let outs = cap.mlp_out.take().context("output capture failed")?;
     let d = outs.dim(D::Minus1)?;
+    let form = hp.v_objective;
     let mut template_keys = Vec::with_capacity(n);
     let mut k_star = Vec::with_capacity(n);
     let mut v_orig = Vec::with_capacity(n);
+    let mut base_norm = Vec::with_capacity(n);
     for (i, p) in prompts.iter().enumerate() {
         let k_rows = record_rows(&keys, &batch, p, lay.offset[i])?;
         let v_rows = record_rows(&outs, &batch, p, lay.offset[i])?;
         template_keys.push((0..p.rewrite_rows).map(|r| to_f64(&k_rows.get(r)?)).collect::<Result<Vec<_>>>()?);
         k_star.push(to_f64(&k_rows.mean(0)?)?);
-        v_orig.push(to_f64(&v_rows.mean(0)?)?);
+        let v = to_f64(&v_rows.mean(0)?)?;
+        let hidden = match form {
+            VObjective::Oedit => Vec::new(),
+            VObjective::Memit => hidden_at(&h_layer, &batch, lay.offset[i], p.subject_last[0])?,
+        };
+        base_norm.push(reference_norm(form, &v, &hidden));
+        v_orig.push(v);
     }
     let h_final = model.run_layers(h_layer.clone(), layer + 1..n_layers, &ctx, &taps, &mut cap)?;
     let kv_cache = std::mem::take(&mut cap.kv);
@@ -328,7 +338,7 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
             }
         }
         let kl_row = lay.offset[i] + p.batch.batch_size() - 1;
-        let kl_last = batch.len_of(kl_row) - 1;
+        let kl_last = kl_position(form, lay.subject_last[kl_row], batch.len_of(kl_row) - 1);
         kl_full_rows.push(batch.flat_index(kl_row, kl_last) as u32);
         let kl = (p.batch.batch_size() - 1, kl_last - lay.subject_last[kl_row]);
         scored.push(Scored { first_row: lay.offset[i], rows: p.batch.batch_size(), targets, kl });
@@ -337,10 +347,8 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
     let lp_init = log_softmax(&model.logits_at(&h_final, &kl_full, Mode::Inference)?)?;
     let p_init = lp_init.exp()?;
 
-    let v_norm: Vec<f64> =
-        v_orig.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12)).collect();
-    let max_norm: Vec<f64> = v_norm.iter().map(|v| hp.clamp_norm_factor * v).collect();
-    let wd_scale: Vec<f32> = v_norm.iter().map(|v| (hp.weight_decay / (v * v)) as f32).collect();
+    let max_norm: Vec<f64> = base_norm.iter().map(|v| hp.clamp_norm_factor * v).collect();
+    let wd_scale: Vec<f32> = base_norm.iter().map(|v| (hp.weight_decay / (v * v)) as f32).collect();
     let wd_scale = Tensor::from_vec(wd_scale, n, dev)?;
     let whole = Whole {
         first_layer: layer + 1,
@@ -373,8 +381,9 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
         let picked = lp.narrow(0, 0, n_targets)?.gather(&view.ids_t, 1)?;
         let nll = view.seg.matmul(&picked)?.squeeze(1)?;
         let lp_kl = lp.narrow(0, n_targets, view.records.len())?;
-        let kl = (&view.p_init * (&view.lp_init - &lp_kl)?)?.sum(1)?;
-        let wd = (delta.as_tensor().index_select(&view.records_t, 0)?.sqr()?.sum(1)? * &view.wd_scale)?;
+        let kl = kl_terms(form, &view.lp_init, &view.p_init, &lp_kl)?.sum(1)?;
+        let wd = (decay(form, delta.as_tensor().index_select(&view.records_t, 0)?.sqr()?.sum(1)?)?
+            * &view.wd_scale)?;
         let loss = ((&nll + (kl * hp.kl_weight)?)? + wd)?;
         let loss_v: Vec<f32> = loss.to_dtype(DType::F32)?.to_vec1()?;
         let nll_v: Vec<f32> = nll.to_dtype(DType::F32)?.to_vec1()?;

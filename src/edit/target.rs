@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::prompts::EditPrompts;
-use crate::hparams::{Hparams, ValueNorm};
+use crate::hparams::{Hparams, VObjective, ValueNorm};
 use crate::infer::log_softmax;
 use crate::model::{Captured, LayerCtx, Llama, Mode, Taps};
 
@@ -83,6 +83,56 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
 }
 
+/// ‖x‖ of a vector given as f64.
+pub(crate) fn norm_of(x: &[f64]) -> f64 {
+    x.iter().map(|a| a * a).sum::<f64>().sqrt()
+}
+
+/// The norm the clamp and the weight decay of `form` are relative to: ‖v‖ (the
+/// template-averaged MLP output) for oedit's form, ‖h‖ (the hidden state after the layer at the
+/// bare prompt's subject token) for MEMIT's.
+pub(crate) fn reference_norm(form: VObjective, v_orig: &[f64], hidden: &[f64]) -> f64 {
+    match form {
+        VObjective::Oedit => norm_of(v_orig),
+        VObjective::Memit => norm_of(hidden),
+    }
+    .max(1e-12)
+}
+
+/// The position of the KL term in the essence row "{subject} is a" (`subject_last`: its
+/// subject's last token, `last`: its last token).
+pub(crate) fn kl_position(form: VObjective, subject_last: usize, last: usize) -> usize {
+    match form {
+        VObjective::Oedit => last,
+        VObjective::Memit => subject_last,
+    }
+}
+
+/// The terms of the KL divergence of `lp` (log-probabilities now) from `lp_init`/`p_init`
+/// (before), to be summed over the vocabulary: KL(initial ‖ current) for oedit's form,
+/// KL(current ‖ initial) for MEMIT's.
+pub(crate) fn kl_terms(form: VObjective, lp_init: &Tensor, p_init: &Tensor, lp: &Tensor) -> Result<Tensor> {
+    Ok(match form {
+        VObjective::Oedit => (p_init * (lp_init - lp)?)?,
+        VObjective::Memit => (lp.exp()? * (lp - lp_init)?)?,
+    })
+}
+
+/// The weight-decay magnitude from ‖δ‖² (`sq_norm`, any shape): ‖δ‖² itself for oedit's form,
+/// ‖δ‖ for MEMIT's (its gradient taken as 0 at δ = 0, as PyTorch's norm does).
+pub(crate) fn decay(form: VObjective, sq_norm: Tensor) -> Result<Tensor> {
+    Ok(match form {
+        VObjective::Oedit => sq_norm,
+        VObjective::Memit => (sq_norm + 1e-24)?.sqrt()?,
+    })
+}
+
+/// The hidden state of `h: [batch, seq, d]` at row `row`, position `pos`.
+pub(crate) fn hidden_at(h: &Tensor, batch: &crate::model::Batch, row: usize, pos: usize) -> Result<Vec<f64>> {
+    let d = h.dim(D::Minus1)?;
+    to_f64(&h.reshape(((), d))?.get(batch.flat_index(row, pos))?)
+}
+
 /// Computes k* and v* for the edit described by `p` at `hp.layer`.
 ///
 /// One full pass (all layers) gives the keys, the MLP outputs and every layer's attention
@@ -109,6 +159,11 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         (0..p.rewrite_rows).map(|i| to_f64(&k_rows.get(i)?)).collect::<Result<_>>()?;
     let k_star = to_f64(&k_rows.mean(0)?)?;
     let v_orig = to_f64(&v_rows.mean(0)?)?;
+    let form = hp.v_objective;
+    let base_norm = match form {
+        VObjective::Oedit => reference_norm(form, &v_orig, &[]),
+        VObjective::Memit => reference_norm(form, &[], &hidden_at(&h_layer, batch, 0, p.subject_last[0])?),
+    };
     // The rest of the unedited pass: the cache of all layers and the initial essence distribution.
     let h_final = model.run_layers(h_layer.clone(), layer + 1..n_layers, &ctx, &taps, &mut cap)?;
     let kv_cache = std::mem::take(&mut cap.kv);
@@ -130,7 +185,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         }
     }
     let kl_row = rows - 1;
-    let kl_last = batch.len_of(kl_row) - 1;
+    let kl_last = kl_position(form, p.subject_last[kl_row], batch.len_of(kl_row) - 1);
     target_rows.push((kl_row * s_len + kl_last - p.subject_last[kl_row]) as u32);
     let n_target_rows = target_ids.len();
     let rows_t = Tensor::new(target_rows.as_slice(), dev)?;
@@ -140,8 +195,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
     let lp_init = log_softmax(&model.logits_at(&h_final, &kl_full_row, Mode::Inference)?)?;
     let p_init = lp_init.exp()?;
 
-    let v_norm = v_orig.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-    let max_norm = hp.clamp_norm_factor * v_norm;
+    let max_norm = hp.clamp_norm_factor * base_norm;
     let delta = Var::zeros(d, DType::F32, dev)?;
     let mut opt = AdamW::new(
         vec![delta.clone()],
@@ -160,8 +214,9 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         let picked = lp.narrow(0, 0, n_target_rows)?.gather(&ids_t, 1)?;
         let nll = (picked.sum_all()? * (-nll_weight))?;
         let lp_kl = lp.narrow(0, n_target_rows, 1)?;
-        let kl = (&p_init * (&lp_init - &lp_kl)?)?.sum_all()?;
-        let wd = (delta.as_tensor().sqr()?.sum_all()? * (hp.weight_decay / (v_norm * v_norm)))?;
+        let kl = kl_terms(form, &lp_init, &p_init, &lp_kl)?.sum_all()?;
+        let wd = (decay(form, delta.as_tensor().sqr()?.sum_all()?)?
+            * (hp.weight_decay / (base_norm * base_norm)))?;
         let loss = ((&nll + (kl * hp.kl_weight)?)? + wd)?;
         let loss_v: f32 = loss.to_scalar()?;
         let nll_v: f32 = nll.to_scalar()?;
@@ -180,7 +235,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         let grads = loss.backward()?;
         opt.step(&grads)?;
         steps = step + 1;
-        // Clamp ‖δ‖ ≤ clamp_norm_factor · ‖v‖.
+        // Clamp ‖δ‖ ≤ clamp_norm_factor · ‖v‖ (‖h‖ in MEMIT's form).
         let norm: f32 = delta.as_tensor().sqr()?.sum_all()?.sqrt()?.to_scalar()?;
         if norm as f64 > max_norm {
             let scaled = (delta.as_tensor() * (max_norm / norm as f64))?;

@@ -227,6 +227,39 @@ fn alphaedit_batch_solves_its_null_space_normal_equation() {
     }
 }
 
+/// MEMIT's form of the v\* objective (clamp and decay relative to the hidden state, its KL)
+/// gives each record of a stack the trajectory it has alone.
+#[test]
+fn stacked_value_optimisation_in_memits_form_matches_single_records() {
+    let (lm, editor, _) = setup("rome", |hp| {
+        hp.v_steps = 8;
+        hp.v_objective = oedit::hparams::VObjective::Memit;
+        hp.clamp_norm_factor = 0.75;
+        hp.weight_decay = 0.5;
+    });
+    let mut hp = editor.hparams.clone();
+    hp.layer = 1;
+    let recs = records(0..3);
+    let ps: Vec<prompts::EditPrompts> =
+        recs.iter().map(|r| prompts::build(&lm.tok, r, &editor.templates).unwrap()).collect();
+    let refs: Vec<&prompts::EditPrompts> = ps.iter().collect();
+    let batched = batch_value::compute_key_values(&lm.model, &refs, &hp).unwrap();
+    let mut oedit_form = hp.clone();
+    oedit_form.v_objective = oedit::hparams::VObjective::Oedit;
+    for (p, b) in ps.iter().zip(&batched) {
+        let single = target::compute_key_value(&lm.model, p, &hp).unwrap();
+        assert_eq!(single.losses.len(), b.losses.len());
+        for (s, x) in single.losses.iter().zip(&b.losses) {
+            assert!((s - x).abs() <= 1e-4 * s.abs().max(1e-3), "loss {s} vs batched {x}");
+        }
+        let dv: f64 = single.v_star.iter().zip(&b.v_star).map(|(s, x)| (s - x).abs()).fold(0.0, f64::max);
+        assert!(dv <= 1e-3 * max_abs(&single.v_star), "v* differs by {dv}");
+        // The form is not ignored: oedit's gives other losses.
+        let other = target::compute_key_value(&lm.model, p, &oedit_form).unwrap();
+        assert!(other.losses.iter().zip(&single.losses).any(|(a, b)| (a - b).abs() > 1e-3 * b.abs()));
+    }
+}
+
 #[test]
 fn stacked_value_optimisation_follows_each_records_own_trajectory() {
     let (lm, editor, _) = setup("rome", |hp| {

@@ -137,19 +137,29 @@ pub(crate) fn reference_losses(
         at[batch.flat_index(r, p.subject_last[r])] = 1.0;
     }
     let mask = Tensor::from_vec(at, (rows, seq, 1), model.device()).unwrap();
+    let memit = hp.v_objective == oedit::hparams::VObjective::Memit;
     let kl_row = rows - 1;
-    let kl_pos = batch.flat_index(kl_row, batch.len_of(kl_row) - 1);
+    // oedit's KL sits at the essence prompt's last token, MEMIT's at its subject's last token.
+    let kl_pos =
+        batch.flat_index(kl_row, if memit { p.subject_last[kl_row] } else { batch.len_of(kl_row) - 1 });
     let lp0 = full(&Taps::default()).get(kl_pos).unwrap();
     let p0 = lp0.exp().unwrap();
-    // v_orig: the template-averaged MLP output at the subject's last token, for the decay term.
+    // The norm the decay and the clamp are relative to: the template-averaged MLP output at the
+    // subject's last token (oedit), or the hidden state after the layer there in the bare
+    // prompt, row 0 (MEMIT).
     let mut cap = Captured::default();
     let taps = Taps { capture_keys: Some(hp.layer), ..Default::default() };
-    model.run_layers(model.embed(batch).unwrap(), 0..hp.layer + 1, &ctx, &taps, &mut cap).unwrap();
+    let h = model.run_layers(model.embed(batch).unwrap(), 0..hp.layer + 1, &ctx, &taps, &mut cap).unwrap();
     let outs = cap.mlp_out.unwrap().reshape((rows * seq, d)).unwrap();
     let mut v = vec![0f64; d];
     for r in 0..p.rewrite_rows {
         let row: Vec<f32> = outs.get(batch.flat_index(r, p.subject_last[r])).unwrap().to_vec1().unwrap();
         v.iter_mut().zip(row).for_each(|(a, b)| *a += b as f64 / p.rewrite_rows as f64);
+    }
+    if memit {
+        let h = h.reshape((rows * seq, d)).unwrap();
+        let row: Vec<f32> = h.get(batch.flat_index(0, p.subject_last[0])).unwrap().to_vec1().unwrap();
+        v = row.into_iter().map(f64::from).collect();
     }
     let v_norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let delta = Var::zeros(d, DType::F32, model.device()).unwrap();
@@ -172,10 +182,15 @@ pub(crate) fn reference_losses(
             }
         }
         let nll = (nll / n_targets).unwrap();
-        let kl = (&p0 * (&lp0 - lp.get(kl_pos).unwrap()).unwrap()).unwrap().sum_all().unwrap();
-        let wd = (delta.as_tensor().sqr().unwrap().sum_all().unwrap()
-            * (hp.weight_decay / (v_norm * v_norm)))
-            .unwrap();
+        let lp_kl = lp.get(kl_pos).unwrap();
+        let kl = if memit {
+            (lp_kl.exp().unwrap() * (&lp_kl - &lp0).unwrap()).unwrap().sum_all().unwrap()
+        } else {
+            (&p0 * (&lp0 - &lp_kl).unwrap()).unwrap().sum_all().unwrap()
+        };
+        let sq = delta.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let decay = if memit { (sq + 1e-24).unwrap().sqrt().unwrap() } else { sq };
+        let wd = (decay * (hp.weight_decay / (v_norm * v_norm))).unwrap();
         let loss = ((&nll + (kl * hp.kl_weight).unwrap()).unwrap() + wd).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap() as f64);
         if (nll.to_scalar::<f32>().unwrap() as f64) < hp.stop_loss {
@@ -198,18 +213,29 @@ fn optimised_v_star_loss_trajectory_matches_the_plain_full_forward() {
     let lm = load(&tiny_model(dir.path(), TinyOpts::default()));
     let templates: Vec<String> =
         ["{}", "The hat. {}", "In the tin at the cat, a man. {}"].iter().map(|s| s.to_string()).collect();
-    for (i, line) in minimal_lines(3).iter().enumerate() {
+    let lines = minimal_lines(3);
+    // The second round: MEMIT's and AlphaEdit's reference form, with their clamp factor and
+    // decay weight (so the clamp binds and the decay weighs).
+    for (round, (i, line)) in
+        ["oedit", "memit"].iter().flat_map(|r| lines.iter().enumerate().map(move |x| (r, x)))
+    {
         let mut hp = tiny_hparams_struct();
         // Without early stopping on one record, so every step is compared.
         if i == 0 {
             hp.stop_loss = 0.0;
         }
+        if *round == "memit" {
+            hp.v_objective = oedit::hparams::VObjective::Memit;
+            hp.clamp_norm_factor = 0.75;
+            hp.weight_decay = 0.5;
+        }
         let rec = parse_record(line).unwrap();
         let p = prompts::build(&lm.tok, &rec, &templates).unwrap();
         let fast = target::compute_key_value(&lm.model, &p, &hp).unwrap().losses;
         let slow = reference_losses(&lm.model, &p, &hp);
+        let i = format!("{i} ({round})");
         assert_eq!(fast.len(), slow.len(), "record {i}: steps differ: {fast:?} vs {slow:?}");
-        assert!(fast.len() >= 2 && (i != 0 || fast.len() == hp.v_steps), "record {i}: {fast:?}");
+        assert!(fast.len() >= 2 && (hp.stop_loss > 0.0 || fast.len() == hp.v_steps), "record {i}: {fast:?}");
         assert!(fast.last() < fast.first(), "record {i}: the loss did not fall: {fast:?}");
         for (s, (a, b)) in fast.iter().zip(&slow).enumerate() {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "record {i}, step {s}: {a} vs {b}");
