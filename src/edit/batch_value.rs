@@ -24,9 +24,9 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use super::prompts::EditPrompts;
 use super::target::{
-    control_norm, decay, hidden_at, kl_position, kl_terms, reference_norm, targets_lead, KeyValue, StepShape,
+    control_norm, decay, kl_position, kl_terms, regulariser_norm, targets_lead, KeyValue, StepShape,
 };
-use crate::hparams::{Hparams, VObjective};
+use crate::hparams::Hparams;
 use crate::infer::log_softmax;
 use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Taps};
 
@@ -310,11 +310,7 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
         template_keys.push((0..p.rewrite_rows).map(|r| to_f64(&k_rows.get(r)?)).collect::<Result<Vec<_>>>()?);
         k_star.push(to_f64(&k_rows.mean(0)?)?);
         let v = to_f64(&v_rows.mean(0)?)?;
-        let hidden = match form {
-            VObjective::Oedit => Vec::new(),
-            VObjective::Memit => hidden_at(&h_layer, &batch, lay.offset[i], p.subject_last[0])?,
-        };
-        base_norm.push(reference_norm(form, &v, &hidden));
+        base_norm.push(regulariser_norm(form, &v, &h_layer, &batch, lay.offset[i], p.subject_last[0])?);
         v_orig.push(v);
     }
     let h_final = model.run_layers(h_layer.clone(), layer + 1..n_layers, &ctx, &taps, &mut cap)?;
@@ -338,9 +334,9 @@ fn stacked(model: &Llama, prompts: &[&EditPrompts], hp: &Hparams) -> Result<Vec<
             }
         }
         let kl_row = lay.offset[i] + p.batch.batch_size() - 1;
-        let kl_last = kl_position(form, lay.subject_last[kl_row], batch.len_of(kl_row) - 1);
-        kl_full_rows.push(batch.flat_index(kl_row, kl_last) as u32);
-        let kl = (p.batch.batch_size() - 1, kl_last - lay.subject_last[kl_row]);
+        let kl_pos = kl_position(form, lay.subject_last[kl_row], batch.len_of(kl_row) - 1);
+        kl_full_rows.push(batch.flat_index(kl_row, kl_pos) as u32);
+        let kl = (p.batch.batch_size() - 1, kl_pos - lay.subject_last[kl_row]);
         scored.push(Scored { first_row: lay.offset[i], rows: p.batch.batch_size(), targets, kl });
     }
     let kl_full = Tensor::new(kl_full_rows.as_slice(), dev)?;

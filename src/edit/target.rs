@@ -11,7 +11,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use super::prompts::EditPrompts;
 use crate::hparams::{Hparams, VObjective, ValueNorm};
 use crate::infer::log_softmax;
-use crate::model::{Captured, LayerCtx, Llama, Mode, Taps};
+use crate::model::{Batch, Captured, LayerCtx, Llama, Mode, Taps};
 
 /// Result of the key/value computation of one edit.
 #[derive(Debug, Clone)]
@@ -83,20 +83,32 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
 }
 
-/// ‖x‖ of a vector given as f64.
-pub(crate) fn norm_of(x: &[f64]) -> f64 {
+/// ‖x‖ summed in order (not `linalg::norm`, whose blocked sum would change the last bits of
+/// every v\* optimisation made before).
+fn norm_of(x: &[f64]) -> f64 {
     x.iter().map(|a| a * a).sum::<f64>().sqrt()
 }
 
-/// The norm the clamp and the weight decay of `form` are relative to: ‖v‖ (the
-/// template-averaged MLP output) for oedit's form, ‖h‖ (the hidden state after the layer at the
-/// bare prompt's subject token) for MEMIT's.
-pub(crate) fn reference_norm(form: VObjective, v_orig: &[f64], hidden: &[f64]) -> f64 {
-    match form {
+/// The norm the clamp and the weight decay of `form` are relative to: ‖v_orig‖ (the
+/// template-averaged MLP output) for oedit's form; for MEMIT's, ‖h‖ with h the row `row`,
+/// position `pos` of `h_layer: [batch, seq, d]`, the hidden state after the layer (the bare
+/// prompt's subject token).
+pub(crate) fn regulariser_norm(
+    form: VObjective,
+    v_orig: &[f64],
+    h_layer: &Tensor,
+    batch: &Batch,
+    row: usize,
+    pos: usize,
+) -> Result<f64> {
+    let n = match form {
         VObjective::Oedit => norm_of(v_orig),
-        VObjective::Memit => norm_of(hidden),
-    }
-    .max(1e-12)
+        VObjective::Memit => {
+            let d = h_layer.dim(D::Minus1)?;
+            norm_of(&to_f64(&h_layer.reshape(((), d))?.get(batch.flat_index(row, pos))?)?)
+        }
+    };
+    Ok(n.max(1e-12))
 }
 
 /// The position of the KL term in the essence row "{subject} is a" (`subject_last`: its
@@ -127,12 +139,6 @@ pub(crate) fn decay(form: VObjective, sq_norm: Tensor) -> Result<Tensor> {
     })
 }
 
-/// The hidden state of `h: [batch, seq, d]` at row `row`, position `pos`.
-pub(crate) fn hidden_at(h: &Tensor, batch: &crate::model::Batch, row: usize, pos: usize) -> Result<Vec<f64>> {
-    let d = h.dim(D::Minus1)?;
-    to_f64(&h.reshape(((), d))?.get(batch.flat_index(row, pos))?)
-}
-
 /// Computes k* and v* for the edit described by `p` at `hp.layer`.
 ///
 /// One full pass (all layers) gives the keys, the MLP outputs and every layer's attention
@@ -160,10 +166,7 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
     let k_star = to_f64(&k_rows.mean(0)?)?;
     let v_orig = to_f64(&v_rows.mean(0)?)?;
     let form = hp.v_objective;
-    let base_norm = match form {
-        VObjective::Oedit => reference_norm(form, &v_orig, &[]),
-        VObjective::Memit => reference_norm(form, &[], &hidden_at(&h_layer, batch, 0, p.subject_last[0])?),
-    };
+    let base_norm = regulariser_norm(form, &v_orig, &h_layer, batch, 0, p.subject_last[0])?;
     // The rest of the unedited pass: the cache of all layers and the initial essence distribution.
     let h_final = model.run_layers(h_layer.clone(), layer + 1..n_layers, &ctx, &taps, &mut cap)?;
     let kv_cache = std::mem::take(&mut cap.kv);
@@ -185,13 +188,13 @@ pub fn compute_key_value(model: &Llama, p: &EditPrompts, hp: &Hparams) -> Result
         }
     }
     let kl_row = rows - 1;
-    let kl_last = kl_position(form, p.subject_last[kl_row], batch.len_of(kl_row) - 1);
-    target_rows.push((kl_row * s_len + kl_last - p.subject_last[kl_row]) as u32);
+    let kl_pos = kl_position(form, p.subject_last[kl_row], batch.len_of(kl_row) - 1);
+    target_rows.push((kl_row * s_len + kl_pos - p.subject_last[kl_row]) as u32);
     let n_target_rows = target_ids.len();
     let rows_t = Tensor::new(target_rows.as_slice(), dev)?;
     let ids_t = Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?;
     let nll_weight = 1.0 / (n_t * p.rewrite_rows) as f64;
-    let kl_full_row = Tensor::new(&[batch.flat_index(kl_row, kl_last) as u32], dev)?;
+    let kl_full_row = Tensor::new(&[batch.flat_index(kl_row, kl_pos) as u32], dev)?;
     let lp_init = log_softmax(&model.logits_at(&h_final, &kl_full_row, Mode::Inference)?)?;
     let p_init = lp_init.exp()?;
 
@@ -318,8 +321,7 @@ fn row_leads(lp: &Tensor, ids: &[u32]) -> Result<Vec<f64>> {
 /// rescaled to ‖v_orig‖ (a zero v\* is left alone).
 pub fn control_norm(v_star: &mut [f64], v_orig: &[f64], mode: ValueNorm) {
     if mode == ValueNorm::Original {
-        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let (now, want) = (norm(v_star), norm(v_orig));
+        let (now, want) = (norm_of(v_star), norm_of(v_orig));
         if now > 0.0 && now.is_finite() {
             v_star.iter_mut().for_each(|x| *x *= want / now);
         }
