@@ -100,4 +100,17 @@ mod tests {
         want.template_top_k = 5;
         assert_eq!(variant, want);
     }
+
+    /// configs/hparams/smollm2-135m-locality-first.json is AlphaEdit's reference configuration
+    /// (the file beside it) with the presets' closed-loop landing switched on, and nothing else
+    /// changed: the row measured as `alphaedit-reference-land` in bench-results.
+    #[test]
+    fn locality_first_variant_is_the_reference_with_landing() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hparams");
+        let variant = Hparams::from_file(&dir.join("smollm2-135m-locality-first.json")).unwrap();
+        let mut want = Hparams::from_file(&dir.join("smollm2-135m-alphaedit-reference.json")).unwrap();
+        assert_eq!(want.landing.max_attempts, 1, "the reference configuration lands nothing further");
+        want.landing = find("smollm2-135m").unwrap().unwrap().hparams.landing;
+        assert_eq!(variant, want);
+    }
 }
