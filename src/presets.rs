@@ -75,12 +75,16 @@ mod tests {
         assert_eq!(hp.alphaedit_layers(), vec![1, 2, 3, 4, 5]);
     }
 
+    /// configs/hparams/: the `--hparams` variants shipped beside the presets.
+    fn variants_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hparams")
+    }
+
     /// Every file in configs/hparams/ is a valid `--hparams` file for SmolLM2's 30 layers.
     #[test]
     fn hparams_variants_are_valid() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hparams");
         let mut n = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
+        for entry in std::fs::read_dir(variants_dir()).unwrap() {
             let path = entry.unwrap().path();
             let hp = Hparams::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             hp.validate(30).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
@@ -93,9 +97,7 @@ mod tests {
     /// and nothing else changed (the README points users to it).
     #[test]
     fn sampled_variant_is_the_preset_with_top_k_5() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("configs/hparams/smollm2-135m-sampled.json");
-        let variant = Hparams::from_file(&path).unwrap();
+        let variant = Hparams::from_file(&variants_dir().join("smollm2-135m-sampled.json")).unwrap();
         let mut want = find("smollm2-135m").unwrap().unwrap().hparams;
         want.template_top_k = 5;
         assert_eq!(variant, want);
@@ -106,7 +108,7 @@ mod tests {
     /// changed: the row measured as `alphaedit-reference-land` in bench-results.
     #[test]
     fn locality_first_variant_is_the_reference_with_landing() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hparams");
+        let dir = variants_dir();
         let variant = Hparams::from_file(&dir.join("smollm2-135m-locality-first.json")).unwrap();
         let mut want = Hparams::from_file(&dir.join("smollm2-135m-alphaedit-reference.json")).unwrap();
         assert_eq!(want.landing.max_attempts, 1, "the reference configuration lands nothing further");
