@@ -74,18 +74,32 @@ def live_run_logs(d):
     return {p.split(os.sep)[-2]: p for p in glob.glob(os.path.join(d, "runs", "*", "log.jsonl"))}
 
 
+def line_count(path):
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def run_logs(d):
-    """(label, path) of every run's log: the live run directory's, else the trimmed copy."""
+    """(label, path) of every run's log: the live run directory's, else the trimmed copy; the
+    trimmed copy also wins while a live run restarted from scratch has fewer edits than it."""
     logs = live_run_logs(d)
     for p in glob.glob(os.path.join(d, "landing-logs", "*.jsonl")):
-        logs.setdefault(os.path.basename(p)[: -len(".jsonl")], p)
+        label = os.path.basename(p)[: -len(".jsonl")]
+        if label not in logs or line_count(p) > line_count(logs[label]):
+            logs[label] = p
     return sorted(logs.items())
 
 
 def export_landing(d):
     os.makedirs(os.path.join(d, "landing-logs"), exist_ok=True)
     for label, path in sorted(live_run_logs(d).items()):
-        with open(path) as f, open(os.path.join(d, "landing-logs", label + ".jsonl"), "w") as out:
+        trimmed = os.path.join(d, "landing-logs", label + ".jsonl")
+        if os.path.exists(trimmed) and line_count(trimmed) > line_count(path):
+            # a run restarted from scratch (its directory lost) must not shorten the committed log
+            print(f"{trimmed}: kept ({line_count(trimmed)} edits; {path} has {line_count(path)})",
+                  file=sys.stderr)
+            continue
+        with open(path) as f, open(trimmed, "w") as out:
             for line in f:
                 if line.strip():
                     e = json.loads(line)
