@@ -94,10 +94,10 @@ def export_landing(d):
     os.makedirs(os.path.join(d, "landing-logs"), exist_ok=True)
     for label, path in sorted(live_run_logs(d).items()):
         trimmed = os.path.join(d, "landing-logs", label + ".jsonl")
-        if os.path.exists(trimmed) and line_count(trimmed) > line_count(path):
+        kept, live = (line_count(trimmed) if os.path.exists(trimmed) else 0), line_count(path)
+        if kept > live:
             # a run restarted from scratch (its directory lost) must not shorten the committed log
-            print(f"{trimmed}: kept ({line_count(trimmed)} edits; {path} has {line_count(path)})",
-                  file=sys.stderr)
+            print(f"{trimmed}: kept ({kept} edits; {path} has {live})", file=sys.stderr)
             continue
         with open(path) as f, open(trimmed, "w") as out:
             for line in f:
