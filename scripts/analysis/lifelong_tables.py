@@ -5,7 +5,8 @@ when present, else the committed trimmed copies landing-logs/LABEL.jsonl) and it
 reports (oldest/LABEL-N-first100.json).
 
 usage: lifelong_tables.py DIR [DIR ...]
-       lifelong_tables.py --export-landing DIR   (write DIR/landing-logs/LABEL.jsonl from runs/)
+       lifelong_tables.py --export-landing DIR   (write DIR/landing-logs/LABEL.jsonl from runs/, keeping
+                                             the committed lines the live run reproduces)
 
 The run directories are not committed (they hold each edit's update); the trimmed logs keep, per
 edit, what the landing table needs (and each landing attempt's gain), so the table can be
@@ -90,25 +91,54 @@ def run_logs(d):
     return sorted(logs.items())
 
 
+# the fields of a trimmed line an edit reproduces exactly when its run is made again (timings do not)
+DETERMINISTIC = ["index", "case_id", "attempts", "target_wins", "margin", "update_norm", "steps",
+                 "first_update_wins", "gains"]
+
+
+def trim(e):
+    t = {k: e[k] for k in TRIMMED if k in e}
+    t["first_update_wins"] = first_wins(e)
+    if e.get("landing"):
+        # each attempt's scale of the rule's step (1 for the first update)
+        t["gains"] = [round(a["gain"], 4) for a in e["landing"]]
+    return t
+
+
+def same_edit(a, b):
+    return all(a.get(k) == b.get(k) for k in DETERMINISTIC)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def export_landing(d):
+    """Write landing-logs/LABEL.jsonl from each live run's log. Where the live run reproduces the
+    committed lines on every deterministic field (a run remade from edit 1), the committed lines
+    are kept as they are, so only the new edits change and their first timings survive; where
+    it does not, the committed log is replaced from the first differing edit on."""
     os.makedirs(os.path.join(d, "landing-logs"), exist_ok=True)
     for label, path in sorted(live_run_logs(d).items()):
         trimmed = os.path.join(d, "landing-logs", label + ".jsonl")
-        kept, live = (line_count(trimmed) if os.path.exists(trimmed) else 0), line_count(path)
-        if kept > live:
+        kept = read_jsonl(trimmed) if os.path.exists(trimmed) else []
+        live = [trim(e) for e in read_jsonl(path)]
+        if len(kept) > len(live):
             # a run restarted from scratch (its directory lost) must not shorten the committed log
-            print(f"{trimmed}: kept ({kept} edits; {path} has {live})", file=sys.stderr)
+            print(f"{trimmed}: kept ({len(kept)} edits; {path} has {len(live)})", file=sys.stderr)
             continue
-        with open(path) as f, open(trimmed, "w") as out:
-            for line in f:
-                if line.strip():
-                    e = json.loads(line)
-                    t = {k: e[k] for k in TRIMMED if k in e}
-                    t["first_update_wins"] = first_wins(e)
-                    if e.get("landing"):
-                        # each attempt's scale of the rule's step (1 for the first update)
-                        t["gains"] = [round(a["gain"], 4) for a in e["landing"]]
-                    out.write(json.dumps(t) + "\n")
+        prefix = 0
+        while prefix < len(kept) and same_edit(kept[prefix], live[prefix]):
+            prefix += 1
+        if prefix < len(kept):
+            print(f"{trimmed}: edit {prefix + 1} differs from the live run; replaced from there",
+                  file=sys.stderr)
+        tmp = trimmed + ".tmp"
+        with open(tmp, "w") as out:
+            for t in kept[:prefix] + live[prefix:]:
+                out.write(json.dumps(t) + "\n")
+        os.replace(tmp, trimmed)
 
 
 def landing_table(d):
